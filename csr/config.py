@@ -1,0 +1,317 @@
+"""One set of config dataclasses for every stage, read from a recipe YAML plus command-line overrides.
+
+A recipe is a YAML file with one section per stage::
+
+    run:      {output_dir: data/runs/x, rounds: 3}
+    model:    {model_name_or_path: llava-hf/llava-1.5-7b-hf}
+    data:     {prompts: data/prompts.json, image_root: data/coco/train2014}
+    generate: {num_candidates: 5, ...}
+    score:    {reward_lambda: 0.9, ...}
+    pairs:    {...}
+    train:    {learning_rate: 1.0e-7, ...}   # any trl.DPOConfig field, plus LoRA fields
+
+Overrides use dotted keys: ``csr run --config r.yaml generate.num_candidates=3 train.beta=0.2``.
+Unknown keys are refused here, before any model loads, with the closest valid key named.
+Defaults are the paper's (arXiv 2405.14622); ``recipes/*/official.yaml`` reproduces the authors'
+released code where it differs, and each field's help says which is which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and the fix."""
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    """A dataclass field with a help string (and optional allowed values)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("data/runs/default", "Run directory: one subfolder per round and stage.")
+    rounds: int = _f(3, "CSR rounds (paper: 3 in the main results, up to 5 in the appendix).")
+    seed: int = _f(42, "Seed for generation and training.")
+    eval_sets: list = _f([], "Eval files run on the base model and after every round "
+                             "(POPE-format JSONL; see `csr eval`).")
+    report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
+
+    def validate(self):
+        _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = _f("llava-hf/llava-1.5-7b-hf",
+                                 "Starting policy: a hub id or a local folder of a "
+                                 "LlavaForConditionalGeneration-compatible model.")
+    torch_dtype: str = _f("auto", "Weights dtype for generation and scoring.",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", "Device for generation and scoring: auto (cuda if present), cpu, cuda, cuda:N.")
+    trust_remote_code: bool = _f(False, "Allow code from the model folder to run. Off unless you trust it.")
+    allow_pickle_weights: bool = _f(False, "Allow loading .bin/.pt (pickle) weights. Off: only safetensors load.")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = _f("", "Prompt file: official CSR JSON ({id, image, input} with <image> in the "
+                          "text), JSONL with the same or {id, image, prompt}, or a `datasets` folder.")
+    image_root: str = _f("", "Folder the prompt records' image names are relative to.")
+    image_pattern: str = _f("{image}", "How a record's image field becomes a file name. The released "
+                                       "CSR-Prompt-Dataset-12k uses bare COCO ids: 'COCO_train2014_{image}'.")
+    max_prompts: Optional[int] = _f(None, "Use only the first N prompts (None: all).")
+    allow_absolute_image_paths: bool = _f(False, "Allow image fields that are absolute or leave image_root.")
+
+
+@dataclass
+class GenerateConfig:
+    num_candidates: int = _f(5, "K: candidate next sentences per tree node = token-level beam groups "
+                                "of the diverse group beam search (official: 5 groups, one beam each).")
+    diversity_penalty: float = _f(3.0, "Hamming diversity penalty between token-level beam groups (official: 3.0).")
+    sentence_beam_width: int = _f(5, "N: nodes a tree level keeps. 'official' pruning keeps the best N//2-1 "
+                                     "and the worst N//2 (N=5: 1 best + 2 worst).")
+    pruning: str = _f("official", "official: best N//2-1 + worst N//2, keeps bad paths alive so a clearly "
+                                  "bad response exists for the rejected side; best: plain top-N.",
+                      choices=("official", "best"))
+    selection: str = _f("calibrated", "Score that ranks nodes during the search. calibrated (paper): the "
+                                      "calibrated reward, CLIP included; self (official code): self-score only.",
+                        choices=("calibrated", "self"))
+    max_new_tokens: int = _f(74, "Tokens per sentence before it is cut (paper: 74; official code: 70).")
+    max_response_chars: int = _f(1024, "A node is final when its response reaches this many characters (official: 1024).")
+    max_sentences: int = _f(24, "Safety cap on tree depth; a path this deep is final. Not in the paper.")
+    node_batch_size: int = _f(0, "Memory knob: tree nodes expanded in one forward batch (0: a whole level).")
+    checkpoint_every: int = _f(1, "Append finished trees to disk after this many prompts (resume point).")
+
+    def validate(self):
+        _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")
+        _require(self.sentence_beam_width >= 1, "generate.sentence_beam_width", self.sentence_beam_width,
+                 "must be >= 1")
+        _require(self.pruning != "official" or self.sentence_beam_width >= 2, "generate.sentence_beam_width",
+                 self.sentence_beam_width, "must be >= 2 with pruning=official (it keeps N//2-1 best + N//2 worst)")
+        _require(self.diversity_penalty >= 0, "generate.diversity_penalty", self.diversity_penalty, "must be >= 0")
+        _require(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.max_sentences >= 1, "generate.max_sentences", self.max_sentences, "must be >= 1")
+        _require(self.node_batch_size >= 0, "generate.node_batch_size", self.node_batch_size, "must be >= 0")
+
+
+@dataclass
+class ScoreConfig:
+    clip_backend: str = _f("open_clip", "CLIP implementation for the visual constraint.",
+                           choices=("open_clip", "hf"))
+    clip_model: str = _f("ViT-L-14-336", "open_clip model name, or a transformers CLIPModel id/folder "
+                                         "with clip_backend=hf (official: openai CLIP ViT-L/14-336).")
+    clip_pretrained: str = _f("openai", "open_clip pretrained tag or a local checkpoint file (.safetensors).")
+    reward_lambda: float = _f(0.9, "λ in R = λ·R_I + (1-λ)·R_T; the weight is on CLIP (paper: 0.9).")
+    calibration: str = _f("raw", "raw (paper): mix the values, R_I = max(100·cos, 0); rank (official code): "
+                                 "turn each score into its rank fraction among siblings and mix the ranks.",
+                          choices=("raw", "rank"))
+    self_reward: str = _f("prob", "R_T. prob (paper): product of token probabilities ×100; mean_prob: "
+                                  "geometric-mean token probability ×100; sum_logprob / mean_logprob: "
+                                  "log-probs as stored; beam_score (official code): length-normalised "
+                                  "group-beam score, diversity penalty included.",
+                          choices=("prob", "mean_prob", "sum_logprob", "mean_logprob", "beam_score"))
+    clip_clamp: bool = _f(True, "Clamp 100·cos at 0 (paper). The official code does not clamp.")
+    clip_batch_size: int = _f(64, "Sentences per CLIP text batch.")
+
+    def validate(self):
+        _require(0.0 <= self.reward_lambda <= 1.0, "score.reward_lambda", self.reward_lambda, "must be in [0, 1]")
+        _require(self.clip_batch_size >= 1, "score.clip_batch_size", self.clip_batch_size, "must be >= 1")
+
+
+@dataclass
+class PairsConfig:
+    min_margin: float = _f(0.0, "Drop a pair whose chosen-minus-rejected path score is below this.")
+    clean: bool = _f(True, "Apply the official cleaning filters before picking pairs.")
+    min_sentence_chars: int = _f(4, "Sentences shorter than this are dropped from a path (official: 4).")
+    max_newlines: int = _f(5, "A node whose response holds more newlines is dropped with its subtree (official: 5).")
+    max_repeats: int = _f(4, "A run of the same word or character longer than this drops the subtree.")
+    drop_unexpected_scripts: bool = _f(True, "Drop subtrees holding Korean, Japanese, Cyrillic or emoji (official).")
+
+
+@dataclass
+class CSRConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    # trl.DPOConfig fields plus LoRA fields, validated against csr.train.config.TrainConfig and
+    # instantiated by the train stage (DPOConfig's __post_init__ probes devices, so not here).
+    train: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(CSRConfig)}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, value: Any, why: str):
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {why}.")
+
+
+def _train_fields() -> dict[str, dataclasses.Field]:
+    from csr.train.config import TrainConfig  # imports trl: only when a train section is checked
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    if section == "train":
+        return _train_fields()
+    cls = SECTIONS[section].default_factory
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check `value` against the field's annotation; YAML already typed it."""
+    tp = f.type
+    if isinstance(tp, str):  # postponed annotations in third-party dataclasses
+        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split("|")[0].strip(), Any)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    optional = origin is typing.Union and type(None) in args or (origin is not None and "UnionType" in str(origin))
+    if optional:
+        if value is None:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        tp = non_none[0] if len(non_none) == 1 else Any
+    choices = f.metadata.get("choices") if f.metadata else None
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false.")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer.")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number.")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string.")
+        value = str(value)
+    elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):
+        want = typing.get_origin(tp) or tp
+        if not isinstance(value, want):
+            raise ConfigError(f"{key}={value!r} must be a {want.__name__}.")
+    return value
+
+
+def _merge(raw: dict, source: str) -> dict[str, dict]:
+    """Validate the keys of a raw {section: {key: value}} mapping; returns checked values."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe is a mapping of sections {sorted(SECTIONS)}.")
+    out: dict[str, dict] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'.{_closest(section, SECTIONS)} "
+                              f"Sections: {sorted(SECTIONS)}.")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values.")
+        fields = _section_fields(section)
+        checked = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_closest(key, fields)} "
+                                  f"See `csr config --help-keys {section}` for the valid keys.")
+            checked[key] = _coerce(f"{section}.{key}", value, fields[key])
+        out[section] = checked
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['generate.num_candidates=3', 'train.beta=0.2'] -> nested dict with YAML-typed values."""
+    raw: dict[str, dict] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override '{item}' must look like section.key=value "
+                              f"(e.g. generate.num_candidates=3).")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e}).") from None
+        raw.setdefault(section, {})[key] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CSRConfig:
+    """Read a recipe, apply overrides, validate everything. Raises ConfigError naming the bad key."""
+    layers: list[tuple[dict, str]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{path}' does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e}).") from None
+        layers.append((raw, str(path)))
+    if overrides:
+        layers.append((parse_overrides(overrides), "command line"))
+
+    merged: dict[str, dict] = {}
+    for raw, source in layers:
+        for section, values in _merge(raw, source).items():
+            merged.setdefault(section, {}).update(values)
+
+    kwargs = {}
+    for name, f in SECTIONS.items():
+        values = merged.get(name, {})
+        kwargs[name] = dict(values) if name == "train" else f.default_factory(**values)
+    cfg = CSRConfig(**kwargs)
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        if hasattr(section, "validate"):
+            section.validate()
+    return cfg
+
+
+def describe_keys(section: str) -> str:
+    """Help text for one section: key, default, help (used by `csr config`)."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}'.{_closest(section, SECTIONS)}")
+    lines = []
+    for name, f in _section_fields(section).items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
+        lines.append(f"{section}.{name} = {default!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Prompt records and images.
+
+Accepted prompt files (one record per (image, prompt)):
+- the official CSR JSON list: ``[{"id", "image", "input"}]`` with ``<image>`` inside ``input``
+  (as in CSR-Prompt-Dataset-12k.json, whose ``image`` is a bare COCO file id: set
+  ``data.image_pattern: "COCO_train2014_{image}"``);
+- JSONL with the same keys, or ``prompt`` instead of ``input``;
+- a folder saved by ``datasets`` (``save_to_disk``) with the same columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    image: str      # path of the image file (resolved against image_root)
+    prompt: str     # the user question with any <image> placeholder removed
+
+
+class BadInput(ValueError):
+    """One record that cannot be used; `reason` is a short key counted in the stage summary."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _read_raw(path: Path) -> list[dict]:
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        return [dict(r) for r in load_from_disk(str(path))]
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg}); fix or delete that line.") from None
+    return records
+
+
+def resolve_image_path(image_field: str, image_root: str, pattern: str = "{image}",
+                       allow_absolute: bool = False) -> Path:
+    """The file an image field names; refuses names that leave `image_root` unless allowed."""
+    name = pattern.format(image=image_field)
+    root = Path(image_root or ".").resolve()
+    candidate = Path(name)
+    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not allow_absolute and root not in path.parents and path != root:
+        raise BadInput("image_outside_root",
+                       f"image '{image_field}' resolves outside the image root '{root}'; set "
+                       f"data.allow_absolute_image_paths=true if that is intended.")
+    return path
+
+
+def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}",
+                 max_prompts: int | None = None, allow_absolute: bool = False,
+                 summary=None) -> list[PromptRecord]:
+    """Read a prompt file into records; bad records are skipped with a logged reason."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file '{path}' does not exist (data.prompts).")
+    records, seen = [], set()
+    for i, raw in enumerate(_read_raw(path)):
+        rid = str(raw.get("id", i))
+        try:
+            if rid in seen:
+                raise BadInput("duplicate_id", f"id '{rid}' appears more than once; later copy skipped.")
+            text = raw.get("input", raw.get("prompt"))
+            if not isinstance(text, str):
+                raise BadInput("no_prompt", f"record '{rid}' has no 'input' or 'prompt' string.")
+            question = text.replace(IMAGE_TOKEN, "").strip()
+            if not question:
+                raise BadInput("empty_prompt", f"record '{rid}' has an empty prompt.")
+            if text.count(IMAGE_TOKEN) > 1:
+                raise BadInput("several_image_tokens", f"record '{rid}' holds {text.count(IMAGE_TOKEN)} "
+                                                       f"'<image>' placeholders; one image per prompt.")
+            if not isinstance(raw.get("image"), str) or not raw["image"]:
+                raise BadInput("no_image", f"record '{rid}' has no 'image' field.")
+            image = resolve_image_path(raw["image"], image_root, pattern, allow_absolute)
+        except BadInput as e:
+            if summary is not None:
+                summary.skip(e.reason, f"prompt {rid}")
+            else:
+                log.warning("skipped prompt %s: %s", rid, e)
+            continue
+        seen.add(rid)
+        records.append(PromptRecord(rid, str(image), question))
+        if max_prompts is not None and len(records) >= max_prompts:
+            break
+    return records
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB; missing or unreadable files raise BadInput naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput("missing_image", f"image '{path}' does not exist.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInput("corrupt_image", f"image '{path}' cannot be read ({type(e).__name__}: {e}).") from None

@@ -1,0 +1,104 @@
+"""Loading the policy (any LlavaForConditionalGeneration-compatible model) and its processor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model named in a recipe cannot be used; the message says which and why."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
+    """Refuse a local folder that is missing or holds only pickle weights, before loading anything.
+
+    A string that is not an existing path is treated as a hub id when it looks like one
+    ('org/name'); anything else that looks like a path but is not there is an error.
+    """
+    p = Path(name_or_path)
+    looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists() \
+        or name_or_path.count("/") != 1
+    if not looks_local:
+        return  # a hub id: from_pretrained resolves (or fails offline with its own message)
+    if not p.is_dir():
+        raise ModelLoadError(f"model path '{name_or_path}' does not exist (or is not a folder). "
+                             f"Pass a hub id like 'llava-hf/llava-1.5-7b-hf' or a folder made by "
+                             f"save_pretrained.")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"model folder '{name_or_path}' has no config.json: not a finished "
+                             f"save_pretrained folder (an interrupted save?).")
+    weights = list(p.glob("*.safetensors"))
+    pickles = list(p.glob("*.bin")) + list(p.glob("*.pt")) + list(p.glob("*.pth"))
+    if not weights and pickles and not allow_pickle:
+        raise ModelLoadError(f"model folder '{name_or_path}' holds only pickle weights "
+                             f"({pickles[0].name}); csr loads safetensors only. Convert it "
+                             f"(load and save_pretrained) or set model.allow_pickle_weights=true "
+                             f"if you trust the file.")
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
+                trust_remote_code: bool = False, allow_pickle_weights: bool = False):
+    """(model, processor) for generation and scoring, in eval mode on the chosen device."""
+    from transformers import AutoModelForImageTextToText
+
+    check_model_source(name_or_path, allow_pickle_weights)
+    dev = resolve_device(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+        use_safetensors=not allow_pickle_weights,
+    ).to(dev).eval()
+    processor = load_processor(name_or_path, trust_remote_code)
+    return model, processor
+
+
+def sentence_end_ids(tokenizer) -> list[int]:
+    """Token ids that end a sentence: EOS plus every token that decodes to '.'.
+
+    Derived from the tokenizer (the official code hard-codes Llama's 29889), so any vocabulary works.
+    """
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for probe in (".", "a.", " .", "a. b"):
+        for tid in tokenizer.encode(probe, add_special_tokens=False):
+            if tokenizer.decode([tid]).strip() == ".":
+                ids.add(int(tid))
+    if len(ids) <= (tokenizer.eos_token_id is not None):
+        raise ModelLoadError("the tokenizer has no token that decodes to '.'; cannot end sentences.")
+    return sorted(ids)
+
+
+def image_token_text(processor) -> str:
+    return getattr(processor, "image_token", None) or "<image>"
+
+
+def build_chat_prompt(processor, question: str) -> str:
+    """The model's own chat template around one image and one user question, ready for a reply."""
+    question = question.replace(image_token_text(processor), "").strip()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
