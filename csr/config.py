@@ -227,6 +227,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         value = str(value)
     elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):
         want = typing.get_origin(tp) or tp
+        if want is list and isinstance(value, str):
+            value = [value]  # `loss_type: sigmoid` means ["sigmoid"]
         if not isinstance(value, want):
             raise ConfigError(f"{key}={value!r} must be a {want.__name__}.")
     return value

@@ -1,0 +1,56 @@
+"""The `csr` command: one subcommand per stage, each a thin `main(argv)` in its own module."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# subcommand -> (module:function, one-line help). Modules are imported only when used.
+COMMANDS = {
+    "run": ("csr.loop:main", "Run CSR rounds end to end from a recipe (resumable)."),
+    "generate": ("csr.generate.stage:main", "Stage 1: sentence-level beam search trees."),
+    "score": ("csr.score.stage:main", "Stage 2: self-reward + CLIP visual constraint, calibrated."),
+    "pairs": ("csr.pairs:main", "Stage 3: chosen/rejected pairs from scored trees."),
+    "train": ("csr.train.stage:main", "Stage 4: LoRA DPO with TRL's DPOTrainer."),
+    "merge": ("csr.train.merge:main", "Stage 5: merge the LoRA into a model folder."),
+    "eval": ("csr.eval.run:main", "Evaluate a model folder: POPE, CHAIR."),
+    "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
+    "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
+    "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: csr <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help}" for name, (_, help) in COMMANDS.items()]
+    lines += ["", "`csr <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"csr: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module, func = target.split(":")
+    setup_logging()
+    return getattr(importlib.import_module(module), func)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
