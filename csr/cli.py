@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import sys
@@ -19,6 +20,14 @@ COMMANDS = {
     "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
     "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),
 }
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The options every stage command shares: a recipe and section.key=value overrides."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="Recipe YAML (see recipes/).")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.beta=0.2.")
+    return p
 
 
 def _usage() -> str:

@@ -100,7 +100,6 @@ class GenerateConfig:
     max_response_chars: int = _f(1024, "A node is final when its response reaches this many characters (official: 1024).")
     max_sentences: int = _f(24, "Safety cap on tree depth; a path this deep is final. Not in the paper.")
     node_batch_size: int = _f(0, "Memory knob: tree nodes expanded in one forward batch (0: a whole level).")
-    checkpoint_every: int = _f(1, "Append finished trees to disk after this many prompts (resume point).")
 
     def validate(self):
         _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")

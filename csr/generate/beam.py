@@ -1,0 +1,98 @@
+"""Diverse group beam search over tokens, one beam per group, vectorised over tree nodes.
+
+For each of M tree nodes the search grows G candidate next sentences at once (the official CSR
+generator's `num_beams=num_beam_groups=5, diversity_penalty=3.0`). At every step the groups pick
+their token in order; group g's log-probs are lowered by `diversity_penalty` times the number of
+earlier groups (of the same node) that picked that token at this step (Hamming diversity,
+Vijayakumar et al. 2018, as in transformers' former `HammingDiversityLogitsProcessor`).
+
+A group's sentence ends at a stop token ('.' or EOS) or after `max_new_tokens`. With one beam per
+group, the group keeps its arg-max token; transformers' beam-hypothesis bookkeeping, which could let
+a group run past a '.' found among its second-best candidates, is not reproduced.
+
+Two scores are kept per candidate:
+- `logprobs`: the pure log-softmax of the model's logits for each chosen token (the paper's R_T
+  is their sum: the log of the product of token probabilities);
+- `beam_score`: the penalised score summed and divided by the length, which is what the official
+  code's `sequences_scores` holds (length-normalised, diversity penalty included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Candidate:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    penalised_sum: float = 0.0
+    ended_by: str = "length"  # "stop" ('.'), "eos", or "length"
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def logprob_sum(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def logprob_mean(self) -> float:
+        return self.logprob_sum / max(self.n_tokens, 1)
+
+    @property
+    def beam_score(self) -> float:
+        return self.penalised_sum / max(self.n_tokens, 1)
+
+
+StepFn = Callable[[torch.Tensor], torch.Tensor]
+"""Takes the tokens just chosen, shape [M*G] (row m*G+g = node m, group g), returns next logits [M*G, V]."""
+
+
+def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups: int,
+                         diversity_penalty: float, max_new_tokens: int, stop_ids: list[int],
+                         eos_ids: list[int], pad_id: int) -> list[list[Candidate]]:
+    """Run the search for M nodes whose next-token logits are `first_logits` [M, V].
+
+    Returns, per node, its G candidates in group order. `step` is called with pad_id for rows
+    that already finished; their logits are ignored.
+    """
+    M, V = first_logits.shape
+    G = num_groups
+    device = first_logits.device
+    stop = torch.zeros(V, dtype=torch.bool, device=device)
+    stop[list(set(stop_ids) | set(eos_ids))] = True
+    eos = torch.zeros(V, dtype=torch.bool, device=device)
+    eos[list(eos_ids)] = True
+
+    cands = [[Candidate() for _ in range(G)] for _ in range(M)]
+    done = torch.zeros(M, G, dtype=torch.bool, device=device)
+    logits = first_logits.unsqueeze(1).expand(M, G, V)
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [M, G, V]
+        counts = torch.zeros(M, V, device=device)
+        chosen = torch.full((M, G), pad_id, dtype=torch.long, device=device)
+        for g in range(G):
+            live = ~done[:, g]
+            scores = logp[:, g] - diversity_penalty * counts
+            tok = scores.argmax(dim=-1)
+            tok_score = scores.gather(1, tok[:, None]).squeeze(1)
+            tok_logp = logp[:, g].gather(1, tok[:, None]).squeeze(1)
+            chosen[:, g] = torch.where(live, tok, torch.full_like(tok, pad_id))
+            counts.scatter_add_(1, tok[:, None], live.float()[:, None])
+            for m in torch.nonzero(live).flatten().tolist():
+                c = cands[m][g]
+                c.token_ids.append(int(tok[m]))
+                c.logprobs.append(float(tok_logp[m]))
+                c.penalised_sum += float(tok_score[m])
+                if stop[tok[m]]:
+                    c.ended_by = "eos" if eos[tok[m]] else "stop"
+            done[:, g] |= live & stop[tok]
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        logits = step(chosen.reshape(-1)).reshape(M, G, V)
+    return cands

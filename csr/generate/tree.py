@@ -1,0 +1,116 @@
+"""Sentence-level beam search: a tree whose nodes are sentences (CSR, arXiv 2405.14622 §3.1).
+
+Level by level, every active node is extended by K candidate next sentences (see `beam.py`);
+the level's new non-final nodes are then pruned to the sentence beam. Pruning modes:
+- official: sort by path score, keep the best N//2-1 and the worst N//2 (N=5: 1 best + 2 worst).
+  The authors keep bad paths alive on purpose so that a clearly bad response exists for the
+  rejected side of the preference pair.
+- best: plain top-N.
+A node is final when its sentence ends with EOS, the response reaches `max_response_chars`, or the
+path reaches `max_sentences` (a safety cap not in the paper). Pruned nodes stay in the tree,
+flagged, so the file shows the whole search.
+
+Everything here is model-free: the model enters through `expand`, the reward through
+`score_siblings`, which makes the search testable against scripted candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from csr.generate.beam import Candidate
+
+ROOT = 0
+
+
+@dataclass(frozen=True)
+class TreeSettings:
+    sentence_beam_width: int = 5
+    pruning: str = "official"
+    max_response_chars: int = 1024
+    max_sentences: int = 24
+
+
+def join_sentences(sentences: Sequence[str]) -> str:
+    return " ".join(s for s in sentences if s)
+
+
+def path_ids(nodes: list[dict], node_id: int) -> list[int]:
+    """Node ids from the first sentence down to `node_id` (the root, which holds no text, excluded)."""
+    ids = []
+    while node_id != ROOT:
+        ids.append(node_id)
+        node_id = nodes[node_id]["parent"]
+    return ids[::-1]
+
+
+def path_sentences(nodes: list[dict], node_id: int) -> list[str]:
+    return [nodes[i]["text"] for i in path_ids(nodes, node_id)]
+
+
+def prune(candidates: list[tuple[int, float]], width: int, mode: str) -> list[int]:
+    """Ids kept from (id, path score) pairs, best first; ties keep generation order."""
+    order = [i for i, _ in sorted(candidates, key=lambda c: -c[1])]
+    if mode == "best":
+        return order[:width]
+    if mode != "official":
+        raise ValueError(f"unknown pruning mode '{mode}' (official, best)")
+    n_best, n_worst = width // 2 - 1, width // 2
+    if len(order) <= n_best + n_worst:
+        return order
+    return order[:n_best] + order[len(order) - n_worst:]
+
+
+ExpandFn = Callable[[list[list[str]]], list[list[tuple[str, Candidate]]]]
+"""Given each active node's sentences so far, returns per node its K (text, Candidate) children."""
+
+ScoreSiblingsFn = Callable[[list[dict]], list[float]]
+"""Given the sibling nodes born from one parent, returns each one's search score (higher = better)."""
+
+
+def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeSettings) -> list[dict]:
+    """Run the sentence-level search for one (image, prompt); returns the node list (id = index)."""
+    nodes: list[dict] = [{"id": ROOT, "parent": None, "depth": 0, "text": "", "final": False,
+                          "pruned": False}]
+    active = [ROOT]
+    while active:
+        expansions = expand([path_sentences(nodes, i) for i in active])
+        level: list[dict] = []
+        for parent_id, children in zip(active, expansions):
+            parent = nodes[parent_id]
+            siblings = []
+            for text, cand in children:
+                node = {
+                    "id": len(nodes), "parent": parent_id, "depth": parent["depth"] + 1, "text": text,
+                    "n_tokens": cand.n_tokens, "logprob_sum": cand.logprob_sum,
+                    "logprob_mean": cand.logprob_mean, "beam_score": cand.beam_score,
+                    "ended_by": cand.ended_by, "final": False, "final_reason": None, "pruned": False,
+                }
+                response = join_sentences(path_sentences(nodes, parent_id) + [text])
+                if cand.ended_by == "eos":
+                    node["final"], node["final_reason"] = True, "eos"
+                elif len(response) >= settings.max_response_chars:
+                    node["final"], node["final_reason"] = True, "max_response_chars"
+                elif node["depth"] >= settings.max_sentences:
+                    node["final"], node["final_reason"] = True, "max_sentences"
+                nodes.append(node)
+                siblings.append(node)
+            for node, score in zip(siblings, score_siblings(siblings)):
+                node["search_score"] = float(score)
+                # the path score is the mean over the path's sentences (official and paper alike)
+                depth = node["depth"]
+                node["path_search_score"] = (parent.get("path_search_score", 0.0) * (depth - 1) + score) / depth
+            level.extend(siblings)
+        open_nodes = [(n["id"], n["path_search_score"]) for n in level if not n["final"]]
+        keep = prune(open_nodes, settings.sentence_beam_width, settings.pruning)
+        kept = set(keep)
+        for node_id, _ in open_nodes:
+            nodes[node_id]["pruned"] = node_id not in kept
+        active = keep
+    return nodes
+
+
+def final_paths(nodes: list[dict]) -> list[list[int]]:
+    """Every root-to-final path (as node ids, first sentence first)."""
+    return [path_ids(nodes, n["id"]) for n in nodes if n.get("final")]

@@ -1,0 +1,128 @@
+"""CLIP image-text scores for the visual constraint R_I = 100 · cos(CLIP_image(x), CLIP_text(s)).
+
+Two backends behind one interface:
+- open_clip: a model name with a pretrained tag (`ViT-L-14-336` + `openai`, the official choice),
+  a model name with a local `.safetensors` checkpoint, or a folder holding
+  `open_clip_config.json` + `open_clip_model.safetensors` (what `csr.tiny` and `csr world` write);
+- hf: a transformers `CLIPModel` hub id or folder.
+Texts longer than CLIP's context are truncated (the official code would fail on them instead).
+Images are encoded once each; sentences are encoded in batches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from csr.models import ModelLoadError, check_model_source, resolve_device
+
+
+class ClipScorer:
+    def __init__(self, encode_image, encode_text, preprocess, tokenize, device, batch_size: int = 64):
+        self._encode_image, self._encode_text = encode_image, encode_text
+        self.preprocess, self.tokenize = preprocess, tokenize
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def image_features(self, images: list) -> torch.Tensor:
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
+            feats.append(torch.nn.functional.normalize(self._encode_image(pixels).float(), dim=-1))
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        feats = []
+        for i in range(0, len(texts), self.batch_size):
+            tokens = self.tokenize(texts[i:i + self.batch_size])
+            tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) \
+                else tokens.to(self.device)
+            feats.append(torch.nn.functional.normalize(self._encode_text(tokens).float(), dim=-1))
+        return torch.cat(feats)
+
+    def scores(self, image, texts: list[str]) -> list[float]:
+        """100 · cos between one image and each text."""
+        if not texts:
+            return []
+        img = self.image_features([image])
+        return (100.0 * self.text_features(texts) @ img[0]).tolist()
+
+
+def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int) -> ClipScorer:
+    import open_clip
+
+    from csr.tiny import register_open_clip_config
+
+    folder = Path(model_name)
+    if folder.is_dir():
+        cfg_file = folder / "open_clip_config.json"
+        weights = folder / "open_clip_model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise ModelLoadError(f"CLIP folder '{folder}' must hold open_clip_config.json and "
+                                 f"open_clip_model.safetensors.")
+        meta = json.loads(cfg_file.read_text())
+        name = meta["model_name"]
+        register_open_clip_config(name, meta["model_cfg"])
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(weights)))
+    else:
+        if pretrained and (pretrained.endswith((".bin", ".pt", ".pth"))):
+            raise ModelLoadError(f"CLIP checkpoint '{pretrained}' is a pickle file; csr loads only "
+                                 f"safetensors. Convert it first.")
+        if pretrained and ("/" in pretrained or pretrained.endswith(".safetensors")) \
+                and not Path(pretrained).is_file():
+            raise ModelLoadError(f"CLIP checkpoint '{pretrained}' does not exist.")
+        if model_name not in open_clip.list_models():
+            raise ModelLoadError(f"unknown open_clip model '{model_name}'; pass a name from "
+                                 f"open_clip.list_models() or a folder with open_clip_config.json.")
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+        name = model_name
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(name)  # truncates to the context length, EOT kept last
+    return ClipScorer(model.encode_image, model.encode_text, preprocess, tokenizer, device, batch_size)
+
+
+def _hf_clip_scorer(name_or_path: str, device, batch_size: int) -> ClipScorer:
+    from transformers import CLIPModel, CLIPProcessor
+
+    check_model_source(name_or_path)
+    model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(name_or_path)
+    max_len = model.config.text_config.max_position_embeddings
+
+    def preprocess(image):
+        return processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def tokenize(texts):
+        return dict(processor.tokenizer(texts, padding=True, truncation=True, max_length=max_len,
+                                        return_tensors="pt"))
+
+    def encode_image(pixels):
+        out = model.get_image_features(pixel_values=pixels)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def encode_text(tokens):
+        out = model.get_text_features(**tokens)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    return ClipScorer(encode_image, encode_text, preprocess, tokenize, device, batch_size)
+
+
+def load_clip(backend: str, model: str, pretrained: str = "", device: str = "auto",
+              batch_size: int = 64) -> ClipScorer:
+    dev = resolve_device(device)
+    if backend == "open_clip":
+        return _open_clip_scorer(model, pretrained, dev, batch_size)
+    if backend == "hf":
+        return _hf_clip_scorer(model, dev, batch_size)
+    raise ModelLoadError(f"unknown CLIP backend '{backend}' (open_clip, hf).")
+
+
+def load_clip_from_config(score_cfg, device: str = "auto") -> ClipScorer:
+    return load_clip(score_cfg.clip_backend, score_cfg.clip_model, score_cfg.clip_pretrained, device,
+                     score_cfg.clip_batch_size)

@@ -1,0 +1,136 @@
+"""The `train:` section of a recipe: `trl.DPOConfig` with CSR's defaults and the LoRA fields.
+
+Every `trl.DPOConfig` / `transformers.TrainingArguments` field is valid in a recipe; this class only
+overrides defaults (to the paper's, arXiv 2405.14622 §4 and appendix) and adds the LoRA and projector
+fields. Where the authors' released script (`scripts/run_train.sh`) differs, the help says so.
+
+Notes on the library versions this was written against (TRL 1.16, transformers 5.23):
+- `warmup_ratio` is gone from TrainingArguments: `warmup_steps` takes a float in [0, 1) as a
+  fraction of the total steps, so the paper's 3% warmup is `warmup_steps: 0.03`.
+- `gradient_checkpointing` is a deprecated alias of `activation_checkpointing`; TRL's default of
+  `True` for the old name makes every plain `DPOConfig()` warn. Here the old name defaults to None
+  (no warning) and the new one is resolved in `__post_init__`.
+- TRL's `disable_dropout=True` also zeroes LoRA's own dropout; it defaults to False here so the
+  paper's `lora_dropout=0.05` is real (LLaVA's own layers have dropout 0).
+"""
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+# LoRA on every linear layer of the language model, never the vision tower or the projector.
+# PEFT matches a string `target_modules` as a full regex against each module's qualified name.
+LM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig(DPOConfig):
+    # ---- DPO (paper §4: sigmoid loss, beta 0.1, summed log-probs) --------------------------------
+    learning_rate: float = field(default=1e-7, metadata=_help(
+        "Peak learning rate of the LoRA weights (paper and official script: 1e-7)."))
+    beta: float = field(default=0.1, metadata=_help(
+        "DPO beta: strength of the pull toward the reference (paper: 0.1)."))
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata=_help(
+        "DPO loss; any TRL loss_type (paper: sigmoid, the original DPO loss on summed log-probs)."))
+
+    # ---- Schedule ---------------------------------------------------------------------------------
+    lr_scheduler_type: str = field(default="cosine", metadata=_help(
+        "Learning-rate schedule (paper and official script: cosine)."))
+    warmup_steps: float = field(default=0.03, metadata=_help(
+        "Linear warmup: an integer number of steps, or a float in [0, 1) as a fraction of the total "
+        "steps (paper: 3% = 0.03; transformers 5 dropped `warmup_ratio`)."))
+    num_train_epochs: float = field(default=1.0, metadata=_help(
+        "Passes over the round's pairs (paper: 1)."))
+    per_device_train_batch_size: int = field(default=1, metadata=_help(
+        "Pairs per device per forward (official script: 1; each pair is a chosen and a rejected "
+        "sequence, so the forward batch is twice this)."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Forwards per optimizer step (official script: 1, on 8 GPUs: 8 pairs a step)."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (official script: 0)."))
+
+    # ---- Precision and memory ------------------------------------------------------------------
+    bf16: bool | None = field(default=True, metadata=_help(
+        "bf16 mixed precision (paper: bf16). The train stage turns it off, with a logged note, "
+        "when no CUDA device is present."))
+    model_dtype: str = field(default="auto", metadata=_help(
+        "Dtype the policy's weights are loaded in for training. auto: bfloat16 with bf16 on (as "
+        "the official LLaVA-based script), float16 with fp16, else float32. The LoRA weights stay "
+        "float32 either way.", choices=("auto", "float32", "bfloat16", "float16")))
+    activation_checkpointing: bool | None = field(default=None, metadata=_help(
+        "Recompute activations in the backward pass to save memory. None: on, as the official "
+        "script (`--gradient_checkpointing True`), unless the deprecated `gradient_checkpointing` "
+        "is set. Turn off for tiny models on CPU (faster)."))
+    gradient_checkpointing: bool | None = field(default=None, metadata=_help(
+        "Deprecated alias of activation_checkpointing (transformers 5); used only when "
+        "activation_checkpointing is not set."))
+    disable_dropout: bool = field(default=False, metadata=_help(
+        "Zero every dropout in the model. TRL defaults to True, which also zeroes LoRA's dropout; "
+        "False keeps the paper's lora_dropout (LLaVA's own layers have dropout 0)."))
+    max_length: int | None = field(default=1024, metadata=_help(
+        "Longest prompt + response in tokens, image tokens included (official: model_max_length "
+        "1024; LLaVA-1.5 spends 576 of them on the image). None: no truncation."))
+
+    # ---- Logging and checkpoints ---------------------------------------------------------------
+    logging_steps: float = field(default=1, metadata=_help(
+        "Log loss and reward margins/accuracies every N optimizer steps (official script: 1)."))
+    save_steps: float = field(default=100, metadata=_help(
+        "Write a resumable checkpoint-N folder every N steps (official script: 100)."))
+    save_total_limit: int | None = field(default=1, metadata=_help(
+        "Checkpoint folders kept while training (official script: 1)."))
+    keep_checkpoints: bool = field(default=False, metadata=_help(
+        "Keep the checkpoint-N folders (adapter + optimizer state) once the stage is done. Off: "
+        "they are resume points only and are deleted after the final adapter is saved."))
+
+    # ---- LoRA (paper: r 128, alpha 256, dropout 0.05 on the LM's linear layers) -------------------
+    lora_r: int = field(default=128, metadata=_help("LoRA rank (paper: 128)."))
+    lora_alpha: int = field(default=256, metadata=_help("LoRA alpha; the update is scaled by alpha/r (paper: 256)."))
+    lora_dropout: float = field(default=0.05, metadata=_help("Dropout on LoRA's input (paper: 0.05)."))
+    lora_target_modules: str | list[str] = field(default=LM_LINEAR_REGEX, metadata=_help(
+        "Modules that get LoRA: a regex matched against full module names, or a list of name "
+        "suffixes. Default: every linear layer of the language model, never the vision tower "
+        "(paper)."))
+
+    # ---- Projector -------------------------------------------------------------------------------
+    train_projector: bool = field(default=False, metadata=_help(
+        "Also train the vision-language projector (fully, not LoRA). Off by default. On, as the "
+        "official LLaVA-based script does: the projector is trained as a PEFT `modules_to_save` "
+        "copy, so the adapters-off reference still uses the round's original projector, and the "
+        "trained copy is folded in by `csr merge`."))
+    projector_learning_rate: float = field(default=2e-5, metadata=_help(
+        "Peak learning rate of the projector when train_projector is on (official: mm_projector_lr 2e-5)."))
+    projector_module: str = field(default="multi_modal_projector", metadata=_help(
+        "Name of the projector module (LLaVA in transformers: multi_modal_projector)."))
+
+    def __post_init__(self):
+        # The paper's default for checkpointing, applied only when neither name was set, so an
+        # explicit `gradient_checkpointing: false` (the deprecated name) still turns it off.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"train.model_dtype={self.model_dtype!r} is not one of auto, float32, "
+                             f"bfloat16, float16.")
+        super().__post_init__()
+
+    def resolved_model_dtype(self) -> str:
+        """The dtype name the policy is loaded in for training (see `model_dtype`)."""
+        if self.model_dtype != "auto":
+            return self.model_dtype
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+
+    def lora_config(self):
+        """The `peft.LoraConfig` this config describes (projector as `modules_to_save` if trained)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=self.lora_target_modules,
+            modules_to_save=[self.projector_module] if self.train_projector else None,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
