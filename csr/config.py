@@ -52,8 +52,12 @@ class RunConfig:
     output_dir: str = _f("data/runs/default", "Run directory: one subfolder per round and stage.")
     rounds: int = _f(3, "CSR rounds (paper: 3 in the main results, up to 5 in the appendix).")
     seed: int = _f(42, "Seed for generation and training.")
-    eval_sets: list = _f([], "Eval files run on the base model and after every round "
-                             "(POPE-format JSONL; see `csr eval`).")
+    eval_pope: str = _f("", "POPE-format JSONL evaluated on the base model and after every round ('' = none).")
+    eval_chair: str = _f("", "CHAIR caption set evaluated on the base model and after every round ('' = none).")
+    eval_image_root: str = _f("", "Folder the eval files' image names are relative to.")
+    eval_max_samples: Optional[int] = _f(None, "Evaluate on the first N items of each eval set (None: all).")
+    build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
+                              "first if missing (the default recipe's ground truth; '' = off).")
     report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
 
     def validate(self):
@@ -316,3 +320,19 @@ def describe_keys(section: str) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
         lines.append(f"{section}.{name} = {default!r}\n    {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`csr config [SECTION ...]`: list keys, defaults and help; `--check R.yaml` validates a recipe."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Show the valid recipe keys, or check a recipe.")
+    p.add_argument("sections", nargs="*", help=f"Sections to describe (default: all of {list(SECTIONS)}).")
+    p.add_argument("--check", metavar="RECIPE", help="Validate a recipe and print it resolved.")
+    args = p.parse_args(argv)
+    if args.check:
+        print(yaml.safe_dump(load_config(args.check).to_dict(), sort_keys=False))
+        return 0
+    for section in args.sections or list(SECTIONS):
+        print(f"[{section}]\n{describe_keys(section)}\n")
+    return 0

@@ -151,3 +151,18 @@ def build_tiny_clip(out_dir: str | Path, *, seed: int = 0, **config_kw):
                                                           "model_cfg": config}, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return model, preprocess
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build a tiny LLaVA (<out>/llava) and a tiny CLIP (<out>/clip) "
+                                            "with random weights, for tests and smoke runs.")
+    p.add_argument("--out", default="data/cache/tiny", help="Output folder.")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    build_tiny_llava(out / "llava", seed=args.seed)
+    build_tiny_clip(out / "clip", seed=args.seed)
+    print(f"tiny models written to {out}/llava and {out}/clip")
+    return 0

@@ -1,0 +1,136 @@
+"""`csr run`: CSR rounds end to end, resumable.
+
+    run_dir/
+      config.yaml                     the resolved recipe
+      round_1/generate/trees.jsonl    sentence-level search trees
+      round_1/score/scored.jsonl      the same trees with calibrated rewards
+      round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
+      round_1/train/adapter/          the LoRA adapter (checkpoints while training)
+      round_1/merge/model/            the merged model: next round's policy and reference
+      round_2/...
+      eval/round_0.json ...           metrics of the base model and of every round
+      summary.json                    per-round stage summaries and metrics
+
+Every stage writes DONE.json last; a rerun skips finished stages and resumes a half-finished
+generate or score stage at the first unfinished prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from csr.config import CSRConfig, load_config
+from csr.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def round_dir(run_dir: Path, r: int) -> Path:
+    return run_dir / f"round_{r}"
+
+
+def _diff(old: dict, new: dict, prefix="") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def save_run_config(cfg: CSRConfig, run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    new = cfg.to_dict()
+    if path.exists():
+        changed = _diff(yaml.safe_load(path.read_text()) or {}, new)
+        if changed:
+            log.warning("resuming %s with a changed recipe (finished stages are kept as they are): %s",
+                        run_dir, "; ".join(changed))
+    atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+
+
+def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
+    """Eval metrics for one model, cached in `out_file`; None when the recipe names no eval set."""
+    r = cfg.run
+    if not (r.eval_pope or r.eval_chair):
+        return None
+    if out_file.exists():
+        return json.loads(out_file.read_text())
+    from csr.eval.run import evaluate_model
+
+    metrics = evaluate_model(model_path, pope_path=r.eval_pope or None, chair_path=r.eval_chair or None,
+                             image_root=r.eval_image_root or None, max_samples=r.eval_max_samples,
+                             device=cfg.model.device)
+    atomic_write_json(out_file, metrics)
+    return metrics
+
+
+def run_round(cfg: CSRConfig, policy: str, rd: Path) -> tuple[str, dict]:
+    """One CSR round from `policy`; returns (the merged model folder, stage summaries)."""
+    from csr.generate.stage import run_generate
+    from csr.pairs import run_pairs
+    from csr.score.stage import run_score
+    from csr.train.merge import merge_lora
+    from csr.train.stage import run_train
+
+    summaries = {}
+    summaries["generate"] = run_generate(cfg, policy, rd / "generate")
+    summaries["score"] = run_score(cfg, rd / "generate", rd / "score")
+    summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
+    summaries["train"] = run_train(cfg, policy, rd / "pairs", rd / "train")
+    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge")
+    return str(merged), summaries
+
+
+def run(cfg: CSRConfig) -> dict:
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, run_dir)
+    if cfg.run.build_world:
+        from csr.world.build import ensure_world
+
+        ensure_world(cfg.run.build_world, seed=cfg.run.seed)
+    policy = cfg.model.model_name_or_path
+    summary = {"run_dir": str(run_dir), "base_model": policy, "rounds": []}
+    base_metrics = evaluate(cfg, policy, run_dir / "eval" / "round_0.json")
+    if base_metrics is not None:
+        summary["base_eval"] = base_metrics
+    for r in range(1, cfg.run.rounds + 1):
+        rd = round_dir(run_dir, r)
+        started = time.perf_counter()
+        log.info("===== round %d/%d from %s =====", r, cfg.run.rounds, policy)
+        torch.manual_seed(cfg.run.seed + r)
+        policy, stages = run_round(cfg, policy, rd)
+        entry = {"round": r, "model": policy, "stages": stages,
+                 "seconds": round(time.perf_counter() - started, 1)}
+        metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")
+        if metrics is not None:
+            entry["eval"] = metrics
+        summary["rounds"].append(entry)
+        atomic_write_json(run_dir / "summary.json", summary)
+    if cfg.run.rounds and (base_metrics is not None):
+        from csr.report import write_report
+
+        write_report(run_dir, summary)
+    log.info("finished %d rounds; final model: %s", cfg.run.rounds, policy)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run CSR rounds end to end (resumable: rerun to continue).")
+    p.add_argument("--config", default="recipes/world/default.yaml",
+                   help="Recipe YAML (default: the grounded-world recipe that runs on CPU).")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.rounds=2.")
+    args = p.parse_args(argv)
+    run(load_config(args.config, args.overrides))
+    return 0
+

@@ -1,0 +1,326 @@
+"""Base models for the grounded world, trained on CPU in a few minutes.
+
+- A tiny open_clip CLIP (custom config), trained contrastively on (image, one-object sentence)
+  pairs of the training split. The loss is CLIP's symmetric cross-entropy with *multi-positive*
+  targets: a sentence is a positive for every image in the batch that holds its object (same
+  shape, colour and position), so repeated objects are not pushed apart. Saved like
+  `csr.tiny.build_tiny_clip`: ``open_clip_config.json`` ({model_name, model_cfg}) +
+  ``open_clip_model.safetensors``.
+- A tiny LLaVA (`csr.tiny.build_tiny_llava`) whose vision tower is the trained CLIP image trunk,
+  converted to a transformers ``CLIPVisionModel`` (`open_clip_visual_to_hf`), with a projector and
+  a tiny Llama trained by supervised fine-tuning on the captions and yes/no questions of the
+  training split (loss on the answer tokens only; the vision tower stays frozen, as in LLaVA).
+  Saved with save_pretrained like any LLaVA folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from csr.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+WORLD_CLIP_NAME = "csr-world-clip"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+# ---------------------------------------------------------------------------------------------
+
+
+def world_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 3,
+                      head_width: int = 16, text_width: int = 64, text_layers: int = 2,
+                      embed_dim: int = 64, context_length: int = 32) -> dict:
+    """An open_clip model config: ViT image tower (GELU), causal text transformer."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width,
+                       "patch_size": patch_size, "head_width": head_width},
+        "text_cfg": {"context_length": context_length, "vocab_size": 49408, "width": text_width,
+                     "heads": max(1, text_width // 32), "layers": text_layers},
+    }
+
+
+def create_open_clip(name: str, config: dict):
+    """(model, preprocess, tokenizer) for a config registered under `name` (random weights)."""
+    import open_clip
+
+    from csr.tiny import register_open_clip_config
+
+    register_open_clip_config(name, config)
+    root = logging.getLogger()
+    was = root.disabled
+    root.disabled = True  # open_clip warns "No pretrained weights loaded" on the root logger
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        root.disabled = was
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def save_open_clip(model, name: str, config: dict, out_dir: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_name": name, "model_cfg": config}, indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(out / "open_clip_model.safetensors"))
+
+
+def load_open_clip_folder(folder: str | Path):
+    """(model, preprocess, tokenizer) from a folder written by `save_open_clip` / build_tiny_clip."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / "open_clip_config.json").read_text())
+    model, preprocess, tokenizer = create_open_clip(meta["model_name"], meta["model_cfg"])
+    model.load_state_dict(load_file(str(folder / "open_clip_model.safetensors")))
+    return model.eval(), preprocess, tokenizer
+
+
+def _image_tensor(paths: list[Path], preprocess) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(preprocess(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def _lr_at(step: int, total: int, lr: float, warmup: float = 0.05, floor: float = 0.1) -> float:
+    w = max(1, int(total * warmup))
+    if step < w:
+        return lr * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, batch_size: int = 128,
+               lr: float = 2e-3, seed: int = 0, config: dict | None = None,
+               max_images: int | None = None) -> dict:
+    """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
+    from csr.world.generate import CAPTION_TEMPLATES, object_sentence
+
+    world = Path(world_dir)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    scenes = read_jsonl(world / "train" / "scenes.jsonl")[:max_images]
+    image_size = json.loads((world / "vocab.json").read_text())["config"]["image_size"]
+    config = config or world_clip_config(image_size=image_size)
+    model, preprocess, tokenizer = create_open_clip(WORLD_CLIP_NAME, config)
+    images = _image_tensor([world / "train" / s["image"] for s in scenes], preprocess)
+
+    # every (object, template) sentence, tokenised once; objects keyed by (shape, colour, position)
+    keys, sentences = [], []
+    for s in scenes:
+        for o in s["objects"]:
+            for t in range(len(CAPTION_TEMPLATES)):
+                keys.append((o["shape"], o["color"], o["position"]))
+                sentences.append(object_sentence(o, t))
+    uniq = sorted(set(zip(keys, sentences)))
+    sent_index = {ks: i for i, ks in enumerate(uniq)}
+    tokens = tokenizer([s for _, s in uniq])
+    scene_objs = [[(o["shape"], o["color"], o["position"]) for o in s["objects"]] for s in scenes]
+    scene_sets = [set(x) for x in scene_objs]
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        idx = rng.sample(range(len(scenes)), min(batch_size, len(scenes)))
+        chosen = []
+        for i in idx:
+            key = rng.choice(scene_objs[i])
+            t = rng.randrange(len(CAPTION_TEMPLATES))
+            shape, color, position = key
+            sent = object_sentence({"shape": shape, "color": color, "position": position}, t)
+            chosen.append((key, sent))
+        text = tokens[[sent_index[c] for c in chosen]]
+        pos = torch.tensor([[float(k in scene_sets[i]) for k, _ in chosen] for i in idx])
+        out = model(images[idx], text)
+        img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        logits = scale * img_f @ txt_f.T
+        loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        loss_t = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+        loss = (loss_i + loss_t) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("clip step %d/%d loss %.3f", step + 1, steps, loss.item())
+    model.eval()
+    save_open_clip(model, WORLD_CLIP_NAME, config, out_dir)
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "images": len(scenes),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - t0, 1),
+            "config": config}
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip vision trunk -> transformers CLIPVisionModel
+# ---------------------------------------------------------------------------------------------
+
+
+def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
+    """A transformers CLIPVisionModel with the weights of an open_clip VisionTransformer.
+
+    Supported: the standard ViT (class-token pooling, learnable positions, ln_pre, no layer
+    scale, no attentional pooler). The projection (`visual.proj`) is not part of a
+    CLIPVisionModel; its `pooler_output` equals open_clip's pooled features before it.
+    `quick_gelu` must match the open_clip config (open_clip uses exact GELU unless it is set).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        raise ValueError("only class-token pooling without attentional pooler converts to CLIPVisionModel")
+    if isinstance(visual.ln_pre, torch.nn.Identity):
+        raise ValueError("open_clip no_ln_pre=True has no CLIPVisionModel equivalent")
+    blocks = visual.transformer.resblocks
+    b0 = blocks[0]
+    if not (isinstance(b0.ls_1, torch.nn.Identity) and isinstance(b0.ls_2, torch.nn.Identity)):
+        raise ValueError("layer scale (ls_init_value) has no CLIPVisionModel equivalent")
+    act = type(b0.mlp.gelu).__name__
+    if quick_gelu or act == "QuickGELU":
+        hidden_act = "quick_gelu"
+    elif act == "GELU" and getattr(b0.mlp.gelu, "approximate", "none") == "none":
+        hidden_act = "gelu"
+    else:
+        raise ValueError(f"unsupported activation {act}")
+    width = visual.conv1.out_channels
+    cfg = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=b0.mlp.c_fc.out_features,
+        num_hidden_layers=len(blocks), num_attention_heads=b0.attn.num_heads,
+        image_size=visual.image_size[0], patch_size=visual.patch_size[0], num_channels=3,
+        hidden_act=hidden_act, layer_norm_eps=visual.ln_post.eps,
+        projection_dim=visual.proj.shape[1] if visual.proj is not None else width)
+    sd = {"vision_model.embeddings.class_embedding": visual.class_embedding,
+          "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
+          "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
+          "vision_model.pre_layrnorm.weight": visual.ln_pre.weight,
+          "vision_model.pre_layrnorm.bias": visual.ln_pre.bias,
+          "vision_model.post_layernorm.weight": visual.ln_post.weight,
+          "vision_model.post_layernorm.bias": visual.ln_post.bias}
+    for i, blk in enumerate(blocks):
+        p = f"vision_model.encoder.layers.{i}."
+        qw, kw, vw = blk.attn.in_proj_weight.chunk(3, dim=0)
+        qb, kb, vb = blk.attn.in_proj_bias.chunk(3, dim=0)
+        sd |= {p + "self_attn.q_proj.weight": qw, p + "self_attn.q_proj.bias": qb,
+               p + "self_attn.k_proj.weight": kw, p + "self_attn.k_proj.bias": kb,
+               p + "self_attn.v_proj.weight": vw, p + "self_attn.v_proj.bias": vb,
+               p + "self_attn.out_proj.weight": blk.attn.out_proj.weight,
+               p + "self_attn.out_proj.bias": blk.attn.out_proj.bias,
+               p + "layer_norm1.weight": blk.ln_1.weight, p + "layer_norm1.bias": blk.ln_1.bias,
+               p + "layer_norm2.weight": blk.ln_2.weight, p + "layer_norm2.bias": blk.ln_2.bias,
+               p + "mlp.fc1.weight": blk.mlp.c_fc.weight, p + "mlp.fc1.bias": blk.mlp.c_fc.bias,
+               p + "mlp.fc2.weight": blk.mlp.c_proj.weight, p + "mlp.fc2.bias": blk.mlp.c_proj.bias}
+    hf = CLIPVisionModel(cfg)
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def _chat_prefix_corpus(processor_free_prompts: list[str]) -> list[str]:
+    from csr.tiny import LLAVA_CHAT_TEMPLATE  # noqa: F401  (the template below mirrors it)
+
+    return [f"USER: <image>\n{p} ASSISTANT:" for p in processor_free_prompts]
+
+
+def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *, steps: int = 600,
+                batch_size: int = 32, lr: float = 2e-3, seed: int = 0, hidden_size: int = 64,
+                num_layers: int = 2, vocab_size: int = 400, train_vision: bool = False,
+                max_records: int | None = None) -> dict:
+    """SFT a tiny LLaVA on train/sft.jsonl with the world CLIP's image trunk; save to `out_dir`."""
+    from PIL import Image
+
+    from csr.models import build_chat_prompt
+    from csr.tiny import build_tiny_llava
+
+    world = Path(world_dir)
+    t0 = time.time()
+    rng = random.Random(seed)
+    records = read_jsonl(world / "train" / "sft.jsonl")[:max_records]
+    clip, _, _ = load_open_clip_folder(clip_dir)
+    vision = open_clip_visual_to_hf(clip.visual)
+    corpus = sorted({r["prompt"] for r in records}) + sorted({r["answer"] for r in records})
+    corpus += _chat_prefix_corpus(sorted({r["prompt"] for r in records}))
+    model, processor = build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
+                                        num_layers=num_layers, vision_model=vision, seed=seed)
+    tok = processor.tokenizer
+
+    # images once, through the saved processor (exactly what evaluation will feed)
+    paths = sorted({r["image"] for r in records})
+    img_index = {p: i for i, p in enumerate(paths)}
+    pil = []
+    for p in paths:
+        with Image.open(world / "train" / p) as im:
+            pil.append(im.convert("RGB"))
+    pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
+                        for i in range(0, len(pil), 512)])
+
+    # prompt ids (image tokens expanded by the processor) once per distinct prompt
+    prompt_ids = {}
+    for p in sorted({r["prompt"] for r in records}):
+        enc = processor(text=[build_chat_prompt(processor, p)], images=[pil[0]], return_tensors="pt")
+        prompt_ids[p] = enc["input_ids"][0].tolist()
+    examples = []
+    for r in records:
+        ans = tok(" " + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        examples.append((prompt_ids[r["prompt"]], ans, img_index[r["image"]]))
+
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(train_vision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pad = tok.pad_token_id
+    model.train()
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        batch = rng.sample(examples, min(batch_size, len(examples)))
+        length = max(len(a) + len(b) for a, b, _ in batch)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for j, (a, b, _) in enumerate(batch):
+            ids[j, :len(a) + len(b)] = torch.tensor(a + b)
+            labels[j, len(a):len(a) + len(b)] = torch.tensor(b)
+            mask[j, :len(a) + len(b)] = 1
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[[i for _, _, i in batch]],
+                    labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(out.loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("llava step %d/%d loss %.3f", step + 1, steps, out.loss.item())
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "records": len(records),
+            "hidden_size": hidden_size, "num_layers": num_layers, "train_vision": train_vision,
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,114 @@
+"""Reward calibration and pair picking on hand-written trees."""
+
+import math
+
+import pytest
+
+from csr.config import PairsConfig
+from csr.pairs import candidate_paths, has_repeats, node_is_bad, pick_pair, to_csr, to_trl
+from csr.score.reward import calibrate_siblings, path_score, rank_fractions, score_siblings, self_reward
+from csr.score.stage import siblings_by_parent
+
+
+def test_rank_fractions_best_is_one_over_n():
+    assert rank_fractions([0.2, 0.9, 0.5, 0.1]) == [0.75, 0.25, 0.5, 1.0]
+    assert rank_fractions([1.0, 1.0]) == [0.5, 1.0]  # ties keep order
+
+
+def test_raw_calibration_mixes_values_with_lambda_on_clip():
+    assert calibrate_siblings([10.0, 50.0], [30.0, 20.0], 0.9, "raw") == pytest.approx([28.0, 23.0])
+    assert calibrate_siblings([10.0, 50.0], [30.0, 20.0], 0.0, "raw") == pytest.approx([10.0, 50.0])
+
+
+def test_rank_calibration_orders_like_the_official_lowest_rank():
+    self_scores, clip_scores = [-0.5, -0.1, -0.9], [25.0, 20.0, 30.0]
+    rewards = calibrate_siblings(self_scores, clip_scores, 0.9, "rank")
+    # official mixed ranks: node0 .9*(2/3)+.1*(2/3)=.667, node1 .9*1+.1*(1/3)=.933, node2 .9*(1/3)+.1*1=.4
+    assert rewards == pytest.approx([-2 / 3, -(0.9 + 0.1 / 3), -(0.3 + 0.1)])
+    assert max(range(3), key=lambda i: rewards[i]) == 2
+
+
+def test_self_reward_kinds_and_clamp():
+    node = {"logprob_sum": math.log(0.25), "logprob_mean": math.log(0.5), "beam_score": -1.7}
+    assert self_reward(node, "prob") == pytest.approx(25.0)
+    assert self_reward(node, "mean_prob") == pytest.approx(50.0)
+    assert self_reward(node, "beam_score") == -1.7
+    nodes = [dict(node, clip=-12.0), dict(node, clip=31.0)]
+    score_siblings(nodes, lam=0.9, mode="raw", self_kind="prob", clamp=True)
+    assert [n["visual_reward"] for n in nodes] == [0.0, 31.0]
+    assert nodes[1]["reward"] == pytest.approx(0.9 * 31 + 0.1 * 25)
+    score_siblings(nodes, lam=0.9, mode="raw", self_kind="prob", clamp=False)
+    assert nodes[0]["visual_reward"] == -12.0
+    with pytest.raises(ValueError):
+        self_reward(node, "nope")
+
+
+def make_tree(spec):
+    """spec: list of (parent, text, reward, final). Node 0 is the root."""
+    nodes = [{"id": 0, "parent": None, "depth": 0, "text": "", "final": False}]
+    for parent, text, reward, final in spec:
+        nodes.append({"id": len(nodes), "parent": parent, "depth": nodes[parent]["depth"] + 1,
+                      "text": text, "reward": reward, "final": final})
+    return {"id": "t", "image": "/x.png", "prompt": "Describe.", "nodes": nodes}
+
+
+TREE = make_tree([
+    (0, "A cat sits.", 10.0, False),        # 1
+    (0, "A dog runs.", 2.0, False),         # 2
+    (1, "It is red.", 8.0, True),           # 3: path 1-3 mean 9
+    (1, "Ok.", 0.0, True),                  # 4: "Ok." is < 4 chars -> left out: path 1-4 mean 10
+    (2, "The sky is blue.", 1.0, True),     # 5: path 2-5 mean 1.5
+    (2, "no no no no no no.", 50.0, True),  # 6: repeated words -> dropped
+])
+
+
+def test_pick_pair_best_and_worst_path_after_cleaning():
+    pair, reason = pick_pair(TREE, PairsConfig())
+    assert reason is None
+    assert pair["chosen"] == "A cat sits." and pair["chosen_score"] == 10.0
+    assert pair["rejected"] == "A dog runs. The sky is blue." and pair["rejected_score"] == 1.5
+    assert pair["margin"] == 8.5 and pair["n_paths"] == 3
+
+
+def test_pick_pair_without_cleaning_keeps_everything():
+    paths = dict(candidate_paths(TREE["nodes"], PairsConfig(clean=False)))
+    assert paths["A cat sits. Ok."] == 5.0
+    assert paths["A dog runs. no no no no no no."] == 26.0
+    pair, _ = pick_pair(TREE, PairsConfig(clean=False))
+    assert pair["chosen"] == "A dog runs. no no no no no no."
+
+
+def test_pick_pair_refusals():
+    assert pick_pair(TREE, PairsConfig(min_margin=9.0)) == (None, "below_min_margin")
+    single = make_tree([(0, "Only one path here.", 1.0, True)])
+    assert pick_pair(single, PairsConfig()) == (None, "fewer_than_two_paths")
+    same = make_tree([(0, "Same text.", 1.0, True), (0, "Same text.", 2.0, True)])
+    assert pick_pair(same, PairsConfig()) == (None, "identical_responses")
+
+
+def test_cleaning_filters():
+    cfg = PairsConfig()
+    assert has_repeats("the the the the the", 4) and not has_repeats("the the the the", 4)
+    assert has_repeats("wooooooow", 4)
+    assert node_is_bad("a\n" * 6, cfg) == "too_many_newlines"
+    assert node_is_bad("Привет мир.", cfg) == "unexpected_script"
+    assert node_is_bad("猫がいます。", cfg) == "unexpected_script"
+    assert node_is_bad("A cat 😀.", cfg) == "unexpected_script"
+    assert node_is_bad("A plain English sentence.", cfg) is None
+
+
+def test_output_formats():
+    pair, _ = pick_pair(TREE, PairsConfig())
+    trl = to_trl(pair)
+    assert trl["prompt"][0]["content"][0] == {"type": "image"}
+    assert trl["chosen"][0]["content"][0]["text"] == "A cat sits."
+    assert trl["images"] == ["/x.png"]
+    csr = to_csr(pair)
+    assert csr["conversations"][0]["value"] == "<image>\nDescribe."
+    assert csr["conversations"][1]["value"] == "A cat sits."
+    assert csr["rejected_conversations"][1]["value"] == "A dog runs. The sky is blue."
+
+
+def test_siblings_by_parent():
+    groups = siblings_by_parent(TREE["nodes"])
+    assert {k: [n["id"] for n in v] for k, v in groups.items()} == {0: [1, 2], 1: [3, 4], 2: [5, 6]}
