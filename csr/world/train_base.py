@@ -151,8 +151,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
             chosen.append((key, sent))
         text = tokens[[sent_index[c] for c in chosen]]
         pos = torch.tensor([[float(k in scene_sets[i]) for k, _ in chosen] for i in idx])
-        out = model(images[idx], text)
-        img_f, txt_f, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        img_f, txt_f, scale = model(images[idx], text)[:3]  # normalised features, exp(logit_scale)
         logits = scale * img_f @ txt_f.T
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         loss_t = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
@@ -209,15 +208,15 @@ def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
         image_size=visual.image_size[0], patch_size=visual.patch_size[0], num_channels=3,
         hidden_act=hidden_act, layer_norm_eps=visual.ln_post.eps,
         projection_dim=visual.proj.shape[1] if visual.proj is not None else width)
-    sd = {"vision_model.embeddings.class_embedding": visual.class_embedding,
-          "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
-          "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
-          "vision_model.pre_layrnorm.weight": visual.ln_pre.weight,
-          "vision_model.pre_layrnorm.bias": visual.ln_pre.bias,
-          "vision_model.post_layernorm.weight": visual.ln_post.weight,
-          "vision_model.post_layernorm.bias": visual.ln_post.bias}
+    sd = {"embeddings.class_embedding": visual.class_embedding,
+          "embeddings.patch_embedding.weight": visual.conv1.weight,
+          "embeddings.position_embedding.weight": visual.positional_embedding,
+          "pre_layrnorm.weight": visual.ln_pre.weight,
+          "pre_layrnorm.bias": visual.ln_pre.bias,
+          "post_layernorm.weight": visual.ln_post.weight,
+          "post_layernorm.bias": visual.ln_post.bias}
     for i, blk in enumerate(blocks):
-        p = f"vision_model.encoder.layers.{i}."
+        p = f"encoder.layers.{i}."
         qw, kw, vw = blk.attn.in_proj_weight.chunk(3, dim=0)
         qb, kb, vb = blk.attn.in_proj_bias.chunk(3, dim=0)
         sd |= {p + "self_attn.q_proj.weight": qw, p + "self_attn.q_proj.bias": qb,
@@ -230,7 +229,10 @@ def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
                p + "mlp.fc1.weight": blk.mlp.c_fc.weight, p + "mlp.fc1.bias": blk.mlp.c_fc.bias,
                p + "mlp.fc2.weight": blk.mlp.c_proj.weight, p + "mlp.fc2.bias": blk.mlp.c_proj.bias}
     hf = CLIPVisionModel(cfg)
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    # transformers 5 keeps the trunk's modules at the top level; 4.x nests them in `vision_model`
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in hf.state_dict()) else ""
+    missing, unexpected = hf.load_state_dict({prefix + k: v.detach().clone() for k, v in sd.items()},
+                                             strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise RuntimeError(f"conversion mismatch: missing {missing}, unexpected {unexpected}")

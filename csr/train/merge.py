@@ -1,0 +1,176 @@
+"""Stage 5: fold a round's LoRA adapter into the weights; the result is the next round's policy.
+
+The merge runs in float32 and, by default, saves float32: a DPO update at lr 1e-7 is often smaller
+than half a bf16 step of the weight it changes, so merging into (or saving as) the base's bf16/fp16
+weights can round much of it away. `dtype="auto"` saves in the base's own dtype instead; the
+summary then says which fraction of the adapted weights actually changed.
+
+The folder is written beside `out_dir` under a temporary name, marked done inside, and renamed into
+place, so a half-written folder is never taken as a finished model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from csr.io import is_done, mark_done, read_done
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = ("float32", "auto", "bfloat16", "float16")
+
+
+class MergeError(ValueError):
+    """The adapter cannot be merged; the message says why."""
+
+
+def saved_dtype(config) -> torch.dtype:
+    """The dtype a model folder's weights were saved in (float32 when the config does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def delta_stats(peft_model, out_dtype: torch.dtype) -> dict:
+    """How big the LoRA update is, and which fraction of the adapted weights survives `out_dtype`.
+
+    Runs before merging: for every LoRA layer, base weight W0 vs W0 + delta, both cast to out_dtype.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    changed = total = 0
+    max_delta = 0.0
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                w0 = module.get_base_layer().weight
+                delta = module.get_delta_weight(name).to(w0.dtype)
+                max_delta = max(max_delta, float(delta.abs().max()))
+                changed += int(((w0 + delta).to(out_dtype) != w0.to(out_dtype)).sum())
+                total += w0.numel()
+    return {"lora_weights": total, "max_abs_delta": max_delta,
+            "changed_fraction": changed / total if total else 0.0}
+
+
+def _modules_to_save(adapter_dir: Path) -> list[str]:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return list(cfg.get("modules_to_save") or [])
+
+
+def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
+               dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle_weights: bool = False) -> Path:
+    """Merge `adapter_dir` (a PEFT LoRA, possibly with a trained projector) into `policy_path`.
+
+    Writes a plain model folder (safetensors + processor) to `out_dir` and returns it. Skips when
+    `out_dir` is already done. `dtype`: float32 (default) or auto (the base's saved dtype), or an
+    explicit bfloat16 / float16.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from csr.models import check_model_source, load_processor
+
+    policy_path, adapter_dir, out_dir = str(policy_path), Path(adapter_dir), Path(out_dir)
+    if is_done(out_dir):
+        log.info("merge: %s is done, skipping", out_dir)
+        return out_dir
+    if dtype not in SAVE_DTYPES:
+        raise MergeError(f"dtype={dtype!r} is not one of {list(SAVE_DTYPES)}.")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MergeError(f"'{adapter_dir}' is not a PEFT adapter folder (no adapter_config.json); run "
+                         f"the 'train' stage first (its adapter is in <train out>/adapter).")
+    check_model_source(policy_path, allow_pickle_weights)
+
+    # float32 for the arithmetic whatever the base was saved in: W0 (exact from any lower dtype) + delta
+    base = AutoModelForImageTextToText.from_pretrained(
+        policy_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        use_safetensors=not allow_pickle_weights)
+    out_dtype = saved_dtype(base.config) if dtype == "auto" else getattr(torch, dtype)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
+    trained_base = peft_model.peft_config["default"].base_model_name_or_path
+    if trained_base and Path(trained_base).resolve() != Path(policy_path).resolve():
+        log.warning("merge: the adapter was trained on '%s' but is being merged into '%s'.",
+                    trained_base, policy_path)
+    stats = delta_stats(peft_model, out_dtype)
+    if out_dtype != torch.float32 and stats["changed_fraction"] < 0.5:
+        log.warning("merge: saving in %s keeps the LoRA update in only %.1f%% of the adapted weights "
+                    "(max |delta| %.2e); dtype=float32 keeps all of it.", out_dtype,
+                    100 * stats["changed_fraction"], stats["max_abs_delta"])
+    merged = peft_model.merge_and_unload()
+    leftovers = [n for n, _ in merged.named_parameters() if "lora_" in n or "modules_to_save" in n]
+    if leftovers:
+        raise MergeError(f"merge left adapter parameters behind (e.g. {leftovers[0]}).")
+    merged = merged.to(out_dtype)
+    merged.config.dtype = out_dtype
+
+    summary = {
+        "stage": "merge",
+        "policy": policy_path,
+        "adapter": str(adapter_dir),
+        "dtype": str(out_dtype).replace("torch.", ""),
+        "modules_to_save": _modules_to_save(adapter_dir),
+        **stats,
+    }
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        merged.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
+        load_processor(policy_path, trust_remote_code).save_pretrained(tmp)
+        mark_done(tmp, summary)
+        if out_dir.exists():  # a stale, unfinished folder from an interrupted merge
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("merge: %s + %s -> %s (%s, %.1f%% of adapted weights changed)", policy_path, adapter_dir,
+             out_dir, summary["dtype"], 100 * stats["changed_fraction"])
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    from csr.config import ConfigError, load_config
+    from csr.models import ModelLoadError
+
+    p = argparse.ArgumentParser(prog="csr merge", description="Stage 5: merge a LoRA adapter into a model folder.")
+    p.add_argument("--config", help="recipe YAML (for model.trust_remote_code / allow_pickle_weights)")
+    p.add_argument("--policy", help="the model the adapter was trained on (default: model.model_name_or_path)")
+    p.add_argument("--adapter", required=True, help="adapter folder (the train stage's <out>/adapter)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--dtype", default="float32", choices=SAVE_DTYPES,
+                   help="saved dtype; float32 (default) keeps small DPO updates that bf16 would round away; "
+                        "auto: the base's own dtype")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        out = merge_lora(a.policy or cfg.model.model_name_or_path, a.adapter, a.out, dtype=a.dtype,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+    except (ConfigError, MergeError, ModelLoadError) as e:
+        print(f"csr merge: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(read_done(out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    from csr.cli import setup_logging
+
+    setup_logging()
+    sys.exit(main())
