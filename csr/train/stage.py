@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", help="model folder or hub id to train (default: model.model_name_or_path)")
     p.add_argument("--pairs", required=True, help="the pairs stage's folder (pairs.jsonl + DONE.json)")
     p.add_argument("--out", required=True, help="output folder (adapter/, DONE.json)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.learning_rate=5e-7")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.beta=0.2")
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
