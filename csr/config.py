@@ -103,7 +103,14 @@ class GenerateConfig:
     max_new_tokens: int = _f(74, "Tokens per sentence before it is cut (paper: 74; official code: 70).")
     max_response_chars: int = _f(1024, "A node is final when its response reaches this many characters (official: 1024).")
     max_sentences: int = _f(24, "Safety cap on tree depth; a path this deep is final. Not in the paper.")
-    node_batch_size: int = _f(0, "Memory knob: tree nodes expanded in one forward batch (0: a whole level).")
+    node_batch_size: int = _f(0, "Memory knob: tree nodes expanded in one forward batch (0: all active nodes "
+                                 "of the trees in flight). Out of memory halves it and retries, logged.")
+    prompt_batch_size: int = _f(8, "Trees grown in lockstep (their images and prompts encoded once, together, "
+                                   "and their active nodes batched). 1 = one tree at a time.")
+    implementation: str = _f("cached", "cached: each tree's image and prompt encoded once and their key/value "
+                                       "cache reused by every node; reference: the official per-node "
+                                       "re-encoding (same results, for checking and benchmarks).",
+                             choices=("cached", "reference"))
 
     def validate(self):
         _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")
@@ -115,6 +122,7 @@ class GenerateConfig:
         _require(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
         _require(self.max_sentences >= 1, "generate.max_sentences", self.max_sentences, "must be >= 1")
         _require(self.node_batch_size >= 0, "generate.node_batch_size", self.node_batch_size, "must be >= 0")
+        _require(self.prompt_batch_size >= 1, "generate.prompt_batch_size", self.prompt_batch_size, "must be >= 1")
 
 
 @dataclass

@@ -68,11 +68,12 @@ def test_generate_score_pairs_end_to_end(tiny_llava_dir, tiny_clip_dir, tmp_path
 
 
 def test_generate_resumes_after_an_interruption(tiny_llava_dir, tiny_clip_dir, tmp_path, monkeypatch):
-    cfg = tiny_cfg(tiny_llava_dir, tiny_clip_dir, tmp_path, None, None, "generate.selection=self")
+    cfg = tiny_cfg(tiny_llava_dir, tiny_clip_dir, tmp_path, None, None, "generate.selection=self",
+                   "generate.prompt_batch_size=1")
     run_generate(cfg, str(tiny_llava_dir), tmp_path / "full")
     reference = read_jsonl(tmp_path / "full" / "trees.jsonl")
 
-    real_grow, calls = gen_stage.grow_tree, []
+    real_grow, calls = gen_stage._grow_batch, []
 
     def dies_on_third(*args, **kw):
         calls.append(1)
@@ -80,7 +81,7 @@ def test_generate_resumes_after_an_interruption(tiny_llava_dir, tiny_clip_dir, t
             raise KeyboardInterrupt  # the run is killed while working on prompt 3
         return real_grow(*args, **kw)
 
-    monkeypatch.setattr(gen_stage, "grow_tree", dies_on_third)
+    monkeypatch.setattr(gen_stage, "_grow_batch", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         run_generate(cfg, str(tiny_llava_dir), tmp_path / "cut")
     assert not (tmp_path / "cut" / "DONE.json").exists()
@@ -88,7 +89,7 @@ def test_generate_resumes_after_an_interruption(tiny_llava_dir, tiny_clip_dir, t
     # a torn half-line from a kill in the middle of a write is repaired, not read
     with open(tmp_path / "cut" / "trees.jsonl", "a") as fh:
         fh.write('{"id": "tiny-2", "nodes": [{"id"')
-    monkeypatch.setattr(gen_stage, "grow_tree", real_grow)
+    monkeypatch.setattr(gen_stage, "_grow_batch", real_grow)
     calls.clear()
     summary = run_generate(cfg, str(tiny_llava_dir), tmp_path / "cut")
     assert summary["processed"] == 2 and summary["trees"] == 4

@@ -19,8 +19,7 @@ FAST = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1.0e-
 
 
 def make_cfg(**train):
-    overrides = [f"train.{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
-                 for k, v in {**FAST, **train}.items()]
+    overrides = [f"train.{k}={json.dumps(v)}" for k, v in {**FAST, **train}.items()]  # JSON is YAML
     return load_config(None, overrides)
 
 

@@ -1,17 +1,46 @@
 """The model side of the sentence search: turn tree nodes into K candidate next sentences.
 
-For one image and prompt, the active nodes of a tree level are encoded together (left-padded,
-prefix = chat prompt + sentences so far), then the G token-level groups of every node run as one
-batch of M*G rows over a key/value cache that was filled once per node and repeated G times.
-Like the official code, each node's prefix is re-tokenised from its text.
+Two implementations with the same results:
+
+- `LlavaExpander` (the reference, the official per-node semantics): every node's prefix
+  (image + chat prompt + sentences so far) is re-tokenised from its text and encoded from scratch,
+  image included; with `node_batch_size=1` it is exactly the official one-node-at-a-time loop.
+- `CachedLlavaExpander` (the fast path): each tree's image and prompt are encoded once, in a batch
+  with other trees, and their key/value cache is kept for the whole tree. A tree level only encodes
+  the nodes' sentences on top of that shared prefix cache, for all active nodes of all trees in
+  flight at once. The node's text is still tokenised jointly with the prompt, as the reference does;
+  the shared prefix is used only where that tokenisation starts with the prompt's own tokens.
+
+Both then run the G token-level groups of every node as one batch of rows over a cache repeated G
+times (see `beam.py`).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
+from transformers import DynamicCache
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import join_sentences
+
+log = logging.getLogger(__name__)
+
+Children = list[tuple[str, Candidate]]
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def select_rows(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A new cache holding `rows` of `cache` (which is left untouched)."""
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[rows], layer.values[rows], i)
+    return out
 
 
 class LlavaExpander:
@@ -29,33 +58,21 @@ class LlavaExpander:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         self.node_batch_size = node_batch_size
 
-    def prefix_text(self, prompt_text: str, sentences: list[str]) -> str:
+    # -- shared pieces ---------------------------------------------------------------------------
+
+    @staticmethod
+    def prefix_text(prompt_text: str, sentences: list[str]) -> str:
         response = join_sentences(sentences)
         return f"{prompt_text} {response}" if response else prompt_text
 
-    @torch.no_grad()
-    def expand(self, image, prompt_text: str, responses: list[list[str]]) -> list[list[tuple[str, Candidate]]]:
-        """K (text, Candidate) children for each node, given each node's sentences so far."""
-        out: list[list[tuple[str, Candidate]]] = []
-        step = self.node_batch_size or len(responses)
-        for start in range(0, len(responses), step):
-            out.extend(self._expand_batch(image, prompt_text, responses[start:start + step]))
-        return out
+    def decode(self, cand: Candidate) -> str:
+        return self.tokenizer.decode(cand.token_ids, skip_special_tokens=True).strip()
 
-    def _expand_batch(self, image, prompt_text, responses):
+    def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor) -> list[Children]:
+        """Run the G groups of every row of `first_logits` over `cache` (rows = nodes)."""
         model, G = self.model, self.G
-        texts = [self.prefix_text(prompt_text, r) for r in responses]
-        self.tokenizer.padding_side = "left"
-        enc = self.processor(images=[image] * len(texts), text=texts, padding=True, return_tensors="pt")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-        # positions as generate() computes them, so left padding does not shift a row
-        positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
-        out = model(**enc, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
         cache.batch_repeat_interleave(G)
-        attention = enc["attention_mask"].repeat_interleave(G, dim=0)
+        attention = attention.repeat_interleave(G, dim=0)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             nonlocal attention
@@ -65,11 +82,119 @@ class LlavaExpander:
                         past_key_values=cache, use_cache=True)
             return res.logits[:, -1]
 
-        cands = diverse_group_search(out.logits[:, -1], step, num_groups=G,
-                                     diversity_penalty=self.diversity_penalty,
+        cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
-    def decode(self, cand: Candidate) -> str:
-        return self.tokenizer.decode(cand.token_ids, skip_special_tokens=True).strip()
+    def _encode(self, images: list, texts: list[str]):
+        """Left-padded forward of full prefixes; positions as generate() computes them."""
+        self.tokenizer.padding_side = "left"
+        enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(**enc, position_ids=positions, use_cache=True)
+        return out, enc["attention_mask"]
+
+    def _in_chunks(self, items: list, run) -> list:
+        """Apply `run` to chunks of `node_batch_size` items; halve the chunk on out-of-memory."""
+        size = self.node_batch_size or len(items)
+        out, start = [], 0
+        while start < len(items):
+            chunk = items[start:start + size]
+            try:
+                out.extend(run(chunk))
+            except RuntimeError as err:
+                if not is_oom(err) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                self.node_batch_size = size
+                log.warning("out of memory on %d nodes; retrying with node_batch_size=%d", len(chunk), size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
+        return out
+
+    # -- the reference path ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def expand(self, image, prompt_text: str, responses: list[list[str]]) -> list[Children]:
+        """K (text, Candidate) children for each node of one tree, given each node's sentences so far."""
+        def run(chunk):
+            texts = [self.prefix_text(prompt_text, r) for r in chunk]
+            out, attention = self._encode([image] * len(texts), texts)
+            return self._search(out.logits[:, -1], out.past_key_values, attention)
+        return self._in_chunks(responses, run)
+
+
+@dataclass
+class PromptCache:
+    """The encoded (image, prompt) prefixes of the trees in flight, one row per tree."""
+    cache: DynamicCache
+    attention: torch.Tensor        # [T, L] left-padded mask
+    last_logits: torch.Tensor      # [T, V] next-token logits right after the prompt
+    prompt_ids: list[list[int]]    # each prompt's own tokens (image placeholder unexpanded)
+    images: list
+    prompt_texts: list[str]
+
+
+class CachedLlavaExpander(LlavaExpander):
+    """The fast path: a prompt cache per tree, all trees' active nodes expanded together."""
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @torch.no_grad()
+    def encode_prompts(self, images: list, prompt_texts: list[str]) -> PromptCache:
+        out, attention = self._encode(images, prompt_texts)
+        return PromptCache(out.past_key_values, attention, out.logits[:, -1],
+                           [self._text_ids(t) for t in prompt_texts], list(images), list(prompt_texts))
+
+    @torch.no_grad()
+    def expand_many(self, prompts: PromptCache, requests: list[tuple[int, list[str]]]) -> list[Children]:
+        """Children for (tree row, sentences so far) requests drawn from any trees in `prompts`."""
+        plan = []
+        for row, sentences in requests:
+            full = self._text_ids(self.prefix_text(prompts.prompt_texts[row], sentences))
+            head = prompts.prompt_ids[row]
+            shared = full[:len(head)] == head
+            plan.append((row, sentences, full[len(head):] if shared else None))
+        fallback = [i for i, p in enumerate(plan) if p[2] is None]
+        if fallback:  # the joint tokenisation crossed the prompt's end: encode those from scratch
+            log.debug("%d nodes re-encoded in full (tokenisation crosses the prompt boundary)", len(fallback))
+        results: list[Children | None] = [None] * len(plan)
+        for i in fallback:
+            row, sentences, _ = plan[i]
+            results[i] = self.expand(prompts.images[row], prompts.prompt_texts[row], [sentences])[0]
+        cached = [i for i, p in enumerate(plan) if p[2] is not None]
+        for i, children in zip(cached, self._in_chunks([plan[i] for i in cached],
+                                                       lambda chunk: self._expand_cached(prompts, chunk))):
+            results[i] = children
+        return results
+
+    def _expand_cached(self, prompts: PromptCache, chunk) -> list[Children]:
+        device = prompts.attention.device
+        rows = torch.tensor([row for row, _, _ in chunk], device=device)
+        cache = select_rows(prompts.cache, rows)
+        attention = prompts.attention[rows]
+        first = prompts.last_logits[rows]
+        width = max(len(ids) for _, _, ids in chunk)
+        if width:
+            # the sentences so far, left-padded so every row ends at the same column; the padding
+            # sits between prompt and sentences, masked out, and positions skip it
+            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(chunk), width), dtype=attention.dtype, device=device)
+            for j, (_, _, toks) in enumerate(chunk):
+                if toks:
+                    ids[j, width - len(toks):] = torch.tensor(toks, device=device)
+                    mask[j, width - len(toks):] = 1
+            attention = torch.cat([attention, mask], dim=1)
+            positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, -width:]
+            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+            has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
+            first = torch.where(has_text[:, None], out.logits[:, -1], first)
+        return self._search(first, cache, attention)

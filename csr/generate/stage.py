@@ -1,29 +1,42 @@
 """Stage generate: one sentence-level search tree per (image, prompt), appended to trees.jsonl.
 
-Resumable: trees are appended (and fsynced) one prompt at a time; a rerun repairs a torn last
-line and continues at the first prompt without a tree. The stage is finished when DONE.json exists.
+Trees are grown `prompt_batch_size` at a time in lockstep (see `expander.CachedLlavaExpander`).
+Under `accelerate launch` / `torchrun` the prompts are sharded across processes: rank r takes every
+WORLD_SIZE-th prompt from r, writes `shards/trees.rank<r>.jsonl`, and the shards are merged in
+prompt order into trees.jsonl once all are finished. Resumable, per shard: trees are appended
+(and fsynced) as they finish; a rerun repairs a torn last line and continues at the first prompt
+without a tree. The stage is finished when DONE.json exists.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from csr.cli import stage_parser
 from csr.config import CSRConfig, load_config
-from csr.data import BadInput, load_image, load_prompts
-from csr.generate.expander import LlavaExpander
-from csr.generate.tree import TreeSettings, grow_tree
-from csr.io import JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done, repair_jsonl_tail
+from csr.data import BadInput, PromptRecord, load_image, load_prompts
+from csr.generate.expander import CachedLlavaExpander, LlavaExpander
+from csr.generate.tree import TreeSettings, grow_tree, grow_trees
+from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
+                    repair_jsonl_tail, write_jsonl)
 from csr.models import build_chat_prompt, load_policy, sentence_end_ids
 from csr.score.reward import score_siblings, self_reward
 
 log = logging.getLogger(__name__)
 
 TREES = "trees.jsonl"
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) when alone."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None):
@@ -43,55 +56,122 @@ def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None):
     return calibrated
 
 
-def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
-    out_dir = Path(out_dir)
-    if is_done(out_dir):
-        log.info("[generate] %s is finished; skipping", out_dir)
-        return read_done(out_dir)
-    summary = StageSummary("generate")
-    records = load_prompts(cfg.data.prompts, cfg.data.image_root, cfg.data.image_pattern,
-                           cfg.data.max_prompts, cfg.data.allow_absolute_image_paths, summary)
-    trees_path = out_dir / TREES
+def _grow_batch(cfg, expander, clip, processor, batch: list[tuple[PromptRecord, object]], settings):
+    prompt_texts = [build_chat_prompt(processor, rec.prompt) for rec, _ in batch]
+    images = [image for _, image in batch]
+    scorers = [make_sibling_scorer(cfg, clip, image) for image in images]
+    if isinstance(expander, CachedLlavaExpander):
+        prompts = expander.encode_prompts(images, prompt_texts)
+        return grow_trees(lambda requests: expander.expand_many(prompts, requests), scorers, settings)
+    return [grow_tree(lambda responses, i=i: expander.expand(images[i], prompt_texts[i], responses),
+                      scorers[i], settings) for i in range(len(batch))]
+
+
+def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord], trees_path: Path,
+                   summary: StageSummary, device: str) -> None:
+    """Grow and append the trees of `records` missing from `trees_path`."""
     repair_jsonl_tail(trees_path)
     finished = {t["id"] for t in iter_jsonl(trees_path)} if trees_path.exists() else set()
     todo = [r for r in records if r.id not in finished]
     log.info("[generate] %d prompts, %d already done, %d to go", len(records), len(finished), len(todo))
-
+    summary.extra["trees"] = len(finished)
+    if not todo:
+        return
     g = cfg.generate
-    model, processor = load_policy(policy_path, dtype=cfg.model.torch_dtype, device=cfg.model.device,
+    model, processor = load_policy(policy_path, dtype=cfg.model.torch_dtype, device=device,
                                    trust_remote_code=cfg.model.trust_remote_code,
                                    allow_pickle_weights=cfg.model.allow_pickle_weights)
     clip = None
     if g.selection == "calibrated":
         from csr.score.clip import load_clip_from_config
 
-        clip = load_clip_from_config(cfg.score, cfg.model.device)
-    expander = LlavaExpander(model, processor, num_candidates=g.num_candidates,
-                             diversity_penalty=g.diversity_penalty, max_new_tokens=g.max_new_tokens,
-                             stop_ids=sentence_end_ids(processor.tokenizer), node_batch_size=g.node_batch_size)
+        clip = load_clip_from_config(cfg.score, device)
+    cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
+    expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
+                   max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer),
+                   node_batch_size=g.node_batch_size)
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences)
 
     n_candidates, start = 0, time.perf_counter()
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt")
     with JsonlAppender(trees_path) as sink:
-        for rec in tqdm(todo, desc="generate", unit="prompt"):
-            try:
-                image = load_image(rec.image)
-            except BadInput as e:
-                summary.skip(e.reason, f"prompt {rec.id} ({e})")
-                continue
-            prompt_text = build_chat_prompt(processor, rec.prompt)
-            nodes = grow_tree(lambda responses: expander.expand(image, prompt_text, responses),
-                              make_sibling_scorer(cfg, clip, image), settings)
-            n_candidates += len(nodes) - 1
-            sink.write({"id": rec.id, "image": rec.image, "prompt": rec.prompt, "nodes": nodes})
-            summary.processed += 1
+        for i in range(0, len(todo), g.prompt_batch_size):
+            batch = []
+            for rec in todo[i:i + g.prompt_batch_size]:
+                try:
+                    batch.append((rec, load_image(rec.image)))
+                except BadInput as e:
+                    summary.skip(e.reason, f"prompt {rec.id} ({e})")
+            for (rec, _), nodes in zip(batch, _grow_batch(cfg, expander, clip, processor, batch, settings)):
+                sink.write({"id": rec.id, "image": rec.image, "prompt": rec.prompt, "nodes": nodes})
+                n_candidates += len(nodes) - 1
+                summary.processed += 1
+            bar.update(len(todo[i:i + g.prompt_batch_size]))
+    bar.close()
     elapsed = time.perf_counter() - start
     summary.extra.update(trees=len(finished) + summary.processed, candidates_this_run=n_candidates,
                          seconds_this_run=round(elapsed, 2),
                          candidates_per_second=round(n_candidates / elapsed, 2) if elapsed > 0 else None)
-    summary.log()
-    mark_done(out_dir, summary.as_dict())
-    return summary.as_dict()
+
+
+def _merge_shards(out_dir: Path, records: list[PromptRecord], world: int) -> int:
+    """Concatenate the finished shards into trees.jsonl in prompt order; returns the tree count."""
+    trees = {}
+    for r in range(world):
+        for t in iter_jsonl(out_dir / "shards" / f"trees.rank{r}.jsonl"):
+            trees[t["id"]] = t
+    return write_jsonl(out_dir / TREES, [trees[rec.id] for rec in records if rec.id in trees])
+
+
+def _wait_for(paths: list[Path], what: str, poll: float = 2.0) -> None:
+    last_note = time.monotonic()
+    while not all(p.exists() for p in paths):
+        if time.monotonic() - last_note > 60:
+            log.info("[generate] waiting for %s", what)
+            last_note = time.monotonic()
+        time.sleep(poll)
+
+
+def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    if is_done(out_dir):
+        log.info("[generate] %s is finished; skipping", out_dir)
+        return read_done(out_dir)
+    rank, world, local_rank = dist_info()
+    device = cfg.model.device
+    if device == "auto" and world > 1:
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    summary = StageSummary("generate")
+    records = load_prompts(cfg.data.prompts, cfg.data.image_root, cfg.data.image_pattern,
+                           cfg.data.max_prompts, cfg.data.allow_absolute_image_paths,
+                           summary if rank == 0 else None)
+    if world == 1:
+        generate_shard(cfg, policy_path, records, out_dir / TREES, summary, device)
+        summary.log()
+        mark_done(out_dir, summary.as_dict())
+        return summary.as_dict()
+
+    shard_dir = out_dir / "shards"
+    shard_path = shard_dir / f"trees.rank{rank}.jsonl"
+    if not is_done(shard_dir / f"rank{rank}"):
+        generate_shard(cfg, policy_path, records[rank::world], shard_path, summary, device)
+        mark_done(shard_dir / f"rank{rank}", summary.as_dict())
+    if rank == 0:
+        _wait_for([shard_dir / f"rank{r}" / "DONE.json" for r in range(world)], "the other ranks' shards")
+        shard_summaries = [read_done(shard_dir / f"rank{r}") for r in range(world)]
+        merged = _merge_shards(out_dir, records, world)
+        skipped = Counter()
+        for s in shard_summaries:  # rank 0's also holds the prompt-file skips
+            skipped.update(s["skipped"])
+        total = {"stage": "generate", "world_size": world, "trees": merged,
+                 "processed": sum(s["processed"] for s in shard_summaries), "skipped": dict(skipped),
+                 "skipped_total": sum(skipped.values()), "failed": 0, "shards": shard_summaries}
+        mark_done(out_dir, total)
+    else:
+        _wait_for([out_dir / "DONE.json"], "rank 0 to merge the shards")
+    return read_done(out_dir)
 
 
 def main(argv=None) -> int:

@@ -69,15 +69,31 @@ ScoreSiblingsFn = Callable[[list[dict]], list[float]]
 """Given the sibling nodes born from one parent, returns each one's search score (higher = better)."""
 
 
-def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeSettings) -> list[dict]:
-    """Run the sentence-level search for one (image, prompt); returns the node list (id = index)."""
-    nodes: list[dict] = [{"id": ROOT, "parent": None, "depth": 0, "text": "", "final": False,
-                          "pruned": False}]
-    active = [ROOT]
-    while active:
-        expansions = expand([path_sentences(nodes, i) for i in active])
+class TreeSearch:
+    """The search for one (image, prompt) as a state machine, so that many trees can share batches.
+
+    `pending()` gives the active nodes' sentences so far; `advance(expansions)` takes their children
+    (same order) and runs scoring and pruning. `grow_tree` drives a single tree.
+    """
+
+    def __init__(self, score_siblings: ScoreSiblingsFn, settings: TreeSettings):
+        self.score_siblings = score_siblings
+        self.settings = settings
+        self.nodes: list[dict] = [{"id": ROOT, "parent": None, "depth": 0, "text": "", "final": False,
+                                   "pruned": False}]
+        self.active = [ROOT]
+
+    @property
+    def done(self) -> bool:
+        return not self.active
+
+    def pending(self) -> list[list[str]]:
+        return [path_sentences(self.nodes, i) for i in self.active]
+
+    def advance(self, expansions: list[list[tuple[str, Candidate]]]) -> None:
+        nodes, settings = self.nodes, self.settings
         level: list[dict] = []
-        for parent_id, children in zip(active, expansions):
+        for parent_id, children in zip(self.active, expansions):
             parent = nodes[parent_id]
             siblings = []
             for text, cand in children:
@@ -96,7 +112,7 @@ def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeS
                     node["final"], node["final_reason"] = True, "max_sentences"
                 nodes.append(node)
                 siblings.append(node)
-            for node, score in zip(siblings, score_siblings(siblings)):
+            for node, score in zip(siblings, self.score_siblings(siblings)):
                 node["search_score"] = float(score)
                 # the path score is the mean over the path's sentences (official and paper alike)
                 depth = node["depth"]
@@ -107,8 +123,36 @@ def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeS
         kept = set(keep)
         for node_id, _ in open_nodes:
             nodes[node_id]["pruned"] = node_id not in kept
-        active = keep
-    return nodes
+        self.active = keep
+
+
+def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeSettings) -> list[dict]:
+    """Run the sentence-level search for one (image, prompt); returns the node list (id = index)."""
+    search = TreeSearch(score_siblings, settings)
+    while not search.done:
+        search.advance(expand(search.pending()))
+    return search.nodes
+
+
+ExpandManyFn = Callable[[list[tuple[int, list[str]]]], list[list[tuple[str, Candidate]]]]
+"""Given (tree index, sentences so far) for active nodes of any trees, returns each one's children."""
+
+
+def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settings: TreeSettings) -> list[list[dict]]:
+    """Run several searches in lockstep so that one batch serves the active nodes of all of them.
+
+    Each tree's result is the same as `grow_tree` alone would give: the trees only share batches.
+    """
+    searches = [TreeSearch(score, settings) for score in scorers]
+    while True:
+        live = [t for t, s in enumerate(searches) if not s.done]
+        if not live:
+            return [s.nodes for s in searches]
+        pending = {t: searches[t].pending() for t in live}
+        requests = [(t, sentences) for t in live for sentences in pending[t]]
+        results = iter(expand_many(requests))
+        for t in live:
+            searches[t].advance([next(results) for _ in pending[t]])
 
 
 def final_paths(nodes: list[dict]) -> list[list[int]]:

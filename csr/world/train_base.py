@@ -106,11 +106,36 @@ def _lr_at(step: int, total: int, lr: float, warmup: float = 0.05, floor: float 
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _sentence(key: tuple, template: int) -> str:
+    from csr.world.generate import object_sentence
+
+    return object_sentence({"shape": key[0], "color": key[1], "position": key[2]}, template)
+
+
+def _perturb(objs: list[tuple], rng: random.Random) -> tuple:
+    """An object the image does not hold: one of its objects with a wrong shape, colour or position."""
+    from csr.world.generate import COLORS, PARTNER, POSITIONS, SHAPES
+
+    shape, color, position = rng.choice(objs)
+    present = {o[0] for o in objs}
+    what = rng.randrange(3)
+    if what == 0:
+        absent = [s for s in SHAPES if s not in present]
+        # the absent partner of a present shape is the hallucination a biased model makes
+        partners = [PARTNER[s] for s in present if PARTNER[s] not in present]
+        shape = rng.choice(partners) if partners and rng.random() < 0.5 else rng.choice(absent)
+    elif what == 1:
+        color = rng.choice([c for c in COLORS if c != color])
+    else:
+        position = rng.choice([p for p in POSITIONS if p != position])
+    return shape, color, position
+
+
 def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, batch_size: int = 128,
                lr: float = 2e-3, seed: int = 0, config: dict | None = None,
-               max_images: int | None = None) -> dict:
+               max_images: int | None = None, hard_negatives: bool = True) -> dict:
     """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
-    from csr.world.generate import CAPTION_TEMPLATES, object_sentence
+    from csr.world.generate import CAPTION_TEMPLATES, COLORS, POSITIONS, SHAPES
 
     world = Path(world_dir)
     t0 = time.time()
@@ -122,19 +147,18 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
     model, preprocess, tokenizer = create_open_clip(WORLD_CLIP_NAME, config)
     images = _image_tensor([world / "train" / s["image"] for s in scenes], preprocess)
 
-    # every (object, template) sentence, tokenised once; objects keyed by (shape, colour, position)
-    keys, sentences = [], []
-    for s in scenes:
-        for o in s["objects"]:
-            for t in range(len(CAPTION_TEMPLATES)):
-                keys.append((o["shape"], o["color"], o["position"]))
-                sentences.append(object_sentence(o, t))
-    uniq = sorted(set(zip(keys, sentences)))
+    # every possible sentence (object x template), tokenised once; an object is (shape, colour, position)
+    uniq = [((shape, color, position), _sentence((shape, color, position), t))
+            for shape in SHAPES for color in COLORS for position in POSITIONS
+            for t in range(len(CAPTION_TEMPLATES))]
     sent_index = {ks: i for i, ks in enumerate(uniq)}
     tokens = tokenizer([s for _, s in uniq])
     scene_objs = [[(o["shape"], o["color"], o["position"]) for o in s["objects"]] for s in scenes]
     scene_sets = [set(x) for x in scene_objs]
 
+    # The token embedding (49408 x width, almost all rows unused here) stays at its random init:
+    # random input vectors serve the text transformer as well, and it halves the step time.
+    model.token_embedding.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     model.train()
     losses = []
@@ -142,19 +166,18 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr)
         idx = rng.sample(range(len(scenes)), min(batch_size, len(scenes)))
-        chosen = []
-        for i in idx:
-            key = rng.choice(scene_objs[i])
-            t = rng.randrange(len(CAPTION_TEMPLATES))
-            shape, color, position = key
-            sent = object_sentence({"shape": shape, "color": color, "position": position}, t)
-            chosen.append((key, sent))
-        text = tokens[[sent_index[c] for c in chosen]]
-        pos = torch.tensor([[float(k in scene_sets[i]) for k, _ in chosen] for i in idx])
+        chosen = [rng.choice(scene_objs[i]) for i in idx]
+        if hard_negatives:  # one perturbed object per image: wrong shape, colour or position
+            chosen += [_perturb(scene_objs[i], rng) for i in idx]
+        text = tokens[[sent_index[(k, _sentence(k, rng.randrange(len(CAPTION_TEMPLATES))))] for k in chosen]]
+        pos = torch.tensor([[float(k in scene_sets[i]) for k in chosen] for i in idx])
         img_f, txt_f, scale = model(images[idx], text)[:3]  # normalised features, exp(logit_scale)
         logits = scale * img_f @ txt_f.T
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-        loss_t = -(pos / pos.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+        has_pos = pos.sum(0) > 0
+        lt = logits[:, has_pos].log_softmax(0)
+        pt = pos[:, has_pos]
+        loss_t = -(pt / pt.sum(0, keepdim=True) * lt).sum(0).mean()
         loss = (loss_i + loss_t) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,145 @@
+"""Merging a round's LoRA (and trained projector) into a plain model folder."""
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from csr.io import is_done, read_done
+from csr.models import build_chat_prompt, load_processor
+from csr.train.config import TrainConfig
+from csr.train.merge import MergeError, merge_lora
+
+
+def load_base(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapter(base_dir, out, *, projector=True, scale=0.05, seed=0):
+    """A LoRA adapter (+ projector copy) with non-zero weights, saved like the train stage saves it."""
+    from peft import get_peft_model
+
+    lora = TrainConfig(use_cpu=True, bf16=False, lora_r=4, lora_alpha=8, train_projector=projector).lora_config()
+    model = get_peft_model(load_base(base_dir), lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def fixed_inputs(model_dir, images_dir):
+    processor = load_processor(str(model_dir))
+    text = build_chat_prompt(processor, "Describe this image.") + " The image shows a red square."
+    return dict(processor(images=Image.open(images_dir / "red.png"), text=text, return_tensors="pt"))
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_merge_matches_the_adapter_and_round_trips(tmp_path, tiny_llava_dir, images_dir):
+    from peft import PeftModel
+
+    peft_model = make_adapter(tiny_llava_dir, tmp_path / "adapter")
+    inputs = fixed_inputs(tiny_llava_dir, images_dir)
+    with_adapter = logits(peft_model, inputs)
+    assert not torch.allclose(with_adapter, logits(load_base(tiny_llava_dir), inputs))  # the adapter matters
+
+    in_memory = PeftModel.from_pretrained(load_base(tiny_llava_dir), str(tmp_path / "adapter")).merge_and_unload()
+    assert torch.allclose(logits(in_memory.eval(), inputs), with_adapter, atol=1e-5, rtol=0)
+
+    out = merge_lora(tiny_llava_dir, tmp_path / "adapter", tmp_path / "merged")
+    assert out == tmp_path / "merged" and is_done(out)
+    reloaded = load_base(out)
+    assert torch.allclose(logits(reloaded, inputs), with_adapter, atol=1e-5, rtol=0)
+    assert torch.equal(logits(reloaded, inputs), logits(in_memory, inputs))
+
+    # a plain model folder: safetensors only, no adapter leftovers, no temp folder beside it
+    files = {p.name for p in out.iterdir()}
+    assert any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert not any(n for n, _ in reloaded.named_parameters() if "lora_" in n or "modules_to_save" in n)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
+    summary = read_done(out)
+    assert summary["dtype"] == "float32" and summary["changed_fraction"] == 1.0
+    assert summary["modules_to_save"] == ["multi_modal_projector"]
+
+    # the trained projector is the one in the merged model
+    trained = {n.split("modules_to_save.default.")[1]: p for n, p in peft_model.named_parameters()
+               if "multi_modal_projector.modules_to_save.default." in n}
+    merged_proj = dict(reloaded.model.multi_modal_projector.named_parameters())
+    assert trained and all(torch.equal(trained[k], merged_proj[k]) for k in trained)
+    assert processor_loads(out)
+
+
+def processor_loads(folder):
+    return load_processor(str(folder)) is not None
+
+
+def test_merge_skips_when_done_and_replaces_a_stale_folder(tmp_path, tiny_llava_dir):
+    make_adapter(tiny_llava_dir, tmp_path / "adapter", projector=False)
+    stale = tmp_path / "merged"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")  # an interrupted earlier merge
+    merge_lora(tiny_llava_dir, tmp_path / "adapter", stale)
+    assert is_done(stale) and load_base(stale) is not None
+    stamp = (stale / "DONE.json").stat().st_mtime_ns
+    merge_lora(tiny_llava_dir, tmp_path / "adapter", stale)  # done: untouched
+    assert (stale / "DONE.json").stat().st_mtime_ns == stamp
+
+
+def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_llava_dir):
+    with pytest.raises(MergeError, match="adapter_config.json"):
+        merge_lora(tiny_llava_dir, tmp_path / "nothing", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_low_precision_merge_reports_lost_updates(tmp_path, tiny_llava_dir, caplog):
+    # an update of the size lr 1e-7 DPO makes: below half a bf16 step of most weights
+    make_adapter(tiny_llava_dir, tmp_path / "adapter", projector=False, scale=1e-5)
+    with caplog.at_level(logging.WARNING, logger="csr.train.merge"):
+        out = merge_lora(tiny_llava_dir, tmp_path / "adapter", tmp_path / "bf16", dtype="bfloat16")
+    summary = read_done(out)
+    assert summary["dtype"] == "bfloat16" and summary["changed_fraction"] < 0.5
+    assert "float32" in caplog.text
+    assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
+    full = read_done(merge_lora(tiny_llava_dir, tmp_path / "adapter", tmp_path / "fp32"))
+    assert full["changed_fraction"] > 0.99
+
+
+def test_merge_of_a_trained_adapter_with_projector(tmp_path, tiny_llava_dir, images_dir):
+    from csr.config import load_config
+    from csr.io import mark_done, write_jsonl
+    from csr.train.stage import run_train
+
+    pairs = tmp_path / "pairs"
+    write_jsonl(pairs / "pairs.jsonl", [{
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"A {c} square."}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "A cat on a mat."}]}],
+        "images": [str(images_dir / f"{c}.png")]} for c in ("red", "green", "blue", "red")])
+    mark_done(pairs, {"stage": "pairs"})
+    train = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "lora_r": 4,
+             "lora_alpha": 8, "activation_checkpointing": False, "save_strategy": "no",
+             "train_projector": True, "projector_learning_rate": 1e-2}
+    cfg = load_config(None, [f"train.{k}={json.dumps(v)}" for k, v in train.items()])
+    run_train(cfg, str(tiny_llava_dir), pairs, tmp_path / "train")
+    adapter = tmp_path / "train" / "adapter"
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    proj = {k.split("multi_modal_projector.")[1]: v for k, v in saved.items() if "multi_modal_projector" in k}
+    assert proj  # the trained projector travels with the adapter
+
+    out = merge_lora(tiny_llava_dir, adapter, tmp_path / "merged")
+    merged = dict(load_base(out).model.multi_modal_projector.named_parameters())
+    base = dict(load_base(tiny_llava_dir).model.multi_modal_projector.named_parameters())
+    for name, value in proj.items():
+        assert torch.equal(merged[name], value) and not torch.equal(base[name], value)
