@@ -96,10 +96,10 @@ class TrainConfig(DPOConfig):
 
     # ---- Projector -------------------------------------------------------------------------------
     train_projector: bool = field(default=False, metadata=_help(
-        "Also train the vision-language projector (fully, not LoRA). Off by default. On, as the "
-        "official LLaVA-based script does: the projector is trained as a PEFT `modules_to_save` "
-        "copy, so the adapters-off reference still uses the round's original projector, and the "
-        "trained copy is folded in by `csr merge`."))
+        "Also train the vision-language projector (fully, not LoRA). Off by default; the official "
+        "LLaVA-based script trains it (mm_projector_lr 2e-5). It trains as a PEFT `modules_to_save` "
+        "copy, so the adapters-off reference still uses the round's original projector; `csr merge` "
+        "folds the trained copy in."))
     projector_learning_rate: float = field(default=2e-5, metadata=_help(
         "Peak learning rate of the projector when train_projector is on (official: mm_projector_lr 2e-5)."))
     projector_module: str = field(default="multi_modal_projector", metadata=_help(

@@ -361,6 +361,8 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "resumed_from": resume,
+        "world_size": args.world_size,
+        "deepspeed_zero_stage": args.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "reference_unchanged": None if frozen_before is None or frozen_after is None else True,
         "train_projector": args.train_projector,
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
