@@ -202,8 +202,10 @@ def _section_fields(section: str) -> dict[str, dataclasses.Field]:
 
 
 def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
+    matches = difflib.get_close_matches(name, list(options), n=2, cutoff=0.6)
+    if not matches:
+        return ""
+    return " Did you mean " + " or ".join(f"'{m}'" for m in matches) + "?"
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -219,6 +221,8 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         tp = non_none[0] if len(non_none) == 1 else Any
+    if isinstance(value, bool) and (tp is str or isinstance(f.default, str)):
+        value = "yes" if value else "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
     choices = f.metadata.get("choices") if f.metadata else None
     if choices and value not in choices:
         raise ConfigError(f"{key}={value!r} is not one of {list(choices)}.")
@@ -229,11 +233,16 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} must be an integer.")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-7` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} must be a number.")
         value = float(value)
     elif tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}={value!r} must be a string.")
         value = str(value)
     elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):

@@ -30,9 +30,11 @@ def test_every_recipe_parses_and_starts_with_its_command(recipe):
 
 def test_overrides_are_typed_and_win(tmp_path):
     cfg = load_config(None, ["generate.num_candidates=3", "score.reward_lambda=0.5", "pairs.clean=false",
-                             "data.max_prompts=null", "train.beta=0.2"])
+                             "data.max_prompts=null", "train.beta=0.2", "train.learning_rate=1e-7",
+                             "train.save_strategy=no"])
     assert cfg.generate.num_candidates == 3 and cfg.score.reward_lambda == 0.5
-    assert cfg.pairs.clean is False and cfg.data.max_prompts is None and cfg.train == {"beta": 0.2}
+    assert cfg.pairs.clean is False and cfg.data.max_prompts is None
+    assert cfg.train == {"beta": 0.2, "learning_rate": 1e-7, "save_strategy": "no"}  # YAML 1.1 quirks undone
     recipe = tmp_path / "r.yaml"
     recipe.write_text("generate:\n  num_candidates: 4\n")
     assert load_config(recipe, ["generate.num_candidates=2"]).generate.num_candidates == 2
@@ -43,6 +45,7 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("generate:\n  num_candidate: 3\n", "Did you mean 'num_candidates'"),
     ("generat:\n  num_candidates: 3\n", "Did you mean 'generate'"),
     ("train:\n  learning_rte: 1.0e-7\n", "Did you mean 'learning_rate'"),
+    ("train:\n  lora_rank: 8\n", "'lora_r'"),
     ("generate:\n  num_candidates: three\n", "must be an integer"),
     ("generate:\n  num_candidates: 0\n", "must be >= 1"),
     ("generate:\n  sentence_beam_width: -2\n", "must be >= 1"),

@@ -96,10 +96,7 @@ def build_train_args(cfg: CSRConfig, out_dir: Path, *, cuda_available: bool | No
     """
     from csr.train.config import TrainConfig
 
-    values = dict(cfg.train)
-    for key in ("save_strategy", "eval_strategy", "logging_strategy"):
-        if values.get(key) is False:  # YAML 1.1 reads an unquoted `no` as false
-            values[key] = "no"
+    values = dict(cfg.train)  # already type-checked by csr.config (YAML's `no` is "no" there)
     values["output_dir"] = str(out_dir)
     values.setdefault("seed", cfg.run.seed)
     values.setdefault("report_to", cfg.run.report_to)

@@ -39,7 +39,7 @@ WORLD_CLIP_NAME = "csr-world-clip"
 
 def world_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 3,
                       head_width: int = 16, text_width: int = 64, text_layers: int = 2,
-                      embed_dim: int = 64, context_length: int = 32) -> dict:
+                      embed_dim: int = 64, context_length: int = 20) -> dict:
     """An open_clip model config: ViT image tower (GELU), causal text transformer."""
     return {
         "embed_dim": embed_dim,
@@ -112,49 +112,32 @@ def _sentence(key: tuple, template: int) -> str:
     return object_sentence({"shape": key[0], "color": key[1], "position": key[2]}, template)
 
 
-def _perturb(objs: list[tuple], rng: random.Random) -> tuple:
-    """An object the image does not hold: one of its objects with a wrong shape, colour or position."""
-    from csr.world.generate import COLORS, PARTNER, POSITIONS, SHAPES
-
-    shape, color, position = rng.choice(objs)
-    present = {o[0] for o in objs}
-    what = rng.randrange(3)
-    if what == 0:
-        absent = [s for s in SHAPES if s not in present]
-        # the absent partner of a present shape is the hallucination a biased model makes
-        partners = [PARTNER[s] for s in present if PARTNER[s] not in present]
-        shape = rng.choice(partners) if partners and rng.random() < 0.5 else rng.choice(absent)
-    elif what == 1:
-        color = rng.choice([c for c in COLORS if c != color])
-    else:
-        position = rng.choice([p for p in POSITIONS if p != position])
-    return shape, color, position
-
-
 def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, batch_size: int = 128,
                lr: float = 2e-3, seed: int = 0, config: dict | None = None,
-               max_images: int | None = None, hard_negatives: bool = True) -> dict:
+               max_images: int | None = None) -> dict:
     """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
     from csr.world.generate import CAPTION_TEMPLATES, COLORS, POSITIONS, SHAPES
 
     world = Path(world_dir)
     t0 = time.time()
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     scenes = read_jsonl(world / "train" / "scenes.jsonl")[:max_images]
     image_size = json.loads((world / "vocab.json").read_text())["config"]["image_size"]
     config = config or world_clip_config(image_size=image_size)
     model, preprocess, tokenizer = create_open_clip(WORLD_CLIP_NAME, config)
     images = _image_tensor([world / "train" / s["image"] for s in scenes], preprocess)
 
-    # every possible sentence (object x template), tokenised once; an object is (shape, colour, position)
-    uniq = [((shape, color, position), _sentence((shape, color, position), t))
-            for shape in SHAPES for color in COLORS for position in POSITIONS
-            for t in range(len(CAPTION_TEMPLATES))]
-    sent_index = {ks: i for i, ks in enumerate(uniq)}
-    tokens = tokenizer([s for _, s in uniq])
-    scene_objs = [[(o["shape"], o["color"], o["position"]) for o in s["objects"]] for s in scenes]
-    scene_sets = [set(x) for x in scene_objs]
+    # Every possible object (shape, colour, position) is a column in every step: each image is
+    # contrasted with all 160 object sentences (a random template each), so every wrong shape,
+    # colour and position is a negative, and the text side costs a fixed 160 short sequences.
+    objects = [(shape, color, position) for shape in SHAPES for color in COLORS for position in POSITIONS]
+    n_t = len(CAPTION_TEMPLATES)
+    tokens = tokenizer([_sentence(k, t) for k in objects for t in range(n_t)]).view(len(objects), n_t, -1)
+    obj_index = {k: j for j, k in enumerate(objects)}
+    truth = torch.zeros(len(scenes), len(objects))
+    for i, s in enumerate(scenes):
+        for o in s["objects"]:
+            truth[i, obj_index[(o["shape"], o["color"], o["position"])]] = 1.0
 
     # The token embedding (49408 x width, almost all rows unused here) stays at its random init:
     # random input vectors serve the text transformer as well, and it halves the step time.
@@ -162,21 +145,19 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     model.train()
     losses = []
+    gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr)
-        idx = rng.sample(range(len(scenes)), min(batch_size, len(scenes)))
-        chosen = [rng.choice(scene_objs[i]) for i in idx]
-        if hard_negatives:  # one perturbed object per image: wrong shape, colour or position
-            chosen += [_perturb(scene_objs[i], rng) for i in idx]
-        text = tokens[[sent_index[(k, _sentence(k, rng.randrange(len(CAPTION_TEMPLATES))))] for k in chosen]]
-        pos = torch.tensor([[float(k in scene_sets[i]) for k in chosen] for i in idx])
+        idx = torch.randperm(len(scenes), generator=gen)[:batch_size]
+        tmpl = torch.randint(0, n_t, (len(objects),), generator=gen)
+        text = tokens[torch.arange(len(objects)), tmpl]
+        pos = truth[idx]
         img_f, txt_f, scale = model(images[idx], text)[:3]  # normalised features, exp(logit_scale)
         logits = scale * img_f @ txt_f.T
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         has_pos = pos.sum(0) > 0
-        lt = logits[:, has_pos].log_softmax(0)
-        pt = pos[:, has_pos]
+        pt, lt = pos[:, has_pos], logits[:, has_pos].log_softmax(0)
         loss_t = -(pt / pt.sum(0, keepdim=True) * lt).sum(0).mean()
         loss = (loss_i + loss_t) / 2
         opt.zero_grad(set_to_none=True)
