@@ -6,7 +6,7 @@
       round_1/score/scored.jsonl      the same trees with calibrated rewards
       round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
       round_1/train/adapter/          the LoRA adapter (checkpoints while training)
-      round_1/merge/model/            the merged model: next round's policy and reference
+      round_1/merge/                  the merged model folder: next round's policy and reference
       round_2/...
       eval/round_0.json ...           metrics of the base model and of every round
       summary.json                    per-round stage summaries and metrics

@@ -1,0 +1,169 @@
+"""`csr eval`: POPE and CHAIR for any LLaVA-compatible model folder.
+
+    csr eval --model DIR [--pope pope.jsonl] [--chair chair.jsonl] --out DIR
+             [--synonyms FILE] [--image-root DIR] [--batch-size 32] [--limit N]
+
+- POPE file: ``{question_id, image, text, label, category?}`` per line. The question is asked as is
+  (LLaVA's own POPE script appends "Answer the question using a single word or phrase."; pass it
+  with ``--pope-suffix`` to match), greedy, up to 8 new tokens; scored with LLaVA's rule
+  (`csr.eval.pope`).
+- CHAIR file: ``{id, image, objects, prompt?}`` per line; the caption prompt is the record's
+  ``prompt`` (default "Describe this image in detail."), greedy, up to 96 new tokens; scored with a
+  synonym table (`csr.eval.chair`): ``--synonyms``, else ``synonyms.json`` beside the CHAIR file.
+- Images: a record's ``image`` is resolved against ``--image-root``, else against the folder that
+  holds the file (the layout `csr world` writes).
+
+Outputs in ``--out``: ``metrics.json`` (written atomically), ``pope_answers.jsonl`` and
+``chair_captions.jsonl`` (one line per record with the model's text). The Python entry point is
+`evaluate_model`, which the round loop calls after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from csr.eval.chair import chair_metrics, load_synonyms
+from csr.eval.pope import parse_yes_no, score_pope
+from csr.io import atomic_write_json, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
+
+
+def _resolve(image: str, root: Path) -> Path:
+    p = Path(image)
+    return p if p.is_absolute() else root / p
+
+
+@torch.no_grad()
+def generate_answers(model, processor, image_paths: list, questions: list[str], *, max_new_tokens: int,
+                     batch_size: int = 32, desc: str = "eval") -> list[str]:
+    """Greedy answers, batched with left padding, in input order."""
+    from csr.data import load_image
+    from csr.models import build_chat_prompt
+
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    answers: list[str] = []
+    try:
+        for start in range(0, len(questions), batch_size):
+            qs = questions[start:start + batch_size]
+            images = [load_image(p) for p in image_paths[start:start + batch_size]]
+            prompts = [build_chat_prompt(processor, q) for q in qs]
+            enc = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+            enc = {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
+            out = model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            log.debug("[%s] %d/%d", desc, len(answers), len(questions))
+    finally:
+        tok.padding_side = old_side
+    return answers
+
+
+def evaluate_model(model_path: str | None = None, pope_path: str | Path | None = None,
+                   chair_path: str | Path | None = None, *, out_dir: str | Path | None = None,
+                   image_root: str | Path | None = None, synonyms_path: str | Path | None = None,
+                   batch_size: int = 32, pope_max_new_tokens: int = 8, caption_max_new_tokens: int = 96,
+                   caption_prompt: str | None = None, pope_suffix: str = "", limit: int | None = None,
+                   device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                   model=None, processor=None) -> dict:
+    """POPE and/or CHAIR metrics of a model folder (or an already loaded `model`, `processor`).
+
+    Returns ``{"model", "pope": {category: metrics, "all": ...}, "chair": {...}, "seconds"}``
+    (keys only for the files given). With `out_dir`, also writes metrics.json and the answers.
+    """
+    from csr.models import load_policy
+
+    t0 = time.time()
+    if model is None:
+        if model_path is None:
+            raise ValueError("evaluate_model needs model_path or model")
+        model, processor = load_policy(str(model_path), dtype=dtype, device=device,
+                                       trust_remote_code=trust_remote_code)
+    model.eval()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    result: dict = {"model": str(model_path) if model_path is not None else None}
+
+    if pope_path is not None:
+        pope_path = Path(pope_path)
+        recs = read_jsonl(pope_path)[:limit]
+        root = Path(image_root) if image_root else pope_path.parent
+        questions = [(r["text"] + (" " + pope_suffix if pope_suffix else "")).strip() for r in recs]
+        answers = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], questions,
+                                   max_new_tokens=pope_max_new_tokens, batch_size=batch_size, desc="pope")
+        result["pope"] = score_pope(recs, answers)
+        if out_dir is not None:
+            write_jsonl(out_dir / "pope_answers.jsonl",
+                        [{"question_id": r.get("question_id"), "category": r.get("category"), "label": r["label"],
+                          "text": a, "answer": parse_yes_no(a)} for r, a in zip(recs, answers)])
+        a = result["pope"]["all"]
+        log.info("POPE: accuracy %.3f  F1 %.3f  yes-ratio %.3f (n=%d)", a["accuracy"], a["f1"],
+                 a["yes_ratio"], a["n"])
+
+    if chair_path is not None:
+        chair_path = Path(chair_path)
+        recs = read_jsonl(chair_path)[:limit]
+        root = Path(image_root) if image_root else chair_path.parent
+        syn = Path(synonyms_path) if synonyms_path else chair_path.parent / "synonyms.json"
+        if not syn.is_file():
+            raise FileNotFoundError(f"CHAIR needs a synonym table: '{syn}' does not exist "
+                                    f"(pass --synonyms FILE: JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
+        table = load_synonyms(syn)
+        prompts = [caption_prompt or r.get("prompt") or DEFAULT_CAPTION_PROMPT for r in recs]
+        captions = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], prompts,
+                                    max_new_tokens=caption_max_new_tokens, batch_size=batch_size, desc="chair")
+        metrics = chair_metrics(captions, [r["objects"] for r in recs], table, return_per_caption=True)
+        per = metrics.pop("per_caption")
+        result["chair"] = metrics
+        if out_dir is not None:
+            write_jsonl(out_dir / "chair_captions.jsonl",
+                        [{"id": r.get("id"), "image": r["image"], "caption": c, "objects": r["objects"],
+                          "mentions": p["mentions"], "hallucinated": p["hallucinated"]}
+                         for r, c, p in zip(recs, captions, per)])
+        log.info("CHAIR: CHAIR_S %.3f  CHAIR_I %.3f  recall %.3f (n=%d)", metrics["chair_s"],
+                 metrics["chair_i"], metrics["recall"], metrics["n_captions"])
+
+    result["seconds"] = round(time.time() - t0, 1)
+    if out_dir is not None:
+        atomic_write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="csr eval", description="POPE and CHAIR for a model folder.")
+    ap.add_argument("--model", required=True, help="model folder or hub id (LLaVA-compatible)")
+    ap.add_argument("--pope", help="POPE-format JSONL {question_id, image, text, label, category?}")
+    ap.add_argument("--chair", help="CHAIR JSONL {id, image, objects, prompt?}")
+    ap.add_argument("--synonyms", help="synonym table for CHAIR (default: synonyms.json beside --chair)")
+    ap.add_argument("--image-root", help="folder image fields are relative to (default: each file's folder)")
+    ap.add_argument("--out", required=True, help="output folder for metrics.json and the answers")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--limit", type=int, help="use only the first N records of each file")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="caption length limit (CHAIR)")
+    ap.add_argument("--caption-prompt", help="override the CHAIR records' prompt")
+    ap.add_argument("--pope-suffix", default="", help="text appended to each POPE question")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--trust-remote-code", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.pope and not args.chair:
+        ap.error("give --pope and/or --chair")
+    result = evaluate_model(args.model, args.pope, args.chair, out_dir=args.out, image_root=args.image_root,
+                            synonyms_path=args.synonyms, batch_size=args.batch_size, limit=args.limit,
+                            caption_max_new_tokens=args.max_new_tokens, caption_prompt=args.caption_prompt,
+                            pope_suffix=args.pope_suffix, device=args.device, dtype=args.dtype,
+                            trust_remote_code=args.trust_remote_code)
+    print(json.dumps(result, indent=2))
+    return 0
