@@ -142,11 +142,14 @@ class ScoreConfig:
                                   "group-beam score, diversity penalty included.",
                           choices=("prob", "mean_prob", "sum_logprob", "mean_logprob", "beam_score"))
     clip_clamp: bool = _f(True, "Clamp 100·cos at 0 (paper). The official code does not clamp.")
-    clip_batch_size: int = _f(64, "Sentences per CLIP text batch.")
+    clip_batch_size: int = _f(64, "Sentences (and images) per CLIP forward batch.")
+    tree_batch_size: int = _f(32, "Trees scored together: their images encoded once each, their sentences "
+                                  "batched across trees.")
 
     def validate(self):
         _require(0.0 <= self.reward_lambda <= 1.0, "score.reward_lambda", self.reward_lambda, "must be in [0, 1]")
         _require(self.clip_batch_size >= 1, "score.clip_batch_size", self.clip_batch_size, "must be >= 1")
+        _require(self.tree_batch_size >= 1, "score.tree_batch_size", self.tree_batch_size, "must be >= 1")
 
 
 @dataclass

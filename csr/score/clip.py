@@ -45,10 +45,21 @@ class ClipScorer:
 
     def scores(self, image, texts: list[str]) -> list[float]:
         """100 · cos between one image and each text."""
-        if not texts:
-            return []
-        img = self.image_features([image])
-        return (100.0 * self.text_features(texts) @ img[0]).tolist()
+        return self.scores_many([image], [texts])[0]
+
+    def scores_many(self, images: list, texts_per_image: list[list[str]]) -> list[list[float]]:
+        """100 · cos for many images, each with its own sentences: every image encoded once, and
+        all sentences encoded together in batches of `batch_size`."""
+        flat = [t for texts in texts_per_image for t in texts]
+        if not flat:
+            return [[] for _ in images]
+        owner = torch.tensor([i for i, texts in enumerate(texts_per_image) for _ in texts], device=self.device)
+        sims = 100.0 * (self.text_features(flat) * self.image_features(images)[owner]).sum(dim=-1)
+        out, start = [], 0
+        for texts in texts_per_image:
+            out.append(sims[start:start + len(texts)].tolist())
+            start += len(texts)
+        return out
 
 
 def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int) -> ClipScorer:

@@ -32,17 +32,32 @@ def siblings_by_parent(nodes: list[dict]) -> dict[int, list[dict]]:
     return groups
 
 
-def score_tree(tree: dict, clip, image, score_cfg) -> dict:
-    """Fill clip/self/visual/reward on every node of one tree (in place) and return it."""
-    nodes = tree["nodes"]
-    missing = [n for n in nodes[1:] if "clip" not in n]
-    if missing:
-        for n, c in zip(missing, clip.scores(image, [n["text"] for n in missing])):
-            n["clip"] = c
-    for siblings in siblings_by_parent(nodes).values():
+def calibrate_tree(tree: dict, score_cfg) -> dict:
+    """Fill self/visual/reward on every node of a tree whose nodes hold `clip` (in place)."""
+    for siblings in siblings_by_parent(tree["nodes"]).values():
         score_siblings(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
                        self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp)
     return tree
+
+
+def add_clip_scores(trees: list[dict], images: list, clip) -> None:
+    """`clip` (100·cos) on every node that lacks one, for many trees in one batched pass."""
+    missing = [[n for n in t["nodes"][1:] if "clip" not in n] for t in trees]
+    scores = clip.scores_many(images, [[n["text"] for n in nodes] for nodes in missing])
+    for nodes, values in zip(missing, scores):
+        for n, c in zip(nodes, values):
+            n["clip"] = c
+
+
+def _batches(iterable, size):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> dict:
@@ -59,17 +74,21 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> 
 
     clip = load_clip_from_config(cfg.score, cfg.model.device)
     summary = StageSummary("score")
-    with JsonlAppender(scored_path) as sink:
-        for tree in tqdm(iter_jsonl(trees_path), desc="score", unit="tree"):
-            if tree["id"] in finished:
-                continue
-            try:
-                image = load_image(tree["image"])
-            except BadInput as e:
-                summary.skip(e.reason, f"tree {tree['id']} ({e})")
-                continue
-            sink.write(score_tree(tree, clip, image, cfg.score))
-            summary.processed += 1
+    todo = (t for t in iter_jsonl(trees_path) if t["id"] not in finished)
+    with JsonlAppender(scored_path) as sink, tqdm(desc="score", unit="tree") as bar:
+        for batch in _batches(todo, cfg.score.tree_batch_size):
+            trees, images = [], []
+            for tree in batch:
+                try:
+                    images.append(load_image(tree["image"]))
+                    trees.append(tree)
+                except BadInput as e:
+                    summary.skip(e.reason, f"tree {tree['id']} ({e})")
+            add_clip_scores(trees, images, clip)
+            for tree in trees:
+                sink.write(calibrate_tree(tree, cfg.score))
+                summary.processed += 1
+            bar.update(len(batch))
     summary.extra["trees"] = len(finished) + summary.processed
     summary.log()
     mark_done(out_dir, summary.as_dict())
