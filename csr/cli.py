@@ -58,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[name]
     module, func = target.split(":")
     setup_logging()
-    return getattr(importlib.import_module(module), func)(rest) or 0
+    from csr.config import ConfigError
+    from csr.io import StageInputMissing
+    from csr.models import ModelLoadError
+
+    try:
+        return getattr(importlib.import_module(module), func)(rest) or 0
+    except (ConfigError, StageInputMissing, ModelLoadError, FileNotFoundError) as err:
+        # a bad recipe, input or model path: one clear line, no traceback
+        print(f"csr {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,6 +59,10 @@ class RunConfig:
     build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
                               "first if missing (the default recipe's ground truth; '' = off).")
     report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
+    num_processes: int = _f(1, "Processes (GPUs) for the generate and train stages; > 1 launches them with "
+                               "accelerate (generate sharded, train under run.accelerate_config).")
+    accelerate_config: str = _f("zero2", "accelerate config for multi-process stages: a YAML path or a shipped "
+                                         "name (ddp, zero2, zero2_offload, zero3; paper: DeepSpeed ZeRO-2).")
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
@@ -275,7 +279,7 @@ def _merge(raw: dict, source: str) -> dict[str, dict]:
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_closest(key, fields)} "
-                                  f"See `csr config --help-keys {section}` for the valid keys.")
+                                  f"`csr config {section}` lists the valid keys.")
             checked[key] = _coerce(f"{section}.{key}", value, fields[key])
         out[section] = checked
     return out

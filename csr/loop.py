@@ -74,24 +74,42 @@ def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
     return metrics
 
 
-def run_round(cfg: CSRConfig, policy: str, rd: Path) -> tuple[str, dict]:
-    """One CSR round from `policy`; returns (the merged model folder, stage summaries)."""
+def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | None = None) -> tuple[str, dict]:
+    """One CSR round from `policy`; returns (the merged model folder, stage summaries).
+
+    With an accelerate config, generate and train run as multi-process launches (see csr.launch).
+    """
     from csr.generate.stage import run_generate
+    from csr.io import is_done, read_done
     from csr.pairs import run_pairs
     from csr.score.stage import run_score
     from csr.train.merge import merge_lora
     from csr.train.stage import run_train
 
+    def heavy(stage: str, out: Path, in_process, extra: list[str]) -> dict:
+        if accelerate_config is None or is_done(out):
+            return in_process()
+        from csr.launch import launch_stage
+
+        launch_stage(cfg, accelerate_config, stage, ["--config", str(Path(cfg.run.output_dir) / "config.yaml"),
+                                                     "--policy", policy, "--out", str(out), *extra])
+        return read_done(out)
+
     summaries = {}
-    summaries["generate"] = run_generate(cfg, policy, rd / "generate")
+    summaries["generate"] = heavy("generate", rd / "generate",
+                                  lambda: run_generate(cfg, policy, rd / "generate"), [])
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score")
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
-    summaries["train"] = run_train(cfg, policy, rd / "pairs", rd / "train")
+    summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
+                               ["--pairs", str(rd / "pairs")])
     merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge")
     return str(merged), summaries
 
 
 def run(cfg: CSRConfig) -> dict:
+    from csr.launch import check_launch
+
+    accelerate_config = check_launch(cfg)  # refuse a bad launch before any work
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir)
@@ -109,7 +127,7 @@ def run(cfg: CSRConfig) -> dict:
         started = time.perf_counter()
         log.info("===== round %d/%d from %s =====", r, cfg.run.rounds, policy)
         torch.manual_seed(cfg.run.seed + r)
-        policy, stages = run_round(cfg, policy, rd)
+        policy, stages = run_round(cfg, policy, rd, accelerate_config)
         entry = {"round": r, "model": policy, "stages": stages,
                  "seconds": round(time.perf_counter() - started, 1)}
         metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")

@@ -248,12 +248,6 @@ def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
 # ---------------------------------------------------------------------------------------------
 
 
-def _chat_prefix_corpus(processor_free_prompts: list[str]) -> list[str]:
-    from csr.tiny import LLAVA_CHAT_TEMPLATE  # noqa: F401  (the template below mirrors it)
-
-    return [f"USER: <image>\n{p} ASSISTANT:" for p in processor_free_prompts]
-
-
 def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *, steps: int = 600,
                 batch_size: int = 32, lr: float = 2e-3, seed: int = 0, hidden_size: int = 64,
                 num_layers: int = 2, vocab_size: int = 400, train_vision: bool = False,
@@ -270,8 +264,8 @@ def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path
     records = read_jsonl(world / "train" / "sft.jsonl")[:max_records]
     clip, _, _ = load_open_clip_folder(clip_dir)
     vision = open_clip_visual_to_hf(clip.visual)
-    corpus = sorted({r["prompt"] for r in records}) + sorted({r["answer"] for r in records})
-    corpus += _chat_prefix_corpus(sorted({r["prompt"] for r in records}))
+    # the tokenizer learns words as they appear in a conversation (" Yes", " There": with the space)
+    corpus = sorted({f"USER: <image>\n{r['prompt']} ASSISTANT: {r['answer']}</s>" for r in records})
     model, processor = build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
                                         num_layers=num_layers, vision_model=vision, seed=seed)
     tok = processor.tokenizer
