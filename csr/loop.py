@@ -117,11 +117,16 @@ def run(cfg: CSRConfig) -> dict:
         from csr.world.build import ensure_world
 
         ensure_world(cfg.run.build_world, seed=cfg.run.seed)
+    from csr.io import read_jsonl
+    from csr.tracking import flatten, make_tracker, pairs_stage_data, score_stage_data
+
+    tracker = make_tracker(cfg.run.report_to, run_dir, cfg.to_dict())
     policy = cfg.model.model_name_or_path
     summary = {"run_dir": str(run_dir), "base_model": policy, "rounds": []}
     base_metrics = evaluate(cfg, policy, run_dir / "eval" / "round_0.json")
     if base_metrics is not None:
         summary["base_eval"] = base_metrics
+        tracker.stage(0, "eval", {"scalars": flatten(base_metrics, "eval")})
     for r in range(1, cfg.run.rounds + 1):
         rd = round_dir(run_dir, r)
         started = time.perf_counter()
@@ -130,11 +135,15 @@ def run(cfg: CSRConfig) -> dict:
         policy, stages = run_round(cfg, policy, rd, accelerate_config)
         entry = {"round": r, "model": policy, "stages": stages,
                  "seconds": round(time.perf_counter() - started, 1)}
+        tracker.stage(r, "score", score_stage_data(read_jsonl(rd / "score" / "scored.jsonl")))
+        tracker.stage(r, "pairs", pairs_stage_data(read_jsonl(rd / "pairs" / "pairs.jsonl"), stages["pairs"]))
         metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")
         if metrics is not None:
             entry["eval"] = metrics
+            tracker.stage(r, "eval", {"scalars": flatten(metrics, "eval")})
         summary["rounds"].append(entry)
         atomic_write_json(run_dir / "summary.json", summary)
+    tracker.finish(summary)
     if cfg.run.rounds and (base_metrics is not None):
         from csr.report import write_report
 
