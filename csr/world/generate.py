@@ -92,6 +92,7 @@ class WorldConfig:
     popularity: float = 0.6        # train: shape weight ∝ 1/(rank+1)^popularity
     prompt_bias: float = 0.0       # CSR prompt images (default: like the test split)
     prompt_popularity: float = 0.0
+    small_fraction: float = 0.3    # objects drawn tiny (radius 12-20% of a cell): shape hard to see
     pope_per_image: int = 3
     sft_questions_per_image: int = 2  # yes/no questions per training image (plus one caption)
 
@@ -100,7 +101,7 @@ class WorldConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(POSITIONS)}")
         if self.image_size < 16 or self.image_size % 2:
             raise ValueError("image_size must be an even number >= 16")
-        for name in ("cooccur_bias", "prompt_bias"):
+        for name in ("cooccur_bias", "prompt_bias", "small_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
 
@@ -156,7 +157,8 @@ def sample_scene(rng: random.Random, cfg: WorldConfig, bias: float, popularity: 
     objs = []
     for shape, c in zip(shapes, cells):
         row, col = divmod(c, 2)
-        radius = rng.uniform(0.30, 0.42) * cell
+        small = rng.random() < cfg.small_fraction
+        radius = (rng.uniform(0.12, 0.20) if small else rng.uniform(0.30, 0.42)) * cell
         jitter = cell * 0.08
         cx = col * cell + cell / 2 + rng.uniform(-jitter, jitter)
         cy = row * cell + cell / 2 + rng.uniform(-jitter, jitter)
