@@ -19,6 +19,7 @@ from pathlib import Path
 from csr.cli import stage_parser
 from csr.config import CSRConfig, PairsConfig, load_config
 from csr.generate.tree import final_paths, join_sentences
+from csr.faults import fault_point
 from csr.io import StageSummary, atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
 
@@ -131,6 +132,7 @@ def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dic
     if not pairs:
         raise RuntimeError(f"[pairs] no usable pair from {scored} (skipped: {dict(summary.skipped)}); "
                            f"check the generate settings (more candidates, deeper trees) or pairs.min_margin.")
+    fault_point("pairs.before_write")
     write_jsonl(out_dir / PAIRS, [to_trl(p) for p in pairs])
     atomic_write_json(out_dir / PAIRS_CSR, [to_csr(p) for p in pairs])
     margins = [p["margin"] for p in pairs]

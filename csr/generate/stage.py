@@ -23,6 +23,7 @@ from csr.config import CSRConfig, load_config
 from csr.data import BadInput, PromptRecord, load_image, load_prompts
 from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
+from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, write_jsonl)
 from csr.models import build_chat_prompt, load_policy, sentence_end_ids
@@ -104,6 +105,7 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
                     summary.skip(e.reason, f"prompt {rec.id} ({e})")
             for (rec, _), nodes in zip(batch, _grow_batch(cfg, expander, clip, processor, batch, settings)):
                 sink.write({"id": rec.id, "image": rec.image, "prompt": rec.prompt, "nodes": nodes})
+                fault_point("generate.tree_written")
                 n_candidates += len(nodes) - 1
                 summary.processed += 1
             bar.update(len(todo[i:i + g.prompt_batch_size]))

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from csr.cli import stage_parser
 from csr.config import CSRConfig, load_config
 from csr.data import BadInput, load_image
+from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done)
 from csr.score.reward import score_siblings
@@ -87,6 +88,7 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> 
             add_clip_scores(trees, images, clip)
             for tree in trees:
                 sink.write(calibrate_tree(tree, cfg.score))
+                fault_point("score.tree_written")
                 summary.processed += 1
             bar.update(len(batch))
     summary.extra["trees"] = len(finished) + summary.processed

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from csr.faults import fault_point
 from csr.io import is_done, mark_done, read_done
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,14 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
         "modules_to_save": _modules_to_save(adapter_dir),
         **stats,
     }
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed merge
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
         merged.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         load_processor(policy_path, trust_remote_code).save_pretrained(tmp)
         mark_done(tmp, summary)
+        fault_point("merge.before_rename")
         if out_dir.exists():  # a stale, unfinished folder from an interrupted merge
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

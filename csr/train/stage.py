@@ -279,8 +279,11 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
     set_seed(args.seed)  # LoRA's init happens inside the trainer's constructor, before it seeds
     model = load_policy_for_training(policy_path, args, cfg)
     processor = load_processor(policy_path, cfg.model.trust_remote_code)
+    from csr.faults import train_callback
+
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
-                               processing_class=processor, peft_config=args.lora_config())
+                               processing_class=processor, peft_config=args.lora_config(),
+                               callbacks=[train_callback()])
     lora = lora_module_names(trainer.model)
     vision = [n for n in lora if "vision" in n]
     log.info("LoRA on %d modules (%d in the vision tower)", len(lora), len(vision))
