@@ -89,6 +89,8 @@ class DataConfig:
                                        "CSR-Prompt-Dataset-12k uses bare COCO ids: 'COCO_train2014_{image}'.")
     max_prompts: Optional[int] = _f(None, "Use only the first N prompts (None: all).")
     allow_absolute_image_paths: bool = _f(False, "Allow image fields that are absolute or leave image_root.")
+    max_prompt_chars: int = _f(4000, "Prompts longer than this are skipped (logged): they would not fit the "
+                                     "model's context with the image.")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def _read_raw(path: Path) -> list[dict]:
         from datasets import load_from_disk
 
         return [dict(r) for r in load_from_disk(str(path))]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8.") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -76,7 +80,7 @@ def resolve_image_path(image_field: str, image_root: str, pattern: str = "{image
 
 def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}",
                  max_prompts: int | None = None, allow_absolute: bool = False,
-                 summary=None) -> list[PromptRecord]:
+                 summary=None, max_prompt_chars: int = 4000) -> list[PromptRecord]:
     """Read a prompt file into records; bad records are skipped with a logged reason."""
     path = Path(path)
     if not path.exists():
@@ -93,6 +97,9 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
             question = text.replace(IMAGE_TOKEN, "").strip()
             if not question:
                 raise BadInput("empty_prompt", f"record '{rid}' has an empty prompt.")
+            if len(question) > max_prompt_chars:
+                raise BadInput("prompt_too_long", f"record '{rid}' has a {len(question)}-character prompt "
+                                                  f"(data.max_prompt_chars={max_prompt_chars}).")
             if text.count(IMAGE_TOKEN) > 1:
                 raise BadInput("several_image_tokens", f"record '{rid}' holds {text.count(IMAGE_TOKEN)} "
                                                        f"'<image>' placeholders; one image per prompt.")
@@ -118,8 +125,15 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise BadInput("missing_image", f"image '{path}' does not exist.")
     try:
-        with Image.open(path) as im:
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just warn
+            im = Image.open(path)
+        with im:
+            im.load()  # first frame of an animation
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits
+                im = im.point(lambda v: v / 256).convert("L")
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput("image_too_large", f"image '{path}' is too large to decode safely ({e}).") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BadInput("corrupt_image", f"image '{path}' cannot be read ({type(e).__name__}: {e}).") from None

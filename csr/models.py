@@ -16,6 +16,11 @@ class ModelLoadError(RuntimeError):
     """The model named in a recipe cannot be used; the message says which and why."""
 
 
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error from any backend (CUDA raises its own type, others a RuntimeError)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

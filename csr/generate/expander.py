@@ -28,14 +28,11 @@ from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import join_sentences
+from csr.models import is_oom
 
 log = logging.getLogger(__name__)
 
 Children = list[tuple[str, Candidate]]
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -148,7 +148,7 @@ def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     summary = StageSummary("generate")
     records = load_prompts(cfg.data.prompts, cfg.data.image_root, cfg.data.image_pattern,
                            cfg.data.max_prompts, cfg.data.allow_absolute_image_paths,
-                           summary if rank == 0 else None)
+                           summary if rank == 0 else None, cfg.data.max_prompt_chars)
     if world == 1:
         generate_shard(cfg, policy_path, records, out_dir / TREES, summary, device)
         summary.log()

@@ -12,11 +12,14 @@ Images are encoded once each; sentences are encoded in batches.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from csr.models import ModelLoadError, check_model_source, resolve_device
+from csr.models import ModelLoadError, check_model_source, is_oom, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 class ClipScorer:
@@ -25,23 +28,37 @@ class ClipScorer:
         self.preprocess, self.tokenize = preprocess, tokenize
         self.device, self.batch_size = device, batch_size
 
-    @torch.no_grad()
-    def image_features(self, images: list) -> torch.Tensor:
-        feats = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
-            feats.append(torch.nn.functional.normalize(self._encode_image(pixels).float(), dim=-1))
+    def _batched(self, items: list, encode) -> torch.Tensor:
+        """Normalised features of `items` in batches; out of memory halves the batch and retries."""
+        feats, start = [], 0
+        while start < len(items):
+            chunk = items[start:start + self.batch_size]
+            try:
+                feats.append(torch.nn.functional.normalize(encode(chunk).float(), dim=-1))
+            except RuntimeError as err:
+                if not is_oom(err) or self.batch_size == 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning("CLIP out of memory on %d items; retrying with batch size %d", len(chunk), self.batch_size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += len(chunk)
         return torch.cat(feats)
 
     @torch.no_grad()
+    def image_features(self, images: list) -> torch.Tensor:
+        return self._batched(images, lambda chunk: self._encode_image(
+            torch.stack([self.preprocess(im) for im in chunk]).to(self.device)))
+
+    @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        feats = []
-        for i in range(0, len(texts), self.batch_size):
-            tokens = self.tokenize(texts[i:i + self.batch_size])
+        def encode(chunk):
+            tokens = self.tokenize(chunk)
             tokens = {k: v.to(self.device) for k, v in tokens.items()} if isinstance(tokens, dict) \
                 else tokens.to(self.device)
-            feats.append(torch.nn.functional.normalize(self._encode_text(tokens).float(), dim=-1))
-        return torch.cat(feats)
+            return self._encode_text(tokens)
+        return self._batched(texts, encode)
 
     def scores(self, image, texts: list[str]) -> list[float]:
         """100 · cos between one image and each text."""
