@@ -42,6 +42,18 @@ def test_open_clip_folder_batched_equals_loop(tiny_clip_dir, images):
     assert len(clip.scores(images[0], [long])) == 1
 
 
+def test_trimmed_open_clip_text_encoder_is_exact(tiny_clip_dir):
+    import open_clip
+
+    clip = load_clip("open_clip", str(tiny_clip_dir), device="cpu")
+    model = clip._encode_text.__closure__ and next(c.cell_contents for c in clip._encode_text.__closure__
+                                                   if isinstance(c.cell_contents, open_clip.model.CLIP))
+    tokens = clip.tokenize(["A red circle.", "A much longer sentence about a small blue square near the top."])
+    assert tokens.shape[1] == 77  # open_clip pads to the full context
+    full = model.encode_text(tokens)
+    assert torch.allclose(clip._encode_text(tokens), full, atol=1e-5)
+
+
 def build_tiny_hf_clip(out):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     from tokenizers import processors

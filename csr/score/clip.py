@@ -79,6 +79,34 @@ class ClipScorer:
         return out
 
 
+def trimmed_text_encoder(model):
+    """open_clip's CLIP.encode_text without the padding columns: exact, and ~77/L times cheaper.
+
+    open_clip pads every sentence to the 77-token context; with the causal mask and pooling at
+    the end-of-text token, columns after the longest sentence cannot change any output, so they
+    are cut. Models of another shape fall back to the library's encode_text.
+    """
+    from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
+
+    if type(model) is not CLIP or getattr(model, "attn_mask", None) is None:
+        return model.encode_text
+
+    def encode(text):
+        length = int((text != 0).sum(dim=1).max())  # 0 pads; every text has at least SOT and EOT
+        text = text[:, :length]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(text).to(cast) + model.positional_embedding[:length].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = text_global_pool(model.ln_final(x), text, model.text_pool_type,
+                             eos_token_id=getattr(model, "text_eos_id", None))
+        if model.text_projection is not None:
+            x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) \
+                else x @ model.text_projection
+        return x
+    return encode
+
+
 def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int) -> ClipScorer:
     import open_clip
 
@@ -112,7 +140,7 @@ def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int)
         name = model_name
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name)  # truncates to the context length, EOT kept last
-    return ClipScorer(model.encode_image, model.encode_text, preprocess, tokenizer, device, batch_size)
+    return ClipScorer(model.encode_image, trimmed_text_encoder(model), preprocess, tokenizer, device, batch_size)
 
 
 def _hf_clip_scorer(name_or_path: str, device, batch_size: int) -> ClipScorer:

@@ -1,0 +1,12 @@
+"""Debiasing LVLMs (METHOD.md §2, Zhang et al. 2024).
+
+- `csr.debias.calibration`: post-hoc calibration of closed-set answers (yes/no, option letters,
+  custom labels) against content-free inputs (no image, `<unk>`, blank image, noise image).
+- `csr.debias.sampling`: debias sampling, contrastive decoding against a content-free branch with
+  its own KV cache (`debiased_generate`, `DebiasedCandidates` for the CSR generator).
+- `csr.debias.study`: the decoding study (temperature, top-p, top-k, greedy, beam) with each
+  metric's spread and a plot.
+- `csr.debias.cli`: `csr debias calibrate | sample | study`.
+
+Submodules import torch / transformers; import them directly.
+"""

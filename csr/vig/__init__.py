@@ -1,0 +1,29 @@
+"""Visual Information Gain (VIG; Lee & Hwang, arXiv 2602.17186; METHOD.md §3).
+
+How much does the image help the model predict each answer token?
+
+    VIG_t = log p(a_t | a_<t, Q, I) − log p(a_t | a_<t, Q, I_cf)
+    VIG   = mean_t VIG_t = log( PPL(A | Q, I_cf) / PPL(A | Q, I) )
+
+with I_cf a content-free image: a Gaussian-blurred copy of I (the paper's), no image, or a blank image.
+
+- `csr.vig.score`: the pure core (VIG from log-probs, selection thresholds, label masks) and the
+  model glue (batched teacher-forced log-probs under the real and the content-free input, aligned
+  token for token with what TRL's SFTTrainer supervises); `csr vig score`.
+- `csr.vig.train`: VIG-selective SFT through TRL's SFTTrainer (LoRA or full); `csr vig train`.
+- `csr.vig.view`: a histogram of sample VIG and a per-token heat map (HTML or terminal); `csr vig view`.
+- `csr.vig.reward`: VIG as a CSR reward term and a preference-pair filter.
+"""
+
+from csr.vig.score import (  # noqa: F401
+    CONTENT_FREE,
+    TAU_MODES,
+    VIGOptions,
+    apply_token_masks,
+    plan_selection,
+    sample_vig,
+    select_samples,
+    selection_threshold,
+    token_keep_mask,
+    vig_from_logprobs,
+)
