@@ -10,15 +10,6 @@ import torch
 from csr.debias import calibration as C
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box has 2 shared cores; torch's 2-thread pool spins against other jobs (100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------
 # pure math
 # ---------------------------------------------------------------------------------------------

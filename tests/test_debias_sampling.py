@@ -13,13 +13,6 @@ from csr.debias import sampling as S
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------------------------------------
 # the rule on hand-computed logits

@@ -4,17 +4,9 @@ study.json and a PNG, whose greedy row reproduces `csr eval`."""
 import json
 
 import pytest
-import torch
 
 from csr.debias import study as St
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_default_settings_cover_the_sweep():
