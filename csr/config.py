@@ -113,6 +113,14 @@ class GenerateConfig:
                                  "of the trees in flight). Out of memory halves it and retries, logged.")
     prompt_batch_size: int = _f(8, "Trees grown in lockstep (their images and prompts encoded once, together, "
                                    "and their active nodes batched). 1 = one tree at a time.")
+    candidate_mode: str = _f("beam", "beam: diverse group beam search on the model's logits (paper, official); "
+                                     "debias: the same search on debiased logits (1+α)·l − α·l_cf with the "
+                                     "plausibility cutoff (Zhang et al. 2024); the stored log-probs, and so R_T, "
+                                     "are then the debiased distribution's.", choices=("beam", "debias"))
+    debias_alpha: float = _f(1.0, "α of debias candidate generation (paper: 1).")
+    debias_beta: float = _f(0.1, "β, the adaptive plausibility cutoff, of debias candidate generation (paper: 0.1).")
+    debias_content_free: str = _f("none", "Content-free input for debias candidates: none (image removed), "
+                                          "unk (an <unk> placeholder), mean (of both).", choices=("none", "unk", "mean"))
     implementation: str = _f("cached", "cached: each tree's image and prompt encoded once and their key/value "
                                        "cache reused by every node; reference: the official per-node "
                                        "re-encoding (same results, for checking and benchmarks).",

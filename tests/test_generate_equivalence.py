@@ -70,3 +70,28 @@ def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, ca
     assert len(out) == 3 and all(len(c) == 2 for c in out)
     assert sizes == [3, 2, 1, 1, 1] and fast.node_batch_size == 1  # 3 fail, 2 fail, then one at a time
     assert "retrying with node_batch_size" in caplog.text
+
+
+def test_debias_candidate_mode_in_both_expanders(policy):
+    """generate.candidate_mode=debias: the fast and reference paths still agree, and α=β=0 is plain."""
+    from csr.debias.sampling import DebiasedCandidates
+
+    model, processor = policy
+    kw = dict(num_candidates=3, diversity_penalty=3.0, max_new_tokens=6, stop_ids=sentence_end_ids(processor.tokenizer))
+    images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(2)]
+    prompts = [build_chat_prompt(processor, q) for q in QUESTIONS[:2]]
+    settings = TreeSettings(sentence_beam_width=3, pruning="best", max_response_chars=300, max_sentences=2)
+
+    def trees(expander_cls, debias):
+        ex = expander_cls(model, processor, debias=debias, **kw)
+        if expander_cls is CachedLlavaExpander:
+            cache = ex.encode_prompts(images, prompts)
+            return grow_trees(lambda req: ex.expand_many(cache, req), [self_score] * 2, settings)
+        return [grow_tree(lambda r, i=i: ex.expand(images[i], prompts[i], r), self_score, settings) for i in range(2)]
+
+    def texts(ts):
+        return [[n["text"] for n in t] for t in ts]
+    debias = DebiasedCandidates(model, processor, alpha=1.0, beta=0.1)
+    assert texts(trees(CachedLlavaExpander, debias)) == texts(trees(LlavaExpander, debias))
+    neutral = DebiasedCandidates(model, processor, alpha=0.0, beta=0.0)
+    assert texts(trees(CachedLlavaExpander, neutral)) == texts(trees(CachedLlavaExpander, None))

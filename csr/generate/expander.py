@@ -103,7 +103,7 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor, reserve: int = 64) -> D
 
 class LlavaExpander:
     def __init__(self, model, processor, *, num_candidates: int, diversity_penalty: float,
-                 max_new_tokens: int, stop_ids: list[int], node_batch_size: int = 0):
+                 max_new_tokens: int, stop_ids: list[int], node_batch_size: int = 0, debias=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -115,6 +115,7 @@ class LlavaExpander:
         self.eos_ids = [eos] if eos is not None else []
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         self.node_batch_size = node_batch_size
+        self.debias = debias  # csr.debias.sampling.DebiasedCandidates, or None
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -126,7 +127,8 @@ class LlavaExpander:
     def decode(self, cand: Candidate) -> str:
         return self.tokenizer.decode(cand.token_ids, skip_special_tokens=True).strip()
 
-    def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor) -> list[Children]:
+    def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor,
+                prefix_texts: list[str]) -> list[Children]:
         """Run the G groups of every row of `first_logits` over `cache` (rows = nodes)."""
         model, G = self.model, self.G
         cache.batch_repeat_interleave(G)
@@ -140,6 +142,8 @@ class LlavaExpander:
                         past_key_values=cache, use_cache=True)
             return res.logits[:, -1]
 
+        if self.debias is not None:  # contrastive against the image-free model (its own cache)
+            first_logits, step = self.debias.wrap(first_logits, step, prefix_texts, G)
         cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id)
@@ -184,7 +188,7 @@ class LlavaExpander:
         def run(chunk):
             texts = [self.prefix_text(prompt_text, r) for r in chunk]
             out, attention = self._encode([image] * len(texts), texts)
-            return self._search(out.logits[:, -1], out.past_key_values, attention)
+            return self._search(out.logits[:, -1], out.past_key_values, attention, texts)
         return self._in_chunks(responses, run)
 
 
@@ -255,4 +259,5 @@ class CachedLlavaExpander(LlavaExpander):
                              past_key_values=cache, use_cache=True)
             has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
-        return self._search(first, cache, attention)
+        texts = [self.prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]
+        return self._search(first, cache, attention, texts)

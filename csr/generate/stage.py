@@ -87,10 +87,16 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
         from csr.score.clip import load_clip_from_config
 
         clip = load_clip_from_config(cfg.score, device)
+    debias = None
+    if g.candidate_mode == "debias":
+        from csr.debias.sampling import DebiasedCandidates
+
+        debias = DebiasedCandidates(model, processor, alpha=g.debias_alpha, beta=g.debias_beta,
+                                    cf_mode=g.debias_content_free)
     cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer),
-                   node_batch_size=g.node_batch_size)
+                   node_batch_size=g.node_batch_size, debias=debias)
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences)
 
     n_candidates, start = 0, time.perf_counter()
