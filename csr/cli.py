@@ -17,6 +17,7 @@ COMMANDS = {
     "merge": ("csr.train.merge:main", "Stage 5: merge the LoRA into a model folder."),
     "eval": ("csr.eval.run:main", "Evaluate a model folder: POPE, CHAIR."),
     "debias": ("csr.debias.cli:main", "Debiasing: post-hoc calibration, debias sampling, decoding study."),
+    "vig": ("csr.vig.cli:main", "Visual Information Gain: score, view, selective SFT, CSR reward term."),
     "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
     "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
     "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),

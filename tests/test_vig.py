@@ -141,7 +141,7 @@ def tiny(tiny_llava_dir):
     return load_policy(str(tiny_llava_dir), device="cpu", dtype="float32")
 
 
-def _hand_logprobs(model, processor, image, prompt, answer):
+def _hand_logprobs(model, processor, image, prompt, answer, bos=True):
     """log p(a_t | a_<t, Q, image) for the answer tokens, one unpadded sequence, straight from the logits."""
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
     msgs = [{"role": "user", "content": content}]
@@ -152,20 +152,22 @@ def _hand_logprobs(model, processor, image, prompt, answer):
     enc = processor(text=[p_text], images=[image] if image is not None else None, return_tensors="pt",
                     add_special_tokens=False)
     a_ids = processor.tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
-    ids = torch.cat([enc["input_ids"][0], torch.tensor(a_ids)])[None]
+    head = [processor.tokenizer.bos_token_id] if bos else []
+    ids = torch.cat([torch.tensor(head, dtype=torch.long), enc["input_ids"][0], torch.tensor(a_ids)])[None]
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=enc.get("pixel_values")).logits
     logp = logits[0].float().log_softmax(-1)
-    start = enc["input_ids"].shape[1]
+    start = len(head) + enc["input_ids"].shape[1]
     return [logp[start - 1 + j, a].item() for j, a in enumerate(a_ids)], a_ids
 
 
-@pytest.mark.parametrize("cf", ["blur", "blank", "none"])
-def test_vig_equals_hand_computation(tiny, cf):
+@pytest.mark.parametrize("cf,add_bos", [("blur", "auto"), ("blank", "auto"), ("none", "auto"), ("blur", "never")])
+def test_vig_equals_hand_computation(tiny, cf, add_bos):
     from csr.vig.score import score_items
 
     model, processor = tiny
-    opts = VIGOptions(content_free=cf, blur_radius=0.15, blank_color=(128, 128, 128), batch_size=3)
+    bos = add_bos == "auto"   # the tiny tokenizer adds BOS on plain calls, as LLaVA's does
+    opts = VIGOptions(content_free=cf, blur_radius=0.15, blank_color=(128, 128, 128), batch_size=3, add_bos=add_bos)
     items = [{"image": _pattern_image(0), "prompt": "Describe this image in detail.",
               "answer": "The image shows a red circle and a blue square."},
              {"image": _pattern_image(1), "prompt": "Is there a dog?", "answer": "No."},
@@ -173,8 +175,9 @@ def test_vig_equals_hand_computation(tiny, cf):
               "answer": "A cat sits on a mat. The sky is blue."}]
     got = score_items(model, processor, items, opts)   # one padded batch of three lengths
     for it, g in zip(items, got):
-        lp_i, ids = _hand_logprobs(model, processor, it["image"], it["prompt"], it["answer"])
-        lp_c, ids_c = _hand_logprobs(model, processor, content_free_image(it["image"], opts), it["prompt"], it["answer"])
+        lp_i, ids = _hand_logprobs(model, processor, it["image"], it["prompt"], it["answer"], bos)
+        lp_c, ids_c = _hand_logprobs(model, processor, content_free_image(it["image"], opts), it["prompt"],
+                                     it["answer"], bos)
         assert ids == ids_c == g["token_ids"]
         assert processor.tokenizer.decode(ids).endswith("</s>")   # EOS is an answer token, as SFT trains it
         hand = [a - b for a, b in zip(lp_i, lp_c)]

@@ -157,8 +157,10 @@ def test_plain_sft_supervises_every_answer_token(tiny_llava_dir, scored_dir, tmp
 def test_train_config_and_overrides():
     from csr.vig.train import SelectiveSFTConfig, build_args, parse_overrides
 
-    vals = parse_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile"])
-    assert vals == {"learning_rate": 1e-4, "use_lora": False, "max_steps": 5, "tau_mode": "percentile"}
+    vals = parse_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile",
+                            "save_strategy=no", "activation_checkpointing=false", "keep_percent=50"])
+    assert vals == {"learning_rate": 1e-4, "use_lora": False, "max_steps": 5, "tau_mode": "percentile",
+                    "save_strategy": "no", "activation_checkpointing": False, "keep_percent": 50.0}
     with pytest.raises(ValueError, match="Did you mean"):
         parse_overrides(["keep_percnt=50"])
     with pytest.raises(ValueError):
@@ -168,3 +170,19 @@ def test_train_config_and_overrides():
     args = build_args("/tmp/x", {}, cuda_available=False)
     assert isinstance(args, SelectiveSFTConfig) and args.keep_percent == 70.0 and not args.bf16
     assert args.lora_config().r == 128
+
+
+def test_prepend_bos_matches_generation_tokenisation(processor):
+    """With add_bos=auto the collated prompt equals what `processor(text=...)` (generation) encodes."""
+    from csr.models import build_chat_prompt
+    from csr.vig.score import sft_collator, sft_example
+
+    im = _image(0)
+    batch = sft_collator(processor)([sft_example("Describe this image.", ANSWERS[0], im)])
+    raw = sft_collator(processor, add_bos="never")([sft_example("Describe this image.", ANSWERS[0], im)])
+    gen = processor(text=[build_chat_prompt(processor, "Describe this image.")], images=[im], return_tensors="pt")
+    n = gen["input_ids"].shape[1]
+    assert gen["input_ids"][0, 0] == processor.tokenizer.bos_token_id
+    assert torch.equal(batch["input_ids"][0, :n], gen["input_ids"][0])
+    assert torch.equal(batch["input_ids"][0, 1:], raw["input_ids"][0])
+    assert batch["labels"][0, 0] == IGNORE and torch.equal(batch["labels"][0, 1:], raw["labels"][0])

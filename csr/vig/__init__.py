@@ -27,3 +27,6 @@ from csr.vig.score import (  # noqa: F401
     token_keep_mask,
     vig_from_logprobs,
 )
+
+__all__ = ["CONTENT_FREE", "TAU_MODES", "VIGOptions", "apply_token_masks", "plan_selection", "sample_vig",
+           "select_samples", "selection_threshold", "token_keep_mask", "vig_from_logprobs"]

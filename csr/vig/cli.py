@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES
 

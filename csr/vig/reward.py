@@ -42,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from csr.vig.score import IGNORE_INDEX, VIGOptions, content_free_image, target_logprobs  # noqa: F401
+from csr.vig.score import VIGOptions, content_free_image, target_logprobs
 
 log = logging.getLogger(__name__)
 

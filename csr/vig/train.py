@@ -16,6 +16,7 @@ pops that column, runs TRL's own `DataCollatorForVisionLanguageModeling` (built 
 builds it: completion-only loss), and sets the labels of masked answer tokens to -100. The answer
 tokens are those labelled by TRL's collator, the same positions `csr vig score` scored (it uses
 the same collator). `remove_unused_columns` is forced off so the column reaches the collator.
+With `add_bos` (default auto) BOS is put first, label -100, as in scoring (see `csr.vig.score`).
 
 Output in `<out>`: `adapter/` (LoRA), `model/` (a full model folder: the merged LoRA or the
 fully fine-tuned weights, with the processor; what `csr eval` takes), `selection.jsonl` (kept
@@ -344,7 +345,7 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
     result = trainer.train()
     paths = _save(trainer, args, out_dir)
     summary = {
-        "stage": "vig train", "model": str(model_path), "scores": str(scores), "selection": stats,
+        "stage": "vig train", "start_model": str(model_path), "scores": str(scores), "selection": stats,
         "training": {**trainer.seen(), "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
                      "train_loss_reported": result.training_loss, **_history_summary(trainer.state.log_history)},
         "use_lora": args.use_lora, "learning_rate": args.learning_rate, "seed": args.seed,
@@ -366,6 +367,7 @@ def parse_overrides(items: list[str]) -> dict:
     """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig."""
     import dataclasses
     import difflib
+    from enum import Enum
 
     import yaml
 
@@ -380,7 +382,10 @@ def parse_overrides(items: list[str]) -> dict:
             close = difflib.get_close_matches(key, fields, n=2)
             raise ValueError(f"unknown training key '{key}'." + (f" Did you mean {close}?" if close else ""))
         value = yaml.safe_load(text) if text != "" else ""
-        if isinstance(value, str) and fields[key].type in ("float", float):
+        default = fields[key].default
+        if isinstance(value, bool) and isinstance(default, (str, Enum)):
+            value = "yes" if value else "no"   # YAML 1.1 reads `save_strategy=no` as false
+        if isinstance(value, str) and (fields[key].type in ("float", float) or isinstance(default, float)):
             value = float(value)
         out[key] = value
     return out
