@@ -157,12 +157,22 @@ class ScoreConfig:
                           choices=("prob", "mean_prob", "sum_logprob", "mean_logprob", "beam_score"))
     clip_clamp: bool = _f(True, "Clamp 100·cos at 0 (paper). The official code does not clamp.")
     clip_batch_size: int = _f(64, "Sentences (and images) per CLIP forward batch.")
+    vig_weight: float = _f(0.0, "w_vig in R = λ·R_I + (1−λ)·R_T + w_vig·R_VIG (METHOD.md §3, VIG as a visual "
+                                "constraint that needs no CLIP); 0 = off, CSR as published.")
+    vig_scale: str = _f("contrast", "contrast: R_VIG = 100·tanh(VIG/2), on CLIP's percent scale; nats: VIG itself.",
+                        choices=("contrast", "nats"))
+    vig_content_free: str = _f("blur", "I_cf for VIG: a Gaussian-blurred copy (VIG paper), no image, or a blank image.",
+                               choices=("blur", "none", "blank"))
+    vig_blur_radius: float = _f(0.1, "Blur sigma as a fraction of the image's shorter side.")
+    vig_batch_size: int = _f(16, "Tree nodes per forward when computing node VIG.")
     tree_batch_size: int = _f(32, "Trees scored together: their images encoded once each, their sentences "
                                   "batched across trees.")
 
     def validate(self):
         _require(0.0 <= self.reward_lambda <= 1.0, "score.reward_lambda", self.reward_lambda, "must be in [0, 1]")
         _require(self.clip_batch_size >= 1, "score.clip_batch_size", self.clip_batch_size, "must be >= 1")
+        _require(self.vig_weight >= 0, "score.vig_weight", self.vig_weight, "must be >= 0")
+        _require(self.vig_batch_size >= 1, "score.vig_batch_size", self.vig_batch_size, "must be >= 1")
         _require(self.tree_batch_size >= 1, "score.tree_batch_size", self.tree_batch_size, "must be >= 1")
 
 
@@ -174,6 +184,9 @@ class PairsConfig:
     max_newlines: int = _f(5, "A node whose response holds more newlines is dropped with its subtree (official: 5).")
     max_repeats: int = _f(4, "A run of the same word or character longer than this drops the subtree.")
     drop_unexpected_scripts: bool = _f(True, "Drop subtrees holding Korean, Japanese, Cyrillic or emoji (official).")
+    vig_filter: bool = _f(False, "Drop a pair whose chosen response has lower VIG than its rejected one (the score "
+                                 "stage then computes node VIG). Not in the CSR paper.")
+    vig_min_gap: float = _f(0.0, "With vig_filter: drop when chosen VIG < rejected VIG + this.")
 
 
 @dataclass

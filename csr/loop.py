@@ -98,7 +98,7 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     summaries = {}
     summaries["generate"] = heavy("generate", rd / "generate",
                                   lambda: run_generate(cfg, policy, rd / "generate"), [])
-    summaries["score"] = run_score(cfg, rd / "generate", rd / "score")
+    summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
     summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
                                ["--pairs", str(rd / "pairs")])

@@ -22,6 +22,7 @@ from csr.generate.tree import final_paths, join_sentences
 from csr.faults import fault_point
 from csr.io import StageSummary, atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
+from csr.vig.reward import path_vig, vig_pair_filter
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ def node_is_bad(text: str, cfg: PairsConfig) -> str | None:
     return None
 
 
-def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, float]]:
-    """(response, path score) for every usable root-to-final path of a scored tree."""
+def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, float, float | None]]:
+    """(response, path score, path VIG or None) for every usable root-to-final path of a scored tree."""
     bad = {n["id"] for n in nodes[1:] if cfg.clean and node_is_bad(n["text"], cfg)}
     out = []
     for ids in final_paths(nodes):
@@ -73,7 +74,7 @@ def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, floa
         response = join_sentences([n["text"] for n in kept])
         if cfg.clean and response.count("\n") > cfg.max_newlines:
             continue
-        out.append((response, path_score([n["reward"] for n in kept])))
+        out.append((response, path_score([n["reward"] for n in kept]), path_vig(kept)))
     return out
 
 
@@ -89,9 +90,14 @@ def pick_pair(tree: dict, cfg: PairsConfig) -> tuple[dict | None, str | None]:
     margin = chosen[1] - rejected[1]
     if margin < cfg.min_margin:
         return None, "below_min_margin"
-    return {"id": tree["id"], "image": tree["image"], "prompt": tree["prompt"], "chosen": chosen[0],
+    pair = {"id": tree["id"], "image": tree["image"], "prompt": tree["prompt"], "chosen": chosen[0],
             "rejected": rejected[0], "chosen_score": chosen[1], "rejected_score": rejected[1],
-            "margin": margin, "n_paths": len(paths)}, None
+            "margin": margin, "n_paths": len(paths), "chosen_vig": chosen[2], "rejected_vig": rejected[2]}
+    if cfg.vig_filter:
+        reason = vig_pair_filter(pair, cfg.vig_min_gap)
+        if reason:
+            return None, reason
+    return pair, None
 
 
 def to_trl(pair: dict) -> dict:
@@ -103,6 +109,7 @@ def to_trl(pair: dict) -> dict:
         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": pair["rejected"]}]}],
         "images": [pair["image"]],
         "chosen_score": pair["chosen_score"], "rejected_score": pair["rejected_score"], "margin": pair["margin"],
+        "chosen_vig": pair.get("chosen_vig"), "rejected_vig": pair.get("rejected_vig"),
     }
 
 

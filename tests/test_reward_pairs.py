@@ -71,7 +71,7 @@ def test_pick_pair_best_and_worst_path_after_cleaning():
 
 
 def test_pick_pair_without_cleaning_keeps_everything():
-    paths = dict(candidate_paths(TREE["nodes"], PairsConfig(clean=False)))
+    paths = {text: score for text, score, _ in candidate_paths(TREE["nodes"], PairsConfig(clean=False))}
     assert paths["A cat sits. Ok."] == 5.0
     assert paths["A dog runs. no no no no no no."] == 26.0
     pair, _ = pick_pair(TREE, PairsConfig(clean=False))
@@ -112,3 +112,16 @@ def test_output_formats():
 def test_siblings_by_parent():
     groups = siblings_by_parent(TREE["nodes"])
     assert {k: [n["id"] for n in v] for k, v in groups.items()} == {0: [1, 2], 1: [3, 4], 2: [5, 6]}
+
+
+def test_vig_pair_filter_drops_pairs_whose_chosen_sees_less():
+    tree = make_tree([(0, "A red circle.", 10.0, True), (0, "A blue dog.", 1.0, True)])
+    tree["nodes"][1].update(vig_sum=0.5, vig_n_tokens=5)   # chosen: VIG 0.1
+    tree["nodes"][2].update(vig_sum=2.0, vig_n_tokens=4)   # rejected: VIG 0.5
+    pair, _ = pick_pair(tree, PairsConfig())
+    assert pair["chosen_vig"] == pytest.approx(0.1) and pair["rejected_vig"] == pytest.approx(0.5)
+    pair, reason = pick_pair(tree, PairsConfig(vig_filter=True))
+    assert pair is None and reason
+    tree["nodes"][1].update(vig_sum=5.0)  # chosen VIG 1.0 > 0.5: kept
+    assert pick_pair(tree, PairsConfig(vig_filter=True))[0] is not None
+    assert pick_pair(tree, PairsConfig(vig_filter=True, vig_min_gap=0.6))[0] is None

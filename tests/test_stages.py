@@ -164,3 +164,17 @@ def test_generate_shards_across_two_processes(tiny_llava_dir, tiny_clip_dir, tmp
             [(n["text"], n["parent"], n["final"], n["pruned"]) for n in b["nodes"]]
         assert [n.get("logprob_sum", 0) for n in a["nodes"]] == \
             pytest.approx([n.get("logprob_sum", 0) for n in b["nodes"]], abs=1e-4)
+
+
+def test_score_with_the_vig_term(tiny_llava_dir, tiny_clip_dir, tmp_path):
+    """score.vig_weight > 0: every node gets its VIG from the round's policy and the reward adds the term."""
+    cfg = tiny_cfg(tiny_llava_dir, tiny_clip_dir, tmp_path, None, None, "generate.selection=self",
+                   "score.vig_weight=0.5", "data.max_prompts=2")
+    run_generate(cfg, str(tiny_llava_dir), tmp_path / "gen")
+    run_score(cfg, tmp_path / "gen", tmp_path / "score", str(tiny_llava_dir))
+    import math
+    for t in read_jsonl(tmp_path / "score" / "scored.jsonl"):
+        for n in t["nodes"][1:]:
+            assert "vig" in n and math.isfinite(n["vig"])
+            base = 0.9 * max(n["clip"], 0.0) + 0.1 * n["self_reward"]
+            assert n["reward"] == pytest.approx(base + 0.5 * 100 * math.tanh(n["vig"] / 2), abs=1e-3)

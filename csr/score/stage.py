@@ -34,10 +34,17 @@ def siblings_by_parent(nodes: list[dict]) -> dict[int, list[dict]]:
 
 
 def calibrate_tree(tree: dict, score_cfg) -> dict:
-    """Fill self/visual/reward on every node of a tree whose nodes hold `clip` (in place)."""
+    """Fill self/visual/reward on every node of a tree whose nodes hold `clip` (and `vig`) (in place)."""
     for siblings in siblings_by_parent(tree["nodes"]).values():
-        score_siblings(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
-                       self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp)
+        if score_cfg.vig_weight > 0:
+            from csr.vig.reward import score_siblings_with_vig
+
+            score_siblings_with_vig(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
+                                    self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp,
+                                    w_vig=score_cfg.vig_weight, vig_scale=score_cfg.vig_scale)
+        else:
+            score_siblings(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
+                           self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp)
     return tree
 
 
@@ -61,7 +68,23 @@ def _batches(iterable, size):
         yield batch
 
 
-def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> dict:
+def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
+    """(trees, images) -> None adding node VIG, when the reward or the pair filter needs it."""
+    if not (cfg.score.vig_weight > 0 or cfg.pairs.vig_filter):
+        return None
+    from csr.models import load_policy
+    from csr.vig.reward import add_node_vig
+    from csr.vig.score import VIGOptions
+
+    model, processor = load_policy(policy_path or cfg.model.model_name_or_path, dtype=cfg.model.torch_dtype,
+                                   device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+                                   allow_pickle_weights=cfg.model.allow_pickle_weights)
+    options = VIGOptions(content_free=cfg.score.vig_content_free, blur_radius=cfg.score.vig_blur_radius,
+                         batch_size=cfg.score.vig_batch_size)
+    return lambda trees, images: add_node_vig(trees, images, model, processor, options)
+
+
+def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, policy_path: str | None = None) -> dict:
     out_dir = Path(out_dir)
     if is_done(out_dir):
         log.info("[score] %s is finished; skipping", out_dir)
@@ -74,6 +97,7 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> 
     from csr.score.clip import load_clip_from_config
 
     clip = load_clip_from_config(cfg.score, cfg.model.device)
+    add_vig = _vig_scorer(cfg, policy_path)  # the round's policy: VIG is the model's own gain
     summary = StageSummary("score")
     todo = (t for t in iter_jsonl(trees_path) if t["id"] not in finished)
     with JsonlAppender(scored_path) as sink, tqdm(desc="score", unit="tree") as bar:
@@ -86,6 +110,8 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> 
                 except BadInput as e:
                     summary.skip(e.reason, f"tree {tree['id']} ({e})")
             add_clip_scores(trees, images, clip)
+            if add_vig is not None:
+                add_vig(trees, images)
             for tree in trees:
                 sink.write(calibrate_tree(tree, cfg.score))
                 fault_point("score.tree_written")
@@ -100,7 +126,8 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path) -> 
 def main(argv=None) -> int:
     p = stage_parser("Stage score: calibrated rewards for every tree node.")
     p.add_argument("--trees", required=True, help="Folder of a finished generate stage.")
+    p.add_argument("--policy", help="The round's policy, for node VIG (default: model.model_name_or_path).")
     p.add_argument("--out", required=True, help="Output folder (scored.jsonl, DONE.json).")
     args = p.parse_args(argv)
-    run_score(load_config(args.config, args.overrides), args.trees, args.out)
+    run_score(load_config(args.config, args.overrides), args.trees, args.out, args.policy)
     return 0
