@@ -107,3 +107,44 @@ def build_chat_prompt(processor, question: str) -> str:
     question = question.replace(image_token_text(processor), "").strip()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether plain tokenisation (add_special_tokens=True, as generation and `csr eval` use) starts with BOS."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+class PrependBOS:
+    """Wraps a collator: puts BOS in front of every row that does not start with it (label -100).
+
+    TRL's vision collators (SFT and DPO, TRL 1.16) tokenise the rendered chat with add_special_tokens=False and LLaVA-1.5's
+    chat template holds no `<s>`, so its sequences lack the BOS that generation (`processor(text)`)
+    and LLaVA's own training put first. Rows are left-aligned (TRL flushes them left), so the new
+    column is position 0 of every row; the sequence grows by one token (beyond max_length by one).
+    """
+
+    def __init__(self, inner, bos_token_id: int):
+        self.inner = inner
+        self.bos = int(bos_token_id)
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        ids = batch["input_ids"]
+        if bool((ids[:, 0] == self.bos).all()):
+            return batch
+        if bool((ids[:, 0] == self.bos).any()):
+            raise ValueError("some rows start with BOS and some do not; cannot prepend BOS uniformly")
+        col = lambda t, v: torch.cat([torch.full_like(t[:, :1], v), t], dim=1)  # noqa: E731
+        batch["input_ids"] = col(ids, self.bos)
+        if "attention_mask" in batch:
+            batch["attention_mask"] = col(batch["attention_mask"], 1)
+        if "labels" in batch:
+            batch["labels"] = col(batch["labels"], -100)  # never a training target
+        for k in ("token_type_ids", "mm_token_type_ids", "completion_mask"):
+            if k in batch:
+                batch[k] = col(batch[k], 0)
+        return batch

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from PIL import Image
 
 from csr.config import ConfigError, load_config
 from csr.io import StageInputMissing, is_done, mark_done, read_done, write_jsonl
@@ -201,3 +202,26 @@ def test_run_train_resumes_from_a_checkpoint(tmp_path, tiny_llava_dir, images_di
     (out / "DONE.json").unlink()  # as if the run had died after its checkpoint
     summary = run_train(make_cfg(max_steps=3), str(tiny_llava_dir), pairs, out)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 3
+
+
+def test_dpo_batches_start_with_bos_like_generation(tiny_llava_dir, tmp_path):
+    """TRL tokenises the chat without special tokens; the stage puts back the BOS generation sees."""
+    from csr.models import build_chat_prompt, load_processor
+    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+
+    processor = load_processor(str(tiny_llava_dir))
+    image = tmp_path / "im.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(image)
+    pair = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "A dog."}]}],
+            "images": [str(image)]}
+    cfg = load_config(None, ["train.use_cpu=true", "train.bf16=false", "train.lora_r=4", "train.lora_alpha=8"])
+    trainer = build_trainer(cfg, str(tiny_llava_dir), pairs_dataset([pair, pair]),
+                            build_train_args(cfg, tmp_path / "out"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    generation = processor(images=Image.open(image), text=build_chat_prompt(processor, "Describe."))["input_ids"][0]
+    assert batch["input_ids"][0, 0] == processor.tokenizer.bos_token_id == generation[0]
+    prompt_len = len(generation)
+    assert batch["input_ids"][0, :prompt_len].tolist() == list(generation)  # same prefix as generation
+    assert batch["completion_mask"][0, :prompt_len].sum() == 0

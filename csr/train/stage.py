@@ -284,6 +284,11 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
                                processing_class=processor, peft_config=args.lora_config(),
                                callbacks=[train_callback()])
+    from csr.models import PrependBOS, tokenizer_adds_bos
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer_adds_bos(tokenizer):  # train on the sequence start that generation sees (see PrependBOS)
+        trainer.data_collator = PrependBOS(trainer.data_collator, tokenizer.bos_token_id)
     lora = lora_module_names(trainer.model)
     vision = [n for n in lora if "vision" in n]
     log.info("LoRA on %d modules (%d in the vision tower)", len(lora), len(vision))
