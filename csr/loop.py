@@ -68,8 +68,8 @@ def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
     from csr.eval.run import evaluate_model
 
     metrics = evaluate_model(model_path, pope_path=r.eval_pope or None, chair_path=r.eval_chair or None,
-                             image_root=r.eval_image_root or None, max_samples=r.eval_max_samples,
-                             device=cfg.model.device)
+                             image_root=r.eval_image_root or None, limit=r.eval_max_samples,
+                             device=cfg.model.device, out_dir=out_file.parent / out_file.stem)
     atomic_write_json(out_file, metrics)
     return metrics
 

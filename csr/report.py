@@ -9,8 +9,8 @@ from csr.io import atomic_write_text
 # (column title, dotted key in the eval metrics or the pairs summary)
 EVAL_COLUMNS = [
     ("CHAIR_S", "chair.chair_s"), ("CHAIR_I", "chair.chair_i"), ("recall", "chair.recall"),
-    ("POPE acc", "pope.overall.accuracy"), ("POPE F1", "pope.overall.f1"),
-    ("yes-ratio", "pope.overall.yes_ratio"),
+    ("POPE acc", "pope.all.accuracy"), ("POPE F1", "pope.all.f1"),
+    ("yes-ratio", "pope.all.yes_ratio"),
 ]
 PAIR_COLUMNS = [("chosen R", "chosen_score_mean"), ("rejected R", "rejected_score_mean"),
                 ("margin", "margin_mean"), ("pairs", "pairs")]
