@@ -37,7 +37,7 @@ def _build_into(target: Path, build) -> dict:
 
 
 def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = None,
-                 llava_steps: int | None = None) -> dict:
+                 llava_steps: int | None = None, world_config=None) -> dict:
     """Build whatever part of the world in `out` is missing; returns the per-part summaries."""
     from csr.world.generate import WorldConfig, generate_world
     from csr.world.train_base import train_clip, train_llava
@@ -49,7 +49,7 @@ def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = Non
         summary["world"] = read_done(out)
     else:
         log.info("[world] generating the world in %s", out)
-        summary["world"] = generate_world(WorldConfig(seed=seed), out) or {}
+        summary["world"] = generate_world(world_config or WorldConfig(seed=seed), out) or {}
         mark_done(out, summary["world"])
     clip_kw = {"steps": clip_steps} if clip_steps else {}
     llava_kw = {"steps": llava_steps} if llava_steps else {}
