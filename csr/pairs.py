@@ -7,7 +7,8 @@ characters, too many newlines, or an unexpected script (Korean, Japanese, Cyrill
 dropped with its whole subtree.
 
 Writes `pairs.jsonl` in TRL's conversational preference format (prompt/chosen/rejected/images,
-loadable with `datasets`) and `pairs_csr.json` in the official CSR/POVID format.
+loadable with `datasets`), the same as `pairs.parquet` with the images embedded (ready for
+`push_to_hub`), and `pairs_csr.json` in the official CSR/POVID format.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from csr.cli import stage_parser
 from csr.config import CSRConfig, PairsConfig, load_config
 from csr.generate.tree import final_paths, join_sentences
+from csr.export import PAIRS_PARQUET, export_pairs_parquet
 from csr.faults import fault_point
 from csr.io import StageSummary, atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
@@ -140,7 +142,9 @@ def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dic
         raise RuntimeError(f"[pairs] no usable pair from {scored} (skipped: {dict(summary.skipped)}); "
                            f"check the generate settings (more candidates, deeper trees) or pairs.min_margin.")
     fault_point("pairs.before_write")
-    write_jsonl(out_dir / PAIRS, [to_trl(p) for p in pairs])
+    trl_records = [to_trl(p) for p in pairs]
+    write_jsonl(out_dir / PAIRS, trl_records)
+    export_pairs_parquet(trl_records, out_dir / PAIRS_PARQUET)  # images embedded: ready for push_to_hub
     atomic_write_json(out_dir / PAIRS_CSR, [to_csr(p) for p in pairs])
     margins = [p["margin"] for p in pairs]
     summary.extra.update(pairs=len(pairs),

@@ -63,6 +63,9 @@ def test_generate_score_pairs_end_to_end(tiny_llava_dir, tiny_clip_dir, tmp_path
 
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "pairs" / "pairs.jsonl"), split="train")
     assert {"prompt", "chosen", "rejected", "images"} <= set(ds.column_names)
+    parquet = datasets.load_dataset("parquet", data_files=str(tmp_path / "pairs" / "pairs.parquet"), split="train")
+    assert len(parquet) == len(pairs) and parquet[0]["images"][0].size == (32, 32)  # bytes inside, not paths
+    assert parquet[0]["chosen"] == pairs[0]["chosen"]
     csr_format = json.loads((tmp_path / "pairs" / "pairs_csr.json").read_text())
     assert csr_format[0]["conversations"][0]["from"] == "human"
 

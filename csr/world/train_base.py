@@ -37,7 +37,7 @@ WORLD_CLIP_NAME = "csr-world-clip"
 # ---------------------------------------------------------------------------------------------
 
 
-def world_clip_config(image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 3,
+def world_clip_config(image_size: int = 32, patch_size: int = 16, width: int = 64, layers: int = 3,
                       head_width: int = 16, text_width: int = 64, text_layers: int = 2,
                       embed_dim: int = 64, context_length: int = 20) -> dict:
     """An open_clip model config: ViT image tower (GELU), causal text transformer."""
