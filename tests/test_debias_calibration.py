@@ -302,3 +302,24 @@ def test_calibrate_file_multiple_choice(tiny, tmp_path, images_dir):
     assert sum(rows[0]["q"].values()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="subset"):
         C.calibrate_file(model, proc, path, "mc", image_root=images_dir, cf_inputs=["sky"])
+
+
+def test_csr_eval_with_calibration_on(tiny_llava_dir, tmp_path):
+    """`csr eval --pope F --calibrate`: POPE by generation plus closed-set scores before/after calibration."""
+    import json as _json
+    from pathlib import Path as _Path
+
+    from csr.cli import main as csr_main
+
+    images = _Path(__file__).parent.parent / "data" / "tiny" / "images"
+    pope = tmp_path / "pope.jsonl"
+    rows = [{"question_id": i, "image": str(images / f"{i % 3}.png"), "text": f"Is there a {s} in the image?",
+             "label": lab, "category": "random"} for i, (s, lab) in enumerate([("circle", "yes"), ("dog", "no"),
+                                                                                ("square", "yes"), ("cat", "no")])]
+    pope.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    assert csr_main(["eval", "--model", str(tiny_llava_dir), "--pope", str(pope), "--calibrate", "--cf", "none,blank",
+                     "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    metrics = _json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["pope"]["all"]["n"] == 4
+    cal = metrics["pope_calibrated"]
+    assert cal["n"] == 4 and {"uncalibrated", "calibrated"} <= set(cal)

@@ -157,13 +157,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--trust-remote-code", action="store_true")
+    ap.add_argument("--mc", help="multiple-choice JSONL {id, image, question, options, answer} (closed-set accuracy)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="also score --pope / --mc closed-set from first-token label probabilities, before and "
+                         "after post-hoc calibration against content-free inputs (Zhang et al. 2024)")
+    ap.add_argument("--cf", default="none,unk,blank,noise",
+                    help="content-free inputs averaged into p_cf (paper: no image, <unk>, blank, noise)")
+    ap.add_argument("--calibration-mode", default="diag", choices=("diag", "bias"),
+                    help="diag: W = diag(p_cf)^-1 (paper); bias: W = I, b = -p_cf")
+    ap.add_argument("--dataset-mean", action="store_true", help="one p_cf for the dataset (default: per sample)")
     args = ap.parse_args(argv)
-    if not args.pope and not args.chair:
-        ap.error("give --pope and/or --chair")
-    result = evaluate_model(args.model, args.pope, args.chair, out_dir=args.out, image_root=args.image_root,
-                            synonyms_path=args.synonyms, batch_size=args.batch_size, limit=args.limit,
-                            caption_max_new_tokens=args.max_new_tokens, caption_prompt=args.caption_prompt,
-                            pope_suffix=args.pope_suffix, device=args.device, dtype=args.dtype,
-                            trust_remote_code=args.trust_remote_code)
+    if not (args.pope or args.chair or args.mc):
+        ap.error("give --pope, --chair and/or --mc")
+    if args.mc and not args.calibrate:
+        ap.error("--mc is scored closed-set: add --calibrate")
+    from csr.models import load_policy
+
+    model, processor = load_policy(args.model, dtype=args.dtype, device=args.device,
+                                   trust_remote_code=args.trust_remote_code)
+    result = {"model": args.model}
+    if args.pope or args.chair:
+        result = evaluate_model(args.model, args.pope, args.chair, out_dir=args.out, image_root=args.image_root,
+                                synonyms_path=args.synonyms, batch_size=args.batch_size, limit=args.limit,
+                                caption_max_new_tokens=args.max_new_tokens, caption_prompt=args.caption_prompt,
+                                pope_suffix=args.pope_suffix, model=model, processor=processor)
+    if args.calibrate:
+        from csr.debias.calibration import calibrate_file
+
+        cf = [x.strip() for x in args.cf.split(",") if x.strip()]
+        for kind, path in (("pope", args.pope), ("mc", args.mc)):
+            if path:
+                result[f"{kind}_calibrated"] = calibrate_file(
+                    model, processor, path, kind, out_dir=Path(args.out) / f"{kind}_calibration",
+                    image_root=args.image_root, limit=args.limit, cf_inputs=cf, mode=args.calibration_mode,
+                    per_sample=not args.dataset_mean, batch_size=args.batch_size)
+        atomic_write_json(Path(args.out) / "metrics.json", result)
     print(json.dumps(result, indent=2))
     return 0
