@@ -6,4 +6,4 @@
 - `csr.world.build`: `csr world --out DIR`, building both (cached, resumable).
 """
 
-from csr.world.generate import WorldConfig, generate_world  # noqa: F401
+from csr.world.generate import WorldConfig, generate_world  # noqa: F401  (re-exported)

@@ -1,17 +1,29 @@
 """`csr world`: build the grounded world and its base models once, cached.
 
+    csr world --out data/world [--seed 0 --n-train 3000 --n-test 200 --n-prompts 256]
+              [--bias 0.9 --small-fraction 0.4] [--clip-steps N --llava-steps N] [--eval] [--force]
+
     <out>/                 world data (csr.world.generate), finished when <out>/DONE.json exists
     <out>/models/clip/     the world CLIP (open_clip folder: open_clip_config.json + safetensors)
     <out>/models/llava/    the base LLaVA (its vision tower taken from that CLIP), SFT on train/sft.jsonl
+    <out>/models/llava/base_eval/   with --eval: POPE and CHAIR of the base LLaVA on test/
 
 Each part is built into a temporary folder and renamed into place with its DONE.json, so an
-interrupted build is redone, never half-used. The default recipe (recipes/world/default.yaml)
-calls `ensure_world` before its first round.
+interrupted build is redone, never half-used. Each DONE.json records the settings the part was
+built with (and `WORLD_VERSION`); a part finished with other settings, or by an older version of
+this code, is rebuilt (with a warning), and so is everything built on it. Called without a world
+config, `ensure_world` keeps whatever world of the same seed is there. The default recipe
+(recipes/world/default.yaml) calls `ensure_world` before its first round.
+
+For a recipe: ``model.model_name_or_path: <out>/models/llava``, ``data.prompts:
+<out>/train/prompts.jsonl``, ``data.image_root: <out>/train``, ``score.clip_model: <out>/models/clip``,
+eval files ``<out>/test/pope.jsonl`` and ``<out>/test/chair.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
@@ -21,55 +33,134 @@ from csr.io import is_done, mark_done, read_done
 
 log = logging.getLogger(__name__)
 
+# Bump when generation or training changes what a finished folder holds: old folders get rebuilt.
+WORLD_VERSION = 2
 
-def _build_into(target: Path, build) -> dict:
-    """Run `build(tmp_dir) -> summary` in a temp folder, mark it done, rename it to `target`."""
-    if is_done(target):
-        return read_done(target)
+
+def _settings_of(folder: Path) -> dict | None:
+    return read_done(folder).get("settings") if is_done(folder) else None
+
+
+def _build_into(target: Path, settings: dict, build, force: bool = False) -> dict:
+    """Run `build(tmp_dir) -> summary` in a temp folder, mark it done, rename it to `target`.
+
+    Skipped when `target` is done with the same `settings`.
+    """
+    if is_done(target) and not force:
+        if _settings_of(target) == settings:
+            return read_done(target)
+        log.warning("[world] %s was built with other settings (or an older csr); rebuilding it", target)
     tmp = target.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     summary = build(tmp) or {}
+    summary = {**summary, "settings": settings}
     mark_done(tmp, summary)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return summary
 
 
-def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = None,
-                 llava_steps: int | None = None, world_config=None) -> dict:
-    """Build whatever part of the world in `out` is missing; returns the per-part summaries."""
+def _world_data(out: Path, world_config, seed: int, force: bool) -> dict:
     from csr.world.generate import WorldConfig, generate_world
-    from csr.world.train_base import train_clip, train_llava
+
+    existing = _settings_of(out)
+    if existing is not None and not force and existing.get("version") == WORLD_VERSION:
+        if world_config is None and existing["config"].get("seed") == seed:
+            return read_done(out)
+        if world_config is not None and existing["config"] == world_config.to_dict():
+            return read_done(out)
+    if existing is not None or is_done(out):
+        log.warning("[world] the world in %s was built with other settings (or an older csr); rebuilding it", out)
+    cfg = world_config or WorldConfig(seed=seed)
+    (out / "DONE.json").unlink(missing_ok=True)
+    for part in ("train", "test", "models"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    log.info("[world] generating the world in %s", out)
+    summary = generate_world(cfg, out) or {}
+    summary["settings"] = {"version": WORLD_VERSION, "config": cfg.to_dict()}
+    mark_done(out, summary)
+    return summary
+
+
+def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = None,
+                 llava_steps: int | None = None, world_config=None, evaluate: bool = False,
+                 force: bool = False) -> dict:
+    """Build whatever part of the world in `out` is missing or stale; returns the per-part summaries.
+
+    `clip_steps` / `llava_steps` default to `csr.world.train_base`'s defaults. With `evaluate`, the
+    base LLaVA's POPE and CHAIR on test/ are computed once into models/llava/base_eval/.
+    """
+    from csr.world.train_base import DEFAULT_CLIP, DEFAULT_LLAVA, train_clip, train_llava
 
     out = Path(out)
     started = time.perf_counter()
+    timings = {}
     summary = {}
-    if is_done(out):
-        summary["world"] = read_done(out)
-    else:
-        log.info("[world] generating the world in %s", out)
-        summary["world"] = generate_world(world_config or WorldConfig(seed=seed), out) or {}
-        mark_done(out, summary["world"])
-    clip_kw = {"steps": clip_steps} if clip_steps else {}
-    llava_kw = {"steps": llava_steps} if llava_steps else {}
+    t = time.perf_counter()
+    summary["world"] = _world_data(out, world_config, seed, force)
+    timings["world"] = time.perf_counter() - t
+    world_settings = summary["world"]["settings"]
+    clip_kw = {**DEFAULT_CLIP, **({"steps": clip_steps} if clip_steps else {}), "seed": seed}
+    llava_kw = {**DEFAULT_LLAVA, **({"steps": llava_steps} if llava_steps else {}), "seed": seed}
+    clip_settings = {"world": world_settings, "train": clip_kw}
+    llava_settings = {"clip": clip_settings, "train": llava_kw}
+
     log.info("[world] base CLIP")
-    summary["clip"] = _build_into(out / "models" / "clip",
-                                  lambda tmp: train_clip(out, tmp, seed=seed, **clip_kw))
+    t = time.perf_counter()
+    summary["clip"] = _build_into(out / "models" / "clip", clip_settings,
+                                  lambda tmp: train_clip(out, tmp, **clip_kw), force)
+    timings["clip"] = time.perf_counter() - t
     log.info("[world] base LLaVA")
-    summary["llava"] = _build_into(out / "models" / "llava",
-                                   lambda tmp: train_llava(out, out / "models" / "clip", tmp, seed=seed, **llava_kw))
+    t = time.perf_counter()
+    summary["llava"] = _build_into(out / "models" / "llava", llava_settings,
+                                   lambda tmp: train_llava(out, out / "models" / "clip", tmp, **llava_kw), force)
+    timings["llava"] = time.perf_counter() - t
+    if evaluate:
+        eval_dir = out / "models" / "llava" / "base_eval"
+        if (eval_dir / "metrics.json").is_file():
+            summary["base_eval"] = json.loads((eval_dir / "metrics.json").read_text())
+        else:
+            from csr.eval.run import evaluate_model
+
+            t = time.perf_counter()
+            summary["base_eval"] = evaluate_model(str(out / "models" / "llava"), out / "test" / "pope.jsonl",
+                                                  out / "test" / "chair.jsonl", out_dir=eval_dir)
+            timings["eval"] = time.perf_counter() - t
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     log.info("[world] ready in %.0f s: %s", time.perf_counter() - started, out)
     return summary
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Build the grounded synthetic world and its base models (cached).")
+    from csr.world.generate import WorldConfig
+
+    d = WorldConfig()
+    p = argparse.ArgumentParser(prog="csr world",
+                                description="Build the grounded synthetic world and its base models (cached).")
     p.add_argument("--out", default="data/world", help="World folder.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, help=f"training images (default {d.n_train})")
+    p.add_argument("--n-test", type=int, help=f"test images for POPE and CHAIR (default {d.n_test})")
+    p.add_argument("--n-prompts", type=int, help=f"CSR prompt images (default {d.n_prompts})")
+    p.add_argument("--bias", type=float,
+                   help=f"training split: probability that a shape's partner joins it (default {d.cooccur_bias})")
+    p.add_argument("--small-fraction", type=float,
+                   help=f"share of objects drawn tiny, their shape hard to see (default {d.small_fraction})")
     p.add_argument("--clip-steps", type=int, help="CLIP training steps (default: csr.world.train_base's).")
     p.add_argument("--llava-steps", type=int, help="LLaVA SFT steps (default: csr.world.train_base's).")
+    p.add_argument("--eval", action="store_true", help="evaluate the base LLaVA on test/ (POPE, CHAIR)")
+    p.add_argument("--force", action="store_true", help="rebuild every part even when it is done")
     args = p.parse_args(argv)
-    ensure_world(args.out, seed=args.seed, clip_steps=args.clip_steps, llava_steps=args.llava_steps)
+    world_config = None
+    overrides = {k: v for k, v in {"n_train": args.n_train, "n_test": args.n_test, "n_prompts": args.n_prompts,
+                                   "cooccur_bias": args.bias, "small_fraction": args.small_fraction}.items()
+                 if v is not None}
+    if overrides:
+        world_config = WorldConfig(seed=args.seed, **overrides)
+        world_config.validate()
+    summary = ensure_world(args.out, seed=args.seed, clip_steps=args.clip_steps, llava_steps=args.llava_steps,
+                           world_config=world_config, evaluate=args.eval, force=args.force)
+    print(json.dumps({k: summary[k] for k in ("seconds", "base_eval") if k in summary}, indent=2))
     print(f"world ready: {args.out} (models in {args.out}/models)")
     return 0

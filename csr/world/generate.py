@@ -1,9 +1,13 @@
 """A small synthetic vision-language world with ground truth, deterministic by seed.
 
 Each image (``image_size`` px, default 32) is a 2x2 grid of cells; 1 to 4 cells hold one object
-each. An object has a shape (the object class that CHAIR and POPE count), a colour, a position
-(its cell: top left, top right, bottom left, bottom right) and a size (pixels, not described in
-text). Shapes in one image are distinct.
+each. An object has a shape (the object class that CHAIR and POPE count: circle, square,
+triangle, star, diamond, cross, ring, heart), a colour (5), a position (its cell: top left, top
+right, bottom left, bottom right) and a size (radius in pixels, not described in text). Shapes in
+one image are distinct. A share of objects (``small_fraction``, default 0.4) is drawn tiny: colour
+and place stay clear but the shape is hard to make out, which is where a model falls back on its
+language prior. Captions are one sentence per object in reading order, from two templates
+("There is a red circle at the top left." / "A red circle is at the top left.").
 
 Splits
 ------
@@ -43,7 +47,6 @@ co-occur most with the present ones in the training split). Each image gets
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,7 +95,7 @@ class WorldConfig:
     popularity: float = 0.6        # train: shape weight ∝ 1/(rank+1)^popularity
     prompt_bias: float = 0.0       # CSR prompt images (default: like the test split)
     prompt_popularity: float = 0.0
-    small_fraction: float = 0.3    # objects drawn tiny (radius 12-20% of a cell): shape hard to see
+    small_fraction: float = 0.4    # objects drawn tiny (radius 12-20% of a cell): shape hard to see
     pope_per_image: int = 3
     sft_questions_per_image: int = 2  # yes/no questions per training image (plus one caption)
 

@@ -1,16 +1,24 @@
 """Base models for the grounded world, trained on CPU in a few minutes.
 
-- A tiny open_clip CLIP (custom config), trained contrastively on (image, one-object sentence)
-  pairs of the training split. The loss is CLIP's symmetric cross-entropy with *multi-positive*
-  targets: a sentence is a positive for every image in the batch that holds its object (same
-  shape, colour and position), so repeated objects are not pushed apart. Saved like
-  `csr.tiny.build_tiny_clip`: ``open_clip_config.json`` ({model_name, model_cfg}) +
-  ``open_clip_model.safetensors``.
-- A tiny LLaVA (`csr.tiny.build_tiny_llava`) whose vision tower is the trained CLIP image trunk,
-  converted to a transformers ``CLIPVisionModel`` (`open_clip_visual_to_hf`), with a projector and
-  a tiny Llama trained by supervised fine-tuning on the captions and yes/no questions of the
-  training split (loss on the answer tokens only; the vision tower stays frozen, as in LLaVA).
-  Saved with save_pretrained like any LLaVA folder.
+- A tiny open_clip CLIP (custom config `world_clip_config`: ViT 32 px, patch 16 so each of the
+  4 patches is one grid cell, width 64, 3 layers, exact GELU; text transformer width 64, 2 layers,
+  context 20), trained contrastively on the training split. Every step contrasts a batch of
+  images with all 160 possible one-object sentences ("A red circle is at the top left.", one
+  random template each), with *multi-positive* targets: a sentence is a positive for every image
+  that holds its object (same shape, colour and position). The 49408-row token embedding stays at
+  its random init (only ~20 rows are used; training it doubles the step time for nothing).
+  Saved like `csr.tiny.build_tiny_clip`: ``open_clip_config.json`` ({model_name, model_cfg}) +
+  ``open_clip_model.safetensors``, which `csr.score.clip` loads.
+- A tiny LLaVA (`csr.tiny.build_tiny_llava`: Llama hidden 128, 2 layers; tokenizer trained on the
+  world's conversations) whose vision tower is the trained CLIP image trunk, converted to a
+  transformers ``CLIPVisionModel`` (`open_clip_visual_to_hf`; features from the second-to-last
+  layer, 4 image tokens), with an MLP projector and the Llama trained by supervised fine-tuning on
+  the captions and yes/no questions of the training split (loss on the answer tokens only; the
+  vision tower stays frozen, as in LLaVA). Saved with save_pretrained like any LLaVA folder.
+
+The defaults (`DEFAULT_CLIP`, `DEFAULT_LLAVA`) give a base LLaVA that reads most shapes but names
+absent co-occurrence partners of present shapes, mostly where an object is small (see
+`csr.world.generate`). Defaults were tuned for seed 0 and checked on seeds 1 and 2.
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from csr.io import read_jsonl
 
 log = logging.getLogger(__name__)
 
 WORLD_CLIP_NAME = "csr-world-clip"
+
+# Defaults of the default run (`csr world`): about 1.5 + 1.5 minutes on 2 CPU cores.
+DEFAULT_CLIP = {"steps": 800, "batch_size": 256, "lr": 3e-3}
+DEFAULT_LLAVA = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "hidden_size": 128, "num_layers": 2,
+                 "vocab_size": 400}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +124,9 @@ def _sentence(key: tuple, template: int) -> str:
     return object_sentence({"shape": key[0], "color": key[1], "position": key[2]}, template)
 
 
-def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, batch_size: int = 128,
-               lr: float = 2e-3, seed: int = 0, config: dict | None = None,
-               max_images: int | None = None) -> dict:
+def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = DEFAULT_CLIP["steps"],
+               batch_size: int = DEFAULT_CLIP["batch_size"], lr: float = DEFAULT_CLIP["lr"], seed: int = 0,
+               config: dict | None = None, max_images: int | None = None, freeze_token_embedding: bool = True) -> dict:
     """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
     from csr.world.generate import CAPTION_TEMPLATES, COLORS, POSITIONS, SHAPES
 
@@ -141,7 +153,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
 
     # The token embedding (49408 x width, almost all rows unused here) stays at its random init:
     # random input vectors serve the text transformer as well, and it halves the step time.
-    model.token_embedding.weight.requires_grad_(False)
+    model.token_embedding.weight.requires_grad_(not freeze_token_embedding)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     model.train()
     losses = []
@@ -162,6 +174,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = 300, 
         loss = (loss_i + loss_t) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -248,9 +261,11 @@ def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *, steps: int = 600,
-                batch_size: int = 32, lr: float = 2e-3, seed: int = 0, hidden_size: int = 64,
-                num_layers: int = 2, vocab_size: int = 400, train_vision: bool = False,
+def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *,
+                steps: int = DEFAULT_LLAVA["steps"], batch_size: int = DEFAULT_LLAVA["batch_size"],
+                lr: float = DEFAULT_LLAVA["lr"], seed: int = 0, hidden_size: int = DEFAULT_LLAVA["hidden_size"],
+                num_layers: int = DEFAULT_LLAVA["num_layers"], vocab_size: int = DEFAULT_LLAVA["vocab_size"],
+                train_vision: bool = False,
                 max_records: int | None = None) -> dict:
     """SFT a tiny LLaVA on train/sft.jsonl with the world CLIP's image trunk; save to `out_dir`."""
     from PIL import Image
