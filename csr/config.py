@@ -71,8 +71,9 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     model_name_or_path: str = _f("llava-hf/llava-1.5-7b-hf",
-                                 "Starting policy: a hub id or a local folder of a "
-                                 "LlavaForConditionalGeneration-compatible model.")
+                                 "Starting policy: a hub id or a local folder of a supported class "
+                                 "(config.json's model_type: llava, llava_next, qwen2_5_vl; see "
+                                 "csr.models.SUPPORTED_CLASSES). Any other class is refused before work starts.")
     torch_dtype: str = _f("auto", "Weights dtype for generation and scoring.",
                           choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "Device for generation and scoring: auto (cuda if present), cpu, cuda, cuda:N.")

@@ -2,8 +2,9 @@
 
 - Preference pairs as a `datasets` parquet file with the images embedded (not paths), in TRL's
   conversational format: `datasets.load_dataset("parquet", data_files=...)` or `push_to_hub` as is.
-- The merged model needs no export: `round_N/merge/` is a `LlavaForConditionalGeneration`
-  save_pretrained folder (safetensors + processor) that transformers, lmms-eval's llava_hf and vLLM load.
+- The merged model needs no export: `round_N/merge/` is a save_pretrained folder of the policy's own
+  class (e.g. `LlavaForConditionalGeneration`; safetensors + processor) that transformers,
+  lmms-eval and vLLM load.
 """
 
 from __future__ import annotations

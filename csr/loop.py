@@ -117,6 +117,12 @@ def run(cfg: CSRConfig) -> dict:
         from csr.world.build import ensure_world
 
         ensure_world(cfg.run.build_world, seed=cfg.run.seed)
+    from csr.models import check_model_class
+
+    # an unsupported model class is refused here, before the base eval and round 1's search
+    spec = check_model_class(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                             allow_pickle=cfg.model.allow_pickle_weights)
+    log.info("model %s: %s", cfg.model.model_name_or_path, spec.architecture)
     from csr.io import read_jsonl
     from csr.tracking import flatten, make_tracker, pairs_stage_data, score_stage_data
 

@@ -1,8 +1,10 @@
-"""Loading the policy (any LlavaForConditionalGeneration-compatible model) and its processor."""
+"""The supported model classes, and loading the policy and its processor."""
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,71 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(RuntimeError):
     """The model named in a recipe cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    """What the stages need to know about one supported architecture class.
+
+    Every class here keeps its language model under a `language_model` module, which is where the
+    default LoRA targets (`csr.train.config.LM_LINEAR_REGEX`) point.
+    """
+    model_type: str      # config.json's model_type
+    architecture: str    # the class AutoModelForImageTextToText builds for it
+    example: str         # a hub id of this class (recipes/ has one per class)
+    projector: str       # the vision-to-text projector: trained with train.train_projector
+    vision_tower: str    # never gets LoRA; stays frozen
+    mrope: bool = False  # 3-D multimodal rope: positions depend on the image grid (Qwen2-VL family)
+
+
+SUPPORTED_CLASSES = {c.model_type: c for c in (
+    ModelClass("llava", "LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf",
+               projector="multi_modal_projector", vision_tower="vision_tower"),
+    # LLaVA-NeXT's other projector-side weight, `image_newline`, is a bare parameter, not a module:
+    # PEFT's modules_to_save cannot copy it, so it stays frozen (training it in place would move the
+    # adapters-off reference).
+    ModelClass("llava_next", "LlavaNextForConditionalGeneration", "llava-hf/llava-v1.6-vicuna-7b-hf",
+               projector="multi_modal_projector", vision_tower="vision_tower"),
+    ModelClass("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen/Qwen2.5-VL-7B-Instruct",
+               projector="visual.merger", vision_tower="visual", mrope=True),
+)}
+
+
+def supported_listing() -> str:
+    return ", ".join(f"{c.model_type} ({c.architecture}, e.g. {c.example})" for c in SUPPORTED_CLASSES.values())
+
+
+def _supported(model_type: str | None, what: str) -> ModelClass:
+    if model_type in SUPPORTED_CLASSES:
+        return SUPPORTED_CLASSES[model_type]
+    raise ModelLoadError(f"{what} is a '{model_type}' model, which csr does not support. Supported "
+                         f"model types (config.json's model_type): {supported_listing()}.")
+
+
+def class_of(model) -> ModelClass:
+    """The supported class of a loaded model (refused with the supported list otherwise)."""
+    return _supported(getattr(model.config, "model_type", None), f"the model ({type(model).__name__})")
+
+
+def check_model_class(name_or_path: str, *, trust_remote_code: bool = False,
+                      allow_pickle: bool = False) -> ModelClass:
+    """The supported class of a model folder or hub id, from its config alone (no weights load).
+
+    Refuses, before any work, a folder that `check_model_source` refuses and a model_type that is
+    not in `SUPPORTED_CLASSES`, naming the supported ones.
+    """
+    check_model_source(name_or_path, allow_pickle)
+    config_file = Path(name_or_path) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    else:  # a hub id
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).model_type
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot read the config of '{name_or_path}': {e}") from None
+    return _supported(model_type, f"'{name_or_path}'")
 
 
 def is_oom(err: BaseException) -> bool:
@@ -71,7 +138,7 @@ def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
     """(model, processor) for generation and scoring, in eval mode on the chosen device."""
     from transformers import AutoModelForImageTextToText
 
-    check_model_source(name_or_path, allow_pickle_weights)
+    check_model_class(name_or_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
     dev = resolve_device(device)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
@@ -98,13 +165,24 @@ def sentence_end_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+# The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).
+DATA_IMAGE_TOKEN = "<image>"
+
+
 def image_token_text(processor) -> str:
-    return getattr(processor, "image_token", None) or "<image>"
+    return getattr(processor, "image_token", None) or DATA_IMAGE_TOKEN
+
+
+def strip_image_tokens(processor, question: str) -> str:
+    """The question without image placeholders: the data's '<image>' and the model's own token."""
+    for token in {DATA_IMAGE_TOKEN, image_token_text(processor)}:
+        question = question.replace(token, "")
+    return question.strip()
 
 
 def build_chat_prompt(processor, question: str) -> str:
     """The model's own chat template around one image and one user question, ready for a reply."""
-    question = question.replace(image_token_text(processor), "").strip()
+    question = strip_image_tokens(processor, question)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

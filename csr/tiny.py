@@ -1,5 +1,7 @@
 """Tiny models built locally from config: a LLaVA and a CLIP small enough for CPU tests and the
-default run. They are saved as ordinary model folders, loaded by the same code as real models.
+default run, and a tiny LLaVA-NeXT and Qwen2.5-VL (same architecture classes as the real models)
+for the per-class tests. They are saved as ordinary model folders, loaded by the same code as real
+models.
 """
 
 from __future__ import annotations
@@ -24,7 +26,25 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
+# Qwen2-VL / Qwen2.5-VL's ChatML format with its default system turn, as in the released models'
+# template (images as <|vision_start|><|image_pad|><|vision_end|>, expanded by the processor).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>"]
 
 DEFAULT_CORPUS = [
     "Describe this image in detail.",
@@ -36,26 +56,62 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on `corpus`, with '<image>' as the image token."""
+def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400, *,
+                    special_tokens: list[str] = SPECIAL_TOKENS, bos: str | None = "<s>", eos: str = "</s>",
+                    pad: str = "<pad>", unk: str | None = "<unk>", named_tokens: dict | None = None,
+                    chat_template: str = LLAVA_CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on `corpus`.
+
+    Defaults: LLaVA-1.5's (Llama) special tokens, BOS put first by plain tokenisation, '<image>' as
+    the image token. `bos=None` adds no BOS (Qwen); `named_tokens` are the processor-visible
+    special tokens (e.g. {"image_token": "<image>"}).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus or DEFAULT_CORPUS, trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    named = {"image_token": "<image>"} if named_tokens is None else named_tokens
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+                                   pad_token=pad, extra_special_tokens=named)
     fast.padding_side = "left"  # generation pads on the left
-    fast.chat_template = LLAVA_CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
+
+
+def _tiny_llama_config(tokenizer, hidden_size: int, num_layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                       intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+
+
+def _tiny_clip_vision_config(image_size: int, patch_size: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=image_size, patch_size=patch_size, projection_dim=32)
+
+
+def _save(model, processor, tokenizer, out_dir) -> None:
+    """Generation ids from the tokenizer, then model + processor into one folder."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
@@ -66,8 +122,7 @@ def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vo
     `vision_model` (a transformers CLIPVisionModel) replaces the random vision tower when given,
     e.g. one trained contrastively on the grounded world.
     """
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(corpus, vocab_size)
@@ -75,15 +130,8 @@ def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vo
         vision_cfg = vision_model.config
         image_size, patch_size = vision_cfg.image_size, vision_cfg.patch_size
     else:
-        vision_cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, image_size=image_size, patch_size=patch_size,
-                                      projection_dim=32)
-    text_cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                           intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
+        vision_cfg = _tiny_clip_vision_config(image_size, patch_size)
+    config = LlavaConfig(vision_config=vision_cfg, text_config=_tiny_llama_config(tokenizer, hidden_size, num_layers),
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          projector_hidden_act="gelu")
@@ -91,19 +139,87 @@ def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vo
     model = LlavaForConditionalGeneration(config)
     if vision_model is not None:
         model.model.vision_tower.load_state_dict(vision_model.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
 
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    _save(model, processor, tokenizer, out_dir)
+    return model, processor
+
+
+def build_tiny_llava_next(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
+                          image_size: int = 32, patch_size: int = 8, hidden_size: int = 64,
+                          num_layers: int = 2, seed: int = 0):
+    """Build, save and return (model, processor) for a tiny LlavaNextForConditionalGeneration.
+
+    LLaVA-1.6's AnyRes on a small scale: a 32 px CLIP tower, crops chosen among 32x32, 32x64 and
+    64x32 grids, the Llama side and chat template of `build_tiny_llava` (llava-v1.6-vicuna's format).
+    """
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(corpus, vocab_size)
+    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    config = LlavaNextConfig(vision_config=_tiny_clip_vision_config(image_size, patch_size),
+                             text_config=_tiny_llama_config(tokenizer, hidden_size, num_layers),
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=pinpoints, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    config.pad_token_id = tokenizer.pad_token_id
+    model = LlavaNextForConditionalGeneration(config)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size},
+                                              image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
+    _save(model, processor, tokenizer, out_dir)
+    return model, processor
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
+                          patch_size: int = 7, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """Build, save and return (model, processor) for a tiny Qwen2_5_VLForConditionalGeneration.
+
+    A 2-block vision transformer (window attention in the first, full in the second) with the
+    released model's 2x2 patch merger; images are resized to between 28x28 and 56x56 pixels, so a
+    40 px image becomes 6x6 patches of 7 px, 9 image tokens. ChatML template, no BOS.
+    """
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(corpus, vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, bos=None,
+                                eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                                named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                              "vision_bos_token": "<|vision_start|>",
+                                              "vision_eos_token": "<|vision_end|>"},
+                                chat_template=QWEN_CHAT_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    merge = 2
+    vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size,
+                      spatial_merge_size=merge, temporal_patch_size=2, out_hidden_size=hidden_size,
+                      window_size=2 * patch_size * merge, fullatt_block_indexes=[1])
+    text_cfg = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                    num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=512, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    # head_dim 16: the 3-D rope sections (t, h, w) must add up to head_dim / 2
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    config = Qwen2_5_VLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=ids("<|image_pad|>"),
+                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                              vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    pixels = dict(patch_size=patch_size, merge_size=merge, temporal_patch_size=2,
+                  size={"shortest_edge": (patch_size * merge * 2) ** 2, "longest_edge": (patch_size * merge * 4) ** 2})
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
+                                    video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer,
+                                    chat_template=QWEN_CHAT_TEMPLATE)
+    _save(model, processor, tokenizer, out_dir)
     return model, processor
 
 
@@ -153,16 +269,22 @@ def build_tiny_clip(out_dir: str | Path, *, seed: int = 0, **config_kw):
     return model, preprocess
 
 
+TINY_BUILDERS = {"llava": build_tiny_llava, "llava_next": build_tiny_llava_next, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+
+
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Build a tiny LLaVA (<out>/llava) and a tiny CLIP (<out>/clip) "
-                                            "with random weights, for tests and smoke runs.")
+    p = argparse.ArgumentParser(description="Build a tiny LLaVA (<out>/llava; --classes for others) and a tiny "
+                                            "CLIP (<out>/clip) with random weights, for tests and smoke runs.")
     p.add_argument("--out", default="data/cache/tiny", help="Output folder.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", nargs="+", default=["llava"], choices=sorted(TINY_BUILDERS),
+                   help="Model classes to build, each in <out>/<model_type> (default: llava).")
     args = p.parse_args(argv)
     out = Path(args.out)
-    build_tiny_llava(out / "llava", seed=args.seed)
+    for model_type in args.classes:
+        TINY_BUILDERS[model_type](out / model_type, seed=args.seed)
     build_tiny_clip(out / "clip", seed=args.seed)
-    print(f"tiny models written to {out}/llava and {out}/clip")
+    print(f"tiny models written to {', '.join(str(out / c) for c in [*args.classes, 'clip'])}")
     return 0

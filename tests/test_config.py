@@ -21,11 +21,14 @@ def test_paper_defaults():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
-def test_every_recipe_parses_and_starts_with_its_command(recipe):
+def test_every_recipe_parses_and_starts_with_its_command(recipe, tmp_path):
+    from csr.train.stage import build_train_args
+
     cfg = load_config(recipe)
     assert cfg.run.rounds >= 1
     head = recipe.read_text().splitlines()[:6]
     assert any("csr " in line for line in head if line.startswith("#")), "a recipe starts with its launch command"
+    build_train_args(cfg, tmp_path / "train", cuda_available=False)  # its train section is a valid TrainConfig
 
 
 def test_overrides_are_typed_and_win(tmp_path):

@@ -24,7 +24,8 @@ def make_adapter(base_dir, out, *, projector=True, scale=0.05, seed=0):
     """A LoRA adapter (+ projector copy) with non-zero weights, saved like the train stage saves it."""
     from peft import get_peft_model
 
-    lora = TrainConfig(use_cpu=True, bf16=False, lora_r=4, lora_alpha=8, train_projector=projector).lora_config()
+    lora = TrainConfig(use_cpu=True, bf16=False, lora_r=4, lora_alpha=8, train_projector=projector,
+                       projector_module="multi_modal_projector").lora_config()
     model = get_peft_model(load_base(base_dir), lora)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

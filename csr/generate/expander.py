@@ -13,6 +13,11 @@ Two implementations with the same results:
 
 Both then run the G token-level groups of every node as one batch of rows over a cache repeated G
 times (see `beam.py`).
+
+Positions are passed explicitly, as generate() computes them for left-padded rows, for every class
+in `csr.models.SUPPORTED_CLASSES`. With 3-D multimodal rope (Qwen2.5-VL) the prefix's positions
+come from the model's own `get_rope_index` (the image grid takes fewer positions than tokens); every
+text token after it sits at its 1-D position plus that row's offset, on all three rope axes.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import join_sentences
-from csr.models import is_oom
+from csr.generate.tree import continue_text, join_sentences
+from csr.models import class_of, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -116,29 +121,36 @@ class LlavaExpander:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         self.node_batch_size = node_batch_size
         self.debias = debias  # csr.debias.sampling.DebiasedCandidates, or None
+        self.mrope = class_of(model).mrope
 
     # -- shared pieces ---------------------------------------------------------------------------
 
     @staticmethod
     def prefix_text(prompt_text: str, sentences: list[str]) -> str:
-        response = join_sentences(sentences)
-        return f"{prompt_text} {response}" if response else prompt_text
+        return continue_text(prompt_text, join_sentences(sentences))
+
+    def _text_positions(self, attention: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+        """Positions of the last `n` columns of left-padded rows, all text: padding skipped, plus the
+        row's offset; the same on the three rope axes with multimodal rope."""
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, -n:] + offsets[:, None]
+        return positions[None].expand(3, -1, -1) if self.mrope else positions
 
     def decode(self, cand: Candidate) -> str:
         return self.tokenizer.decode(cand.token_ids, skip_special_tokens=True).strip()
 
     def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor,
-                prefix_texts: list[str]) -> list[Children]:
+                offsets: torch.Tensor, prefix_texts: list[str]) -> list[Children]:
         """Run the G groups of every row of `first_logits` over `cache` (rows = nodes)."""
         model, G = self.model, self.G
         cache.batch_repeat_interleave(G)
         attention = attention.repeat_interleave(G, dim=0)
+        offsets = offsets.repeat_interleave(G, dim=0)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             nonlocal attention
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-            positions = attention.sum(dim=1, keepdim=True) - 1
-            res = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions,
+            res = model(input_ids=tokens[:, None], attention_mask=attention,
+                        position_ids=self._text_positions(attention, offsets, 1),
                         past_key_values=cache, use_cache=True)
             return res.logits[:, -1]
 
@@ -150,15 +162,28 @@ class LlavaExpander:
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
     def _encode(self, images: list, texts: list[str]):
-        """Left-padded forward of full prefixes; positions as generate() computes them."""
+        """Left-padded forward of full prefixes, positioned as generate() positions them.
+
+        Returns (model output, attention mask, per-row offset of the text positions that follow).
+        The processor's extra inputs (LLaVA-NeXT's image_sizes, Qwen's image_grid_thw and
+        mm_token_type_ids) go to the model as they are.
+        """
         self.tokenizer.padding_side = "left"
         enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
-        positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+        attention = enc["attention_mask"]
+        if self.mrope:
+            positions, offsets = self.model.model.get_rope_index(
+                enc["input_ids"], enc["mm_token_type_ids"], image_grid_thw=enc.get("image_grid_thw"),
+                attention_mask=attention)
+            offsets = offsets[:, 0].to(attention.device)
+        else:
+            offsets = torch.zeros(attention.shape[0], dtype=torch.long, device=attention.device)
+            positions = self._text_positions(attention, offsets, attention.shape[1])
         out = self.model(**enc, position_ids=positions, use_cache=True)
-        return out, enc["attention_mask"]
+        return out, attention, offsets
 
     def _in_chunks(self, items: list, run) -> list:
         """Apply `run` to chunks of `node_batch_size` items; halve the chunk on out-of-memory."""
@@ -187,8 +212,8 @@ class LlavaExpander:
         """K (text, Candidate) children for each node of one tree, given each node's sentences so far."""
         def run(chunk):
             texts = [self.prefix_text(prompt_text, r) for r in chunk]
-            out, attention = self._encode([image] * len(texts), texts)
-            return self._search(out.logits[:, -1], out.past_key_values, attention, texts)
+            out, attention, offsets = self._encode([image] * len(texts), texts)
+            return self._search(out.logits[:, -1], out.past_key_values, attention, offsets, texts)
         return self._in_chunks(responses, run)
 
 
@@ -197,6 +222,7 @@ class PromptCache:
     """The encoded (image, prompt) prefixes of the trees in flight, one row per tree."""
     cache: DynamicCache
     attention: torch.Tensor        # [T, L] left-padded mask
+    offsets: torch.Tensor          # [T] what text positions after the prompt add (3-D rope; else 0)
     last_logits: torch.Tensor      # [T, V] next-token logits right after the prompt
     prompt_ids: list[list[int]]    # each prompt's own tokens (image placeholder unexpanded)
     images: list
@@ -211,8 +237,8 @@ class CachedLlavaExpander(LlavaExpander):
 
     @torch.no_grad()
     def encode_prompts(self, images: list, prompt_texts: list[str]) -> PromptCache:
-        out, attention = self._encode(images, prompt_texts)
-        return PromptCache(out.past_key_values, attention, out.logits[:, -1],
+        out, attention, offsets = self._encode(images, prompt_texts)
+        return PromptCache(out.past_key_values, attention, offsets, out.logits[:, -1],
                            [self._text_ids(t) for t in prompt_texts], list(images), list(prompt_texts))
 
     @torch.no_grad()
@@ -242,7 +268,7 @@ class CachedLlavaExpander(LlavaExpander):
         rows = torch.tensor([row for row, _, _ in chunk], device=device)
         width = max(len(ids) for _, _, ids in chunk)
         cache = select_rows(prompts.cache, rows, reserve=width + self.max_new_tokens + 1)
-        attention = prompts.attention[rows]
+        attention, offsets = prompts.attention[rows], prompts.offsets[rows]
         first = prompts.last_logits[rows]
         if width:
             # the sentences so far, left-padded so every row ends at the same column; the padding
@@ -254,10 +280,10 @@ class CachedLlavaExpander(LlavaExpander):
                     ids[j, width - len(toks):] = torch.tensor(toks, device=device)
                     mask[j, width - len(toks):] = 1
             attention = torch.cat([attention, mask], dim=1)
-            positions = (attention.cumsum(dim=1) - 1).clamp(min=0)[:, -width:]
-            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+            out = self.model(input_ids=ids, attention_mask=attention,
+                             position_ids=self._text_positions(attention, offsets, width),
                              past_key_values=cache, use_cache=True)
             has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
         texts = [self.prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]
-        return self._search(first, cache, attention, texts)
+        return self._search(first, cache, attention, offsets, texts)

@@ -36,6 +36,15 @@ def join_sentences(sentences: Sequence[str]) -> str:
     return " ".join(s for s in sentences if s)
 
 
+def continue_text(context: str, text: str) -> str:
+    """`context` (a chat prompt) followed by `text`, as the chat template renders a reply: one space
+    between them unless the prompt already ends in whitespace (LLaVA's 'ASSISTANT:' is followed by
+    ' The ...', ChatML's 'assistant\\n' by 'The ...')."""
+    if not text:
+        return context
+    return f"{context}{text}" if context[-1:].isspace() else f"{context} {text}"
+
+
 def path_ids(nodes: list[dict], node_id: int) -> list[int]:
     """Node ids from the first sentence down to `node_id` (the root, which holds no text, excluded)."""
     ids = []

@@ -102,8 +102,9 @@ class TrainConfig(DPOConfig):
         "folds the trained copy in."))
     projector_learning_rate: float = field(default=2e-5, metadata=_help(
         "Peak learning rate of the projector when train_projector is on (official: mm_projector_lr 2e-5)."))
-    projector_module: str = field(default="multi_modal_projector", metadata=_help(
-        "Name of the projector module (LLaVA in transformers: multi_modal_projector)."))
+    projector_module: str = field(default="auto", metadata=_help(
+        "Name of the projector module. auto: the model class's own (csr.models.SUPPORTED_CLASSES: "
+        "multi_modal_projector for LLaVA and LLaVA-NeXT, visual.merger for Qwen2.5-VL)."))
 
     def __post_init__(self):
         # The paper's default for checkpointing, applied only when neither name was set, so an
@@ -124,6 +125,10 @@ class TrainConfig(DPOConfig):
     def lora_config(self):
         """The `peft.LoraConfig` this config describes (projector as `modules_to_save` if trained)."""
         from peft import LoraConfig
+
+        if self.train_projector and self.projector_module == "auto":
+            raise ValueError("projector_module='auto' must be resolved from the model class first "
+                             "(csr.train.stage.build_trainer does).")
 
         return LoraConfig(
             r=self.lora_r,

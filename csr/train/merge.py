@@ -83,7 +83,7 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from csr.models import check_model_source, load_processor
+    from csr.models import check_model_class, load_processor
 
     policy_path, adapter_dir, out_dir = str(policy_path), Path(adapter_dir), Path(out_dir)
     if is_done(out_dir):
@@ -94,7 +94,7 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MergeError(f"'{adapter_dir}' is not a PEFT adapter folder (no adapter_config.json); run "
                          f"the 'train' stage first (its adapter is in <train out>/adapter).")
-    check_model_source(policy_path, allow_pickle_weights)
+    check_model_class(policy_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
 
     # float32 for the arithmetic whatever the base was saved in: W0 (exact from any lower dtype) + delta
     base = AutoModelForImageTextToText.from_pretrained(

@@ -262,9 +262,10 @@ def load_policy_for_training(policy_path: str, args, cfg: CSRConfig):
     """The policy in the training dtype, on the CPU (the Trainer places it)."""
     from transformers import AutoModelForImageTextToText
 
-    from csr.models import DTYPES, check_model_source
+    from csr.models import DTYPES, check_model_class
 
-    check_model_source(policy_path, cfg.model.allow_pickle_weights)
+    check_model_class(policy_path, trust_remote_code=cfg.model.trust_remote_code,
+                      allow_pickle=cfg.model.allow_pickle_weights)
     return AutoModelForImageTextToText.from_pretrained(
         policy_path, dtype=DTYPES[args.resolved_model_dtype()],
         trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
@@ -274,11 +275,14 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
     """Policy + processor + LoRA, wrapped in the DPO trainer. The reference is the adapters-off model."""
     from transformers import set_seed
 
-    from csr.models import load_processor
+    from csr.models import class_of, load_processor
 
     set_seed(args.seed)  # LoRA's init happens inside the trainer's constructor, before it seeds
     model = load_policy_for_training(policy_path, args, cfg)
     processor = load_processor(policy_path, cfg.model.trust_remote_code)
+    spec = class_of(model)
+    if args.projector_module == "auto":
+        args.projector_module = spec.projector
     from csr.faults import train_callback
 
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
@@ -290,8 +294,8 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
     if tokenizer_adds_bos(tokenizer):  # train on the sequence start that generation sees (see PrependBOS)
         trainer.data_collator = PrependBOS(trainer.data_collator, tokenizer.bos_token_id)
     lora = lora_module_names(trainer.model)
-    vision = [n for n in lora if "vision" in n]
-    log.info("LoRA on %d modules (%d in the vision tower)", len(lora), len(vision))
+    vision = [n for n in lora if f".{spec.vision_tower}." in f".{n}."]
+    log.info("%s: LoRA on %d modules (%d in the vision tower)", spec.architecture, len(lora), len(vision))
     if vision:
         log.warning("train.lora_target_modules puts LoRA on the vision tower (e.g. %s); the paper "
                     "adapts the language model only.", vision[0])

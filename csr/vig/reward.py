@@ -128,18 +128,17 @@ def vig_pair_filter(pair: dict, min_gap: float = 0.0) -> str | None:
 
 def no_image_prompt(processor, question: str) -> str:
     """The chat prompt around the question without any image placeholder (the `none` content-free input)."""
-    from csr.models import image_token_text
+    from csr.models import strip_image_tokens
 
-    question = question.replace(image_token_text(processor), "").strip()
+    question = strip_image_tokens(processor, question)
     messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def _prefix_text(prompt_text: str, sentences: list[str]) -> str:
-    from csr.generate.tree import join_sentences
+    from csr.generate.tree import continue_text, join_sentences
 
-    response = join_sentences(sentences)
-    return f"{prompt_text} {response}" if response else prompt_text
+    return continue_text(prompt_text, join_sentences(sentences))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -156,12 +155,14 @@ def continuation_logprobs(model, processor, contexts: list[str], continuations: 
                           ) -> tuple[list[list[float]], list[list[int]]]:
     """log p of each continuation's tokens after its context, the whole text tokenised at once.
 
-    full = context + " " + continuation (as the expander builds node prefixes). The continuation's
+    full = `continue_text(context, continuation)` (as the expander builds node prefixes). The continuation's
     tokens are those of `full` after the longest common prefix with `context`'s tokens. Right
     padding (natural positions). `images` None: text only.
     """
+    from csr.generate.tree import continue_text
+
     tok = processor.tokenizer
-    fulls = [f"{c} {s}" for c, s in zip(contexts, continuations)]
+    fulls = [continue_text(c, s) for c, s in zip(contexts, continuations)]
     tails = []
     for c, f in zip(contexts, fulls):
         ci, fi = tok(c)["input_ids"], tok(f)["input_ids"]
