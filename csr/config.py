@@ -180,6 +180,9 @@ class ScoreConfig:
 @dataclass
 class PairsConfig:
     min_margin: float = _f(0.0, "Drop a pair whose chosen-minus-rejected path score is below this.")
+    rejected_quantile: float = _f(0.0, "Which path is rejected, as a quantile of the tree's path scores: 0 = the "
+                                  "lowest (paper and official code); higher = a harder negative, closer to the "
+                                  "chosen (a csr option, not in the paper).")
     clean: bool = _f(True, "Apply the official cleaning filters before picking pairs.")
     min_sentence_chars: int = _f(4, "Sentences shorter than this are dropped from a path (official: 4).")
     max_newlines: int = _f(5, "A node whose response holds more newlines is dropped with its subtree (official: 5).")
@@ -188,6 +191,10 @@ class PairsConfig:
     vig_filter: bool = _f(False, "Drop a pair whose chosen response has lower VIG than its rejected one (the score "
                                  "stage then computes node VIG). Not in the CSR paper.")
     vig_min_gap: float = _f(0.0, "With vig_filter: drop when chosen VIG < rejected VIG + this.")
+
+    def validate(self):
+        _require(0.0 <= self.rejected_quantile <= 1.0, "pairs.rejected_quantile", self.rejected_quantile,
+                 "must be in [0, 1]")
 
 
 @dataclass

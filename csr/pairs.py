@@ -85,8 +85,10 @@ def pick_pair(tree: dict, cfg: PairsConfig) -> tuple[dict | None, str | None]:
     paths = candidate_paths(tree["nodes"], cfg)
     if len(paths) < 2:
         return None, "fewer_than_two_paths"
-    chosen = max(paths, key=lambda p: p[1])
-    rejected = min(paths, key=lambda p: p[1])
+    ranked = sorted(paths, key=lambda p: p[1])  # ascending path score
+    chosen = ranked[-1]
+    # quantile 0 is the lowest-scored path; the top quantile stops one short of the chosen
+    rejected = ranked[min(int(cfg.rejected_quantile * (len(ranked) - 1)), len(ranked) - 2)]
     if chosen[0] == rejected[0]:
         return None, "identical_responses"
     margin = chosen[1] - rejected[1]

@@ -6,8 +6,6 @@ models.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -240,32 +238,17 @@ def tiny_open_clip_config(image_size: int = 32, patch_size: int = 8, width: int 
     }
 
 
-def register_open_clip_config(name: str, config: dict) -> None:
-    """Make `name` known to open_clip (its registry reads JSON files from a folder)."""
-    import open_clip
-
-    folder = Path(tempfile.mkdtemp(prefix="csr_open_clip_cfg_"))
-    (folder / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder)
-
-
 def build_tiny_clip(out_dir: str | Path, *, seed: int = 0, **config_kw):
     """Build and save a tiny open_clip model: `open_clip_config.json` + `open_clip_model.safetensors`.
 
     The folder is what `csr.score.clip.load_clip` takes as a local open_clip checkpoint.
     """
-    import open_clip
-    from safetensors.torch import save_file
+    from csr.score.clip import create_open_clip, save_open_clip_folder
 
     torch.manual_seed(seed)
     config = tiny_open_clip_config(**config_kw)
-    register_open_clip_config(TINY_OPEN_CLIP_NAME, config)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_OPEN_CLIP_NAME, pretrained=None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps({"model_name": TINY_OPEN_CLIP_NAME,
-                                                          "model_cfg": config}, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    model, preprocess, _ = create_open_clip(TINY_OPEN_CLIP_NAME, config)
+    save_open_clip_folder(model, TINY_OPEN_CLIP_NAME, config, out_dir)
     return model, preprocess
 
 

@@ -210,7 +210,6 @@ def test_sampling_is_seeded_and_keeps_knobs(tiny, images_dir):
 
 def _search(model, proc, image, prompt, debias=None, G=3, max_new_tokens=5):
     """diverse_group_search over one node, the way LlavaExpander._search drives it."""
-    from csr.data import load_image
     from csr.generate.beam import diverse_group_search
 
     branch = S.ImageBranch(model, proc)

@@ -6,7 +6,7 @@ import pytest
 
 from csr.config import PairsConfig
 from csr.pairs import candidate_paths, has_repeats, node_is_bad, pick_pair, to_csr, to_trl
-from csr.score.reward import calibrate_siblings, path_score, rank_fractions, score_siblings, self_reward
+from csr.score.reward import calibrate_siblings, rank_fractions, score_siblings, self_reward
 from csr.score.stage import siblings_by_parent
 
 
@@ -76,6 +76,16 @@ def test_pick_pair_without_cleaning_keeps_everything():
     assert paths["A dog runs. no no no no no no."] == 26.0
     pair, _ = pick_pair(TREE, PairsConfig(clean=False))
     assert pair["chosen"] == "A dog runs. no no no no no no."
+
+
+def test_rejected_quantile_picks_a_harder_negative():
+    # paths (cleaned): 1.5, 9.0, 10.0 -> quantile 0 is the lowest, 0.5 the middle, 1 the runner-up
+    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.0))[0]["rejected_score"] == 1.5
+    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.5))[0]["rejected"] == "A cat sits. It is red."
+    pair = pick_pair(TREE, PairsConfig(rejected_quantile=1.0))[0]
+    assert pair["rejected_score"] == 9.0 and pair["chosen_score"] == 10.0
+    with pytest.raises(ValueError, match="rejected_quantile"):
+        PairsConfig(rejected_quantile=1.5).validate()
 
 
 def test_pick_pair_refusals():

@@ -1,6 +1,5 @@
 """Tracking: a wandb offline run per round and stage, and TensorBoard events, from a tiny run."""
 
-import json
 from pathlib import Path
 
 import pytest

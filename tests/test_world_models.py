@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from csr.world.train_base import create_open_clip, open_clip_visual_to_hf, world_clip_config
+from csr.score.clip import create_open_clip
+from csr.world.train_base import open_clip_visual_to_hf, world_clip_config
 
 
 @pytest.mark.parametrize("quick_gelu, patch", [(False, 16), (False, 8), (True, 8)])
@@ -56,7 +57,7 @@ def tiny_world(tmp_path_factory):
 
 def test_tiny_build_writes_loadable_folders(tiny_world):
     from csr.models import load_policy
-    from csr.world.train_base import load_open_clip_folder
+    from csr.score.clip import load_open_clip_folder
 
     out, summary = tiny_world
     for part in ("models/clip", "models/llava"):

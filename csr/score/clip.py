@@ -107,25 +107,69 @@ def trimmed_text_encoder(model):
     return encode
 
 
+# ---------------------------------------------------------------------------------------------
+# The open_clip folder format (written by csr.tiny and csr world, read by the open_clip backend):
+# open_clip_config.json = {"model_name", "model_cfg"} + open_clip_model.safetensors.
+# ---------------------------------------------------------------------------------------------
+
+
+def register_open_clip_config(name: str, config: dict) -> None:
+    """Make `name` known to open_clip (its registry reads JSON files from a folder)."""
+    import tempfile
+
+    import open_clip
+
+    folder = Path(tempfile.mkdtemp(prefix="csr_open_clip_cfg_"))
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+
+
+def create_open_clip(name: str, config: dict):
+    """(model, preprocess, tokenizer) for a config registered under `name` (random weights)."""
+    import open_clip
+
+    register_open_clip_config(name, config)
+    root = logging.getLogger()
+    was = root.disabled
+    root.disabled = True  # open_clip warns "No pretrained weights loaded" on the root logger
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        root.disabled = was
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def save_open_clip_folder(model, name: str, config: dict, out_dir: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_name": name, "model_cfg": config}, indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(out / "open_clip_model.safetensors"))
+
+
+def load_open_clip_folder(folder: str | Path):
+    """(model, preprocess, tokenizer) from an open_clip folder, in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_file, weights = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ModelLoadError(f"CLIP folder '{folder}' must hold open_clip_config.json and "
+                             f"open_clip_model.safetensors.")
+    meta = json.loads(cfg_file.read_text())
+    model, preprocess, tokenizer = create_open_clip(meta["model_name"], meta["model_cfg"])
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), preprocess, tokenizer
+
+
 def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int) -> ClipScorer:
     import open_clip
 
-    from csr.tiny import register_open_clip_config
-
     folder = Path(model_name)
     if folder.is_dir():
-        cfg_file = folder / "open_clip_config.json"
-        weights = folder / "open_clip_model.safetensors"
-        if not cfg_file.is_file() or not weights.is_file():
-            raise ModelLoadError(f"CLIP folder '{folder}' must hold open_clip_config.json and "
-                                 f"open_clip_model.safetensors.")
-        meta = json.loads(cfg_file.read_text())
-        name = meta["model_name"]
-        register_open_clip_config(name, meta["model_cfg"])
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(weights)))
+        model, preprocess, tokenizer = load_open_clip_folder(folder)
     else:
         if pretrained and (pretrained.endswith((".bin", ".pt", ".pth"))):
             raise ModelLoadError(f"CLIP checkpoint '{pretrained}' is a pickle file; csr loads only "
@@ -137,9 +181,8 @@ def _open_clip_scorer(model_name: str, pretrained: str, device, batch_size: int)
             raise ModelLoadError(f"unknown open_clip model '{model_name}'; pass a name from "
                                  f"open_clip.list_models() or a folder with open_clip_config.json.")
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
-        name = model_name
+        tokenizer = open_clip.get_tokenizer(model_name)  # truncates to the context length, EOT kept last
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(name)  # truncates to the context length, EOT kept last
     return ClipScorer(model.encode_image, trimmed_text_encoder(model), preprocess, tokenizer, device, batch_size)
 
 
