@@ -1,0 +1,190 @@
+"""Why CSR does or does not reduce hallucination on the grounded world: the numbers behind
+docs/results/world.md, from a world folder and a finished `csr run` folder.
+
+    python scripts/world_diagnostics.py clip   [--world data/world] [--clip DIR]
+    python scripts/world_diagnostics.py pairs  --run data/runs/world [--world data/world]
+    python scripts/world_diagnostics.py causes --captions DIR/chair_captions.jsonl [--world data/world]
+    python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
+
+- clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
+          sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
+          top-1 accuracy for tiny objects and for normal ones.
+- pairs:  pair quality per round, against the prompt images' ground truth: CHAIR of the chosen and
+          rejected responses, of the best-reward path and of the oracle path (fewest hallucinated
+          objects among a tree's candidates), and the ROC-AUC of each reward term for telling a
+          sentence with a correct shape from one naming an absent shape.
+- causes: for a caption file written by `csr eval --chair` (or `csr world --eval`), where each
+          hallucinated object comes from: the co-occurrence partner of a present shape (the
+          language prior the biased training split teaches) or another shape, and whether the
+          sentence's position holds a tiny object.
+- greedy: CHAIR of a model's greedy captions on the CSR prompt images (the images the pairs come
+          from), to set beside the chosen responses of `pairs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
+
+
+def _auc(pos: list[float], neg: list[float]) -> float:
+    """P(score of a positive > score of a negative), ties counted half."""
+    import numpy as np
+
+    scores = np.concatenate([pos, neg])
+    ranks = scores.argsort().argsort() + 1.0
+    for v in np.unique(scores):            # average ranks of ties
+        m = scores == v
+        ranks[m] = ranks[m].mean()
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def clip_accuracy(world: Path, clip_dir: Path) -> dict:
+    from PIL import Image
+
+    from csr.io import read_jsonl
+    from csr.score.clip import load_clip
+    from csr.world.generate import SHAPES
+
+    clip = load_clip("open_clip", str(clip_dir), "", device="cpu")
+    images, texts, truth, small = [], [], [], []
+    for scene in read_jsonl(world / "train" / "prompt_scenes.jsonl"):
+        image = Image.open(world / "train" / scene["image"]).convert("RGB")
+        for o in scene["objects"]:
+            images.append(image)
+            texts.append([f"A {o['color']} {s} is at the {o['position']}." for s in SHAPES])
+            truth.append(SHAPES.index(o["shape"]))
+            small.append(o["size"] < SMALL_RADIUS)
+    scores = clip.scores_many(images, texts)
+    hit = [max(range(len(s)), key=s.__getitem__) == t for s, t in zip(scores, truth)]
+    tiny = [h for h, s in zip(hit, small) if s]
+    normal = [h for h, s in zip(hit, small) if not s]
+    return {"clip": str(clip_dir), "top1_tiny": sum(tiny) / len(tiny), "n_tiny": len(tiny),
+            "top1_normal": sum(normal) / len(normal), "n_normal": len(normal)}
+
+
+def pair_quality(world: Path, run: Path) -> list[dict]:
+    from csr.config import PairsConfig
+    from csr.eval.chair import caption_report, chair_metrics, load_synonyms
+    from csr.io import read_jsonl
+    from csr.pairs import candidate_paths
+
+    table = load_synonyms(world / "test" / "synonyms.json")
+    truth = {r["id"]: [o["shape"] for o in r["objects"]]
+             for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+    cfg = PairsConfig()
+    rows = []
+    for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
+        pairs_file, scored_file = rnd / "pairs" / "pairs.jsonl", rnd / "score" / "scored.jsonl"
+        if not pairs_file.is_file() or not scored_file.is_file():
+            continue
+        pairs = read_jsonl(pairs_file)
+        text = lambda turn: turn[0]["content"][0]["text"]  # noqa: E731
+        gts = [truth[p["id"]] for p in pairs]
+        row = {"round": rnd.name, "pairs": len(pairs)}
+        for side in ("chosen", "rejected"):
+            m = chair_metrics([text(p[side]) for p in pairs], gts, table)
+            row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+        best, oracle, oracle_gts = [], [], []
+        terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
+        for tree in read_jsonl(scored_file):
+            gt = truth[tree["id"]]
+            paths = candidate_paths(tree["nodes"], cfg)
+            if len(paths) >= 2:
+                reports = [caption_report(t, gt, table) for t, _, _ in paths]
+                k = min(range(len(paths)), key=lambda i: (len(reports[i]["hallucinated"]), -len(reports[i]["covered"])))
+                oracle.append(paths[k][0])
+                best.append(max(paths, key=lambda p: p[1])[0])
+                oracle_gts.append(gt)
+            for node in tree["nodes"]:
+                if node.get("parent") is None or "reward" not in node:
+                    continue
+                rep = caption_report(node["text"], gt, table)
+                if rep["mentions"]:
+                    for name, (ok, bad) in terms.items():
+                        (bad if rep["hallucinated"] else ok).append(node[name])
+        for name, caps in (("best_reward", best), ("oracle", oracle)):
+            m = chair_metrics(caps, oracle_gts, table)
+            row[f"{name}_chair_i"], row[f"{name}_recall"] = m["chair_i"], m["recall"]
+        for name, (ok, bad) in terms.items():
+            row[f"auc_{name}"] = _auc(ok, bad) if ok and bad else None
+        rows.append(row)
+    return rows
+
+
+def hallucination_causes(world: Path, captions: Path) -> dict:
+    from csr.io import read_jsonl
+
+    vocab = json.loads((world / "vocab.json").read_text())
+    partner = {a: b for a, b in vocab["pairs"]} | {b: a for a, b in vocab["pairs"]}
+    scenes = {r["id"]: r for r in read_jsonl(world / "test" / "scenes.jsonl")}
+    out = {"hallucinated": 0, "partner_of_present": 0, "other_shape": 0, "at_tiny_object": 0,
+           "at_normal_object": 0, "at_empty_cell": 0}
+    for cap in read_jsonl(captions):
+        scene = scenes[cap["id"]]
+        present = {o["shape"] for o in scene["objects"]}
+        by_position = {o["position"]: o for o in scene["objects"]}
+        for sentence in re.split(r"(?<=\.)\s+", cap["caption"]):
+            for shape in vocab["shapes"]:
+                if shape in present or not re.search(rf"\b{shape}s?\b", sentence):
+                    continue
+                out["hallucinated"] += 1
+                out["partner_of_present" if partner[shape] in present else "other_shape"] += 1
+                where = by_position.get(next((p for p in vocab["positions"] if p in sentence), None))
+                out["at_empty_cell" if where is None else
+                    "at_tiny_object" if where["size"] < SMALL_RADIUS else "at_normal_object"] += 1
+    return out
+
+
+def greedy_chair(world: Path, model: Path) -> dict:
+    import tempfile
+
+    from csr.eval.run import evaluate_model
+    from csr.io import read_jsonl, write_jsonl
+
+    questions = {r["id"]: r["input"].replace("<image>", "").strip()
+                 for r in read_jsonl(world / "train" / "prompts.jsonl")}
+    records = [{"id": r["id"], "image": str((world / "train" / r["image"]).resolve()),
+                "objects": [o["shape"] for o in r["objects"]], "prompt": questions[r["id"]]}
+               for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")]
+    with tempfile.TemporaryDirectory() as tmp:
+        chair_file = Path(tmp) / "prompt_chair.jsonl"
+        write_jsonl(chair_file, records)
+        result = evaluate_model(str(model), None, chair_file, synonyms_path=world / "test" / "synonyms.json")
+    return {"model": str(model), **{k: result["chair"][k] for k in ("chair_i", "chair_s", "recall")}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy"))
+    p.add_argument("--world", default="data/world", type=Path)
+    p.add_argument("--clip", type=Path, help="open_clip folder (default: <world>/models/clip)")
+    p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs)")
+    p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
+    p.add_argument("--model", type=Path, help="a model folder (for greedy)")
+    args = p.parse_args(argv)
+    if args.what == "clip":
+        result = clip_accuracy(args.world, args.clip or args.world / "models" / "clip")
+    elif args.what == "pairs":
+        if args.run is None:
+            p.error("pairs needs --run")
+        result = pair_quality(args.world, args.run)
+    elif args.what == "greedy":
+        if args.model is None:
+            p.error("greedy needs --model")
+        result = greedy_chair(args.world, args.model)
+    else:
+        if args.captions is None:
+            p.error("causes needs --captions")
+        result = hallucination_causes(args.world, args.captions)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
