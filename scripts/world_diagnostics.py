@@ -31,6 +31,11 @@ from pathlib import Path
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
+def _reply_text(turns: list[dict]) -> str:
+    """The text of a TRL conversational reply ([{"role": "assistant", "content": [{"text"}]}])."""
+    return turns[0]["content"][0]["text"]
+
+
 def _auc(pos: list[float], neg: list[float]) -> float:
     """P(score of a positive > score of a negative), ties counted half."""
     import numpy as np
@@ -84,11 +89,10 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
         if not pairs_file.is_file() or not scored_file.is_file():
             continue
         pairs = read_jsonl(pairs_file)
-        text = lambda turn: turn[0]["content"][0]["text"]  # noqa: E731
         gts = [truth[p["id"]] for p in pairs]
         row = {"round": rnd.name, "pairs": len(pairs)}
         for side in ("chosen", "rejected"):
-            m = chair_metrics([text(p[side]) for p in pairs], gts, table)
+            m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
             row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}

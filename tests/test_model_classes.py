@@ -14,6 +14,7 @@ from PIL import Image
 
 from csr.config import load_config
 from csr.models import SUPPORTED_CLASSES, ModelLoadError, build_chat_prompt, check_model_class, load_policy
+from csr.generate.tree import prefix_text
 from csr.tiny import TINY_BUILDERS
 
 ROOT = Path(__file__).parent.parent
@@ -69,7 +70,7 @@ def test_search_matches_generate_and_the_reference_path(tiny_model, images_dir):
                build_chat_prompt(processor, "What shapes do you see?")]
 
     sentences = ["The image shows a red circle."]
-    text = reference.prefix_text(prompts[1], sentences)
+    text = prefix_text(prompts[1], sentences)
     processor.tokenizer.padding_side = "left"
     enc = processor(images=[images[1]], text=[text], return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)

@@ -32,7 +32,7 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import continue_text, join_sentences
+from csr.generate.tree import prefix_text
 from csr.models import class_of, is_oom
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,6 @@ class LlavaExpander:
 
     # -- shared pieces ---------------------------------------------------------------------------
 
-    @staticmethod
-    def prefix_text(prompt_text: str, sentences: list[str]) -> str:
-        return continue_text(prompt_text, join_sentences(sentences))
-
     def _text_positions(self, attention: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
         """Positions of the last `n` columns of left-padded rows, all text: padding skipped, plus the
         row's offset; the same on the three rope axes with multimodal rope."""
@@ -211,7 +207,7 @@ class LlavaExpander:
     def expand(self, image, prompt_text: str, responses: list[list[str]]) -> list[Children]:
         """K (text, Candidate) children for each node of one tree, given each node's sentences so far."""
         def run(chunk):
-            texts = [self.prefix_text(prompt_text, r) for r in chunk]
+            texts = [prefix_text(prompt_text, r) for r in chunk]
             out, attention, offsets = self._encode([image] * len(texts), texts)
             return self._search(out.logits[:, -1], out.past_key_values, attention, offsets, texts)
         return self._in_chunks(responses, run)
@@ -246,7 +242,7 @@ class CachedLlavaExpander(LlavaExpander):
         """Children for (tree row, sentences so far) requests drawn from any trees in `prompts`."""
         plan = []
         for row, sentences in requests:
-            full = self._text_ids(self.prefix_text(prompts.prompt_texts[row], sentences))
+            full = self._text_ids(prefix_text(prompts.prompt_texts[row], sentences))
             head = prompts.prompt_ids[row]
             shared = full[:len(head)] == head
             plan.append((row, sentences, full[len(head):] if shared else None))
@@ -285,5 +281,5 @@ class CachedLlavaExpander(LlavaExpander):
                              past_key_values=cache, use_cache=True)
             has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
-        texts = [self.prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]
+        texts = [prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]
         return self._search(first, cache, attention, offsets, texts)

@@ -45,6 +45,11 @@ def continue_text(context: str, text: str) -> str:
     return f"{context}{text}" if context[-1:].isspace() else f"{context} {text}"
 
 
+def prefix_text(prompt_text: str, sentences: Sequence[str]) -> str:
+    """The text a node continues from: the chat prompt followed by the node's sentences so far."""
+    return continue_text(prompt_text, join_sentences(sentences))
+
+
 def path_ids(nodes: list[dict], node_id: int) -> list[int]:
     """Node ids from the first sentence down to `node_id` (the root, which holds no text, excluded)."""
     ids = []

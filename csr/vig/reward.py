@@ -135,12 +135,6 @@ def no_image_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _prefix_text(prompt_text: str, sentences: list[str]) -> str:
-    from csr.generate.tree import continue_text, join_sentences
-
-    return continue_text(prompt_text, join_sentences(sentences))
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -191,7 +185,7 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
     sentence's context is the chat prompt and the sentences before it on its path. Batches of
     `options.batch_size` nodes across trees. Returns the number of nodes scored.
     """
-    from csr.generate.tree import path_sentences
+    from csr.generate.tree import path_sentences, prefix_text
     from csr.models import build_chat_prompt
     from csr.vig.score import vig_from_logprobs
 
@@ -207,7 +201,7 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
                 n["vig"], n["vig_sum"], n["vig_n_tokens"] = None, 0.0, 0
                 continue
             before = path_sentences(nodes, n["parent"]) if n["parent"] else []
-            requests.append((n, _prefix_text(p_real, before), _prefix_text(p_cf, before), image, cf_img))
+            requests.append((n, prefix_text(p_real, before), prefix_text(p_cf, before), image, cf_img))
     size = options.batch_size
     for start in range(0, len(requests), size):
         chunk = requests[start:start + size]

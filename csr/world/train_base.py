@@ -18,7 +18,7 @@
 
 The defaults (`DEFAULT_CLIP`, `DEFAULT_LLAVA`) give a base LLaVA that reads most shapes but names
 absent co-occurrence partners of present shapes, mostly where an object is small (see
-`csr.world.generate`). Defaults were tuned for seed 0 and checked on seeds 1 and 2.
+`csr.world.generate`; docs/results/world.md). Defaults were tuned for seed 0.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 WORLD_CLIP_NAME = "csr-world-clip"
 
-# Defaults of the default run (`csr world`): about 3.5 + 1.5 minutes on 2 CPU cores.
+# Defaults of the default run (`csr world`): about 3 minutes for both on 2 CPU cores.
 DEFAULT_CLIP = {"steps": 2400, "batch_size": 256, "lr": 3e-3}
 DEFAULT_LLAVA = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "hidden_size": 128, "num_layers": 2,
                  "vocab_size": 400}
@@ -89,7 +89,7 @@ def _sentence(key: tuple, template: int) -> str:
 
 def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = DEFAULT_CLIP["steps"],
                batch_size: int = DEFAULT_CLIP["batch_size"], lr: float = DEFAULT_CLIP["lr"], seed: int = 0,
-               config: dict | None = None, max_images: int | None = None, freeze_token_embedding: bool = True) -> dict:
+               config: dict | None = None, max_images: int | None = None) -> dict:
     """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
     from csr.world.generate import CAPTION_TEMPLATES, COLORS, POSITIONS, SHAPES
 
@@ -116,7 +116,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = DEFAU
 
     # The token embedding (49408 x width, almost all rows unused here) stays at its random init:
     # random input vectors serve the text transformer as well, and it halves the step time.
-    model.token_embedding.weight.requires_grad_(not freeze_token_embedding)
+    model.token_embedding.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     model.train()
     losses = []
