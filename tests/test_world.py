@@ -131,3 +131,31 @@ def test_prompts_load_with_the_train_folder_as_image_root(world):
     assert {r["kind"] for r in sft} == {"caption", "pope"}
     vocab = json.loads((world / "vocab.json").read_text())
     assert vocab["shapes"] == list(SHAPES) and vocab["config"]["seed"] == 3
+
+
+def test_caption_partner_noise_names_absent_partners_only_in_sft_captions(tmp_path):
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    generate_world(WorldConfig(seed=1, **SMALL), clean)
+    generate_world(WorldConfig(seed=1, caption_partner_noise=1.0, **SMALL), noisy)
+    # ground truth and evaluation files are untouched by the noise
+    for f in ("train/scenes.jsonl", "test/pope.jsonl", "test/chair.jsonl"):
+        assert (clean / f).read_text() == (noisy / f).read_text()
+    scenes = {s["image"]: s for s in _read(noisy / "train" / "scenes.jsonl")}
+    extra = 0
+    for rec in _read(noisy / "train" / "sft.jsonl"):
+        if rec["kind"] != "caption":
+            continue
+        scene = scenes[rec["image"]]
+        named = {s for s in SHAPES if f" {s} " in f" {rec['answer']} "}
+        present = {o["shape"] for o in scene["objects"]}
+        assert present <= named  # every real object is still described
+        ghosts = named - present
+        assert all(PARTNER[g] in present for g in ghosts)  # only absent partners are added
+        expected = {PARTNER[s] for s in present} - present
+        if len(scene["objects"]) < len(POSITIONS) and expected:
+            assert ghosts  # noise 1.0 adds one wherever a cell is free
+        extra += len(ghosts)
+        assert len(rec["answer"].split(". ")) <= len(POSITIONS)  # one object per cell at most
+    assert extra > 0
+    with pytest.raises(ValueError, match="caption_partner_noise"):
+        WorldConfig(caption_partner_noise=1.5).validate()

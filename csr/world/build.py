@@ -147,6 +147,8 @@ def main(argv=None) -> int:
                    help=f"training split: probability that a shape's partner joins it (default {d.cooccur_bias})")
     p.add_argument("--small-fraction", type=float,
                    help=f"share of objects drawn tiny, their shape hard to see (default {d.small_fraction})")
+    p.add_argument("--caption-noise", type=float,
+                   help=f"training captions: probability of naming an absent partner (default {d.caption_partner_noise})")
     p.add_argument("--clip-steps", type=int, help="CLIP training steps (default: csr.world.train_base's).")
     p.add_argument("--llava-steps", type=int, help="LLaVA SFT steps (default: csr.world.train_base's).")
     p.add_argument("--eval", action="store_true", help="evaluate the base LLaVA on test/ (POPE, CHAIR)")
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     world_config = None
     overrides = {k: v for k, v in {"n_train": args.n_train, "n_test": args.n_test, "n_prompts": args.n_prompts,
-                                   "cooccur_bias": args.bias, "small_fraction": args.small_fraction}.items()
+                                   "cooccur_bias": args.bias, "small_fraction": args.small_fraction,
+                                   "caption_partner_noise": args.caption_noise}.items()
                  if v is not None}
     if overrides:
         world_config = WorldConfig(seed=args.seed, **overrides)

@@ -98,13 +98,17 @@ class WorldConfig:
     small_fraction: float = 0.4    # objects drawn tiny (radius 12-20% of a cell): shape hard to see
     pope_per_image: int = 3
     sft_questions_per_image: int = 2  # yes/no questions per training image (plus one caption)
+    # train SFT captions only: P(an absent partner of a present shape is written into the caption,
+    # at an empty cell) -- an annotator's prior, like the unseen objects in LLaVA's GPT-written
+    # captions. 0 keeps every caption true. Ground truth (scenes.jsonl, CLIP, POPE) stays clean.
+    caption_partner_noise: float = 0.0
 
     def validate(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(POSITIONS)}")
         if self.image_size < 16 or self.image_size % 2:
             raise ValueError("image_size must be an even number >= 16")
-        for name in ("cooccur_bias", "prompt_bias", "small_fraction"):
+        for name in ("cooccur_bias", "prompt_bias", "small_fraction", "caption_partner_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
 
@@ -324,6 +328,31 @@ def vocabulary(cfg: WorldConfig | None = None, stats: dict | None = None) -> dic
             **({"config": cfg.to_dict()} if cfg else {}), **({"train_stats": stats} if stats else {})}
 
 
+def noisy_caption(rec: dict, noise: float, rng: random.Random) -> str:
+    """The SFT caption of a training scene, with absent partners added with probability `noise`.
+
+    Each present shape whose partner is absent gets a sentence for that partner (random colour) at
+    a random empty cell, in reading order, while empty cells remain. Returns the true caption when
+    nothing is added.
+    """
+    objs = list(rec["objects"])
+    present = {o["shape"] for o in objs}
+    added = []
+    for o in rec["objects"]:
+        partner = PARTNER[o["shape"]]
+        empty = [p for p in POSITIONS if p not in {x["position"] for x in objs}]
+        if partner in present or not empty or rng.random() >= noise:
+            continue
+        ghost = {"shape": partner, "color": rng.choice(sorted(COLORS)), "position": rng.choice(empty)}
+        objs.append(ghost)
+        present.add(partner)
+        added.append(ghost)
+    if not added:
+        return rec["caption"]
+    objs.sort(key=lambda o: POSITIONS.index(o["position"]))
+    return " ".join(object_sentence(o, rng.randrange(len(CAPTION_TEMPLATES))) for o in objs)
+
+
 def write_train_split(cfg: WorldConfig, out: Path) -> dict:
     """train/: scenes, images, SFT records, CSR prompts (+ their images and ground truth)."""
     root = out / "train"
@@ -337,8 +366,9 @@ def write_train_split(cfg: WorldConfig, out: Path) -> dict:
     for rec in records:
         present = [o["shape"] for o in rec["objects"]]
         prompt = CAPTION_PROMPTS[0] if rng.random() < 0.5 else rng.choice(CAPTION_PROMPTS[1:])
+        answer = noisy_caption(rec, cfg.caption_partner_noise, rng) if cfg.caption_partner_noise else rec["caption"]
         sft.append({"id": f"{rec['id']}-cap", "image": rec["image"], "kind": "caption",
-                    "prompt": prompt, "answer": rec["caption"]})
+                    "prompt": prompt, "answer": answer})
         absent = [s for s in SHAPES if s not in present]
         for q in range(cfg.sft_questions_per_image):
             yes = q % 2 == 0
