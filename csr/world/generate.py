@@ -335,19 +335,21 @@ def noisy_caption(rec: dict, noise: float, rng: random.Random) -> str:
     a random empty cell, in reading order, while empty cells remain. Returns the true caption when
     nothing is added.
     """
+    if noise <= 0:  # draws nothing from `rng`, so a noise-free world stays byte-identical
+        return rec["caption"]
     objs = list(rec["objects"])
     present = {o["shape"] for o in objs}
-    added = []
+    occupied = {o["position"] for o in objs}
     for o in rec["objects"]:
         partner = PARTNER[o["shape"]]
-        empty = [p for p in POSITIONS if p not in {x["position"] for x in objs}]
+        empty = [p for p in POSITIONS if p not in occupied]
         if partner in present or not empty or rng.random() >= noise:
             continue
         ghost = {"shape": partner, "color": rng.choice(sorted(COLORS)), "position": rng.choice(empty)}
         objs.append(ghost)
         present.add(partner)
-        added.append(ghost)
-    if not added:
+        occupied.add(ghost["position"])
+    if len(objs) == len(rec["objects"]):
         return rec["caption"]
     objs.sort(key=lambda o: POSITIONS.index(o["position"]))
     return " ".join(object_sentence(o, rng.randrange(len(CAPTION_TEMPLATES))) for o in objs)
@@ -366,9 +368,8 @@ def write_train_split(cfg: WorldConfig, out: Path) -> dict:
     for rec in records:
         present = [o["shape"] for o in rec["objects"]]
         prompt = CAPTION_PROMPTS[0] if rng.random() < 0.5 else rng.choice(CAPTION_PROMPTS[1:])
-        answer = noisy_caption(rec, cfg.caption_partner_noise, rng) if cfg.caption_partner_noise else rec["caption"]
         sft.append({"id": f"{rec['id']}-cap", "image": rec["image"], "kind": "caption",
-                    "prompt": prompt, "answer": answer})
+                    "prompt": prompt, "answer": noisy_caption(rec, cfg.caption_partner_noise, rng)})
         absent = [s for s in SHAPES if s not in present]
         for q in range(cfg.sft_questions_per_image):
             yes = q % 2 == 0
