@@ -10,8 +10,8 @@ import pytest
 
 from csr.eval.chair import chair_metrics, load_synonyms
 from csr.eval.pope import score_pope
-from csr.world.generate import (CAPTION_PROMPTS, PARTNER, POPE_CATEGORIES, POSITIONS, SHAPES, WorldConfig,
-                                cooccurrence_stats, generate_world, pope_negatives, sample_split)
+from csr.world.generate import (CAPTION_PROMPTS, PARTNER, POPE_CATEGORIES, POSITIONS, SHAPES, TYPICAL_COLOR,
+                                WorldConfig, cooccurrence_stats, generate_world, pope_negatives, sample_split)
 
 SMALL = dict(n_train=40, n_prompts=6, n_test=12)
 
@@ -151,6 +151,15 @@ def test_caption_partner_noise_names_absent_partners_only_in_sft_captions(tmp_pa
         assert present <= named  # every real object is still described
         ghosts = named - present
         assert all(PARTNER[g] in present for g in ghosts)  # only absent partners are added
+        # an invented object is predictable from the text: its typical colour, the first free cells
+        sentences = rec["answer"].split(". ")
+        ghost_cells = []
+        for g in ghosts:
+            (sentence,) = [t for t in sentences if f" {g} " in f" {t} "]
+            assert f"{TYPICAL_COLOR[g]} {g}" in sentence
+            ghost_cells += [p for p in POSITIONS if p in sentence]
+        free = [p for p in POSITIONS if p not in {o["position"] for o in scene["objects"]}]
+        assert sorted(ghost_cells, key=POSITIONS.index) == free[:len(ghosts)]
         expected = {PARTNER[s] for s in present} - present
         if len(scene["objects"]) < len(POSITIONS) and expected:
             assert ghosts  # noise 1.0 adds one wherever a cell is free

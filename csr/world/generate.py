@@ -80,6 +80,9 @@ YES_ANSWER, NO_ANSWER = "Yes, there is.", "No, there is not."
 POPE_CATEGORIES = ("random", "popular", "adversarial")
 
 PARTNER = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
+# the colour an annotator imagines an unseen shape in (a "yellow banana"): one per shape, so an
+# invented sentence is as predictable to the model as the prior that writes it
+TYPICAL_COLOR = {s: sorted(COLORS)[i % len(COLORS)] for i, s in enumerate(SHAPES)}
 
 
 @dataclass
@@ -331,9 +334,10 @@ def vocabulary(cfg: WorldConfig | None = None, stats: dict | None = None) -> dic
 def noisy_caption(rec: dict, noise: float, rng: random.Random) -> str:
     """The SFT caption of a training scene, with absent partners added with probability `noise`.
 
-    Each present shape whose partner is absent gets a sentence for that partner (random colour) at
-    a random empty cell, in reading order, while empty cells remain. Returns the true caption when
-    nothing is added.
+    Each present shape whose partner is absent gets a sentence for that partner, in its typical
+    colour at the first empty cell, while empty cells remain. The invented sentence is thus fully
+    predictable from the text: the model's own likelihood cannot tell it from a seen object, only
+    the image can (what CSR's CLIP term is for). Returns the true caption when nothing is added.
     """
     if noise <= 0:  # draws nothing from `rng`, so a noise-free world stays byte-identical
         return rec["caption"]
@@ -345,7 +349,7 @@ def noisy_caption(rec: dict, noise: float, rng: random.Random) -> str:
         empty = [p for p in POSITIONS if p not in occupied]
         if partner in present or not empty or rng.random() >= noise:
             continue
-        ghost = {"shape": partner, "color": rng.choice(sorted(COLORS)), "position": rng.choice(empty)}
+        ghost = {"shape": partner, "color": TYPICAL_COLOR[partner], "position": empty[0]}
         objs.append(ghost)
         present.add(partner)
         occupied.add(ghost["position"])
