@@ -135,7 +135,7 @@ def test_prompts_load_with_the_train_folder_as_image_root(world):
 
 def test_caption_partner_noise_names_absent_partners_only_in_sft_captions(tmp_path):
     clean, noisy = tmp_path / "clean", tmp_path / "noisy"
-    generate_world(WorldConfig(seed=1, **SMALL), clean)
+    generate_world(WorldConfig(seed=1, caption_partner_noise=0.0, **SMALL), clean)
     generate_world(WorldConfig(seed=1, caption_partner_noise=1.0, **SMALL), noisy)
     # ground truth and evaluation files are untouched by the noise
     for f in ("train/scenes.jsonl", "test/pope.jsonl", "test/chair.jsonl"):

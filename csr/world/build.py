@@ -1,7 +1,7 @@
 """`csr world`: build the grounded world and its base models once, cached.
 
     csr world --out data/world [--seed 0 --n-train 3000 --n-test 200 --n-prompts 256]
-              [--bias 0.9 --small-fraction 0.4] [--clip-steps N --llava-steps N] [--eval] [--force]
+              [--bias 0.9 --small-fraction 0.0 --caption-noise 0.6] [--clip-steps N --llava-steps N] [--eval] [--force]
 
     <out>/                 world data (csr.world.generate), finished when <out>/DONE.json exists
     <out>/models/clip/     the world CLIP (open_clip folder: open_clip_config.json + safetensors)
@@ -34,7 +34,8 @@ from csr.io import is_done, mark_done, read_done
 log = logging.getLogger(__name__)
 
 # Bump when generation or training changes what a finished folder holds: old folders get rebuilt.
-WORLD_VERSION = 2
+# v3: captions name absent partners (caption_partner_noise 0.6), no tiny objects.
+WORLD_VERSION = 3
 
 
 def _settings_of(folder: Path) -> dict | None:

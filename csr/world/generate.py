@@ -98,13 +98,15 @@ class WorldConfig:
     popularity: float = 0.6        # train: shape weight ∝ 1/(rank+1)^popularity
     prompt_bias: float = 0.0       # CSR prompt images (default: like the test split)
     prompt_popularity: float = 0.0
-    small_fraction: float = 0.4    # objects drawn tiny (radius 12-20% of a cell): shape hard to see
+    # objects drawn tiny (radius 12-20% of a cell): shape hard to see. Off by default since world v3,
+    # so that the base model's errors come from the prior (below), not from what it cannot see.
+    small_fraction: float = 0.0
     pope_per_image: int = 3
     sft_questions_per_image: int = 2  # yes/no questions per training image (plus one caption)
     # train SFT captions only: P(an absent partner of a present shape is written into the caption,
     # at an empty cell) -- an annotator's prior, like the unseen objects in LLaVA's GPT-written
     # captions. 0 keeps every caption true. Ground truth (scenes.jsonl, CLIP, POPE) stays clean.
-    caption_partner_noise: float = 0.0
+    caption_partner_noise: float = 0.6
 
     def validate(self) -> None:
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
