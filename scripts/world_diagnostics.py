@@ -5,6 +5,7 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
     python scripts/world_diagnostics.py pairs  --run data/runs/world [--world data/world]
     python scripts/world_diagnostics.py causes --captions DIR/chair_captions.jsonl [--world data/world]
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
+    python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--world data/world]
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -19,6 +20,9 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
           sentence's position holds a tiny object.
 - greedy: CHAIR of a model's greedy captions on the CSR prompt images (the images the pairs come
           from), to set beside the chosen responses of `pairs`.
+- pope:   for an answer file written by `csr eval --pope`, the error rate in each cell of
+          (label) x (is the queried shape's co-occurrence partner in the image?). A model that
+          answers from the prior errs where the partner's presence and the label disagree.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
     from csr.io import read_jsonl
 
     vocab = json.loads((world / "vocab.json").read_text())
-    partner = {a: b for a, b in vocab["pairs"]} | {b: a for a, b in vocab["pairs"]}
+    partner = _partner(world)
     scenes = {r["id"]: r for r in read_jsonl(world / "test" / "scenes.jsonl")}
     out = {"hallucinated": 0, "partner_of_present": 0, "other_shape": 0, "at_tiny_object": 0,
            "at_normal_object": 0, "at_empty_cell": 0}
@@ -143,6 +147,31 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
                 out["at_empty_cell" if where is None else
                     "at_tiny_object" if where["size"] < SMALL_RADIUS else "at_normal_object"] += 1
     return out
+
+
+def _partner(world: Path) -> dict[str, str]:
+    vocab = json.loads((world / "vocab.json").read_text())
+    return {a: b for a, b in vocab["pairs"]} | {b: a for a, b in vocab["pairs"]}
+
+
+def pope_prior_cells(world: Path, answers: Path) -> dict:
+    """POPE errors split by label and by whether the queried shape's partner is present."""
+    from csr.io import read_jsonl
+
+    partner = _partner(world)
+    shapes_in = {r["image"]: {o["shape"] for o in r["objects"]}
+                 for r in read_jsonl(world / "test" / "scenes.jsonl")}
+    questions = {q["question_id"]: q for q in read_jsonl(world / "test" / "pope.jsonl")}
+    cells: dict[str, dict] = {}
+    for a in read_jsonl(answers):
+        q = questions[a["question_id"]]
+        where = "present" if partner[q["object"]] in shapes_in[q["image"]] else "absent"
+        cell = cells.setdefault(f"label {q['label']}, partner {where}", {"n": 0, "errors": 0})
+        cell["n"] += 1
+        cell["errors"] += a["answer"] != q["label"]
+    for cell in cells.values():
+        cell["error_rate"] = round(cell["errors"] / cell["n"], 3)
+    return dict(sorted(cells.items()))
 
 
 def greedy_chair(world: Path, model: Path) -> dict:
@@ -165,12 +194,13 @@ def greedy_chair(world: Path, model: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy"))
+    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope"))
     p.add_argument("--world", default="data/world", type=Path)
     p.add_argument("--clip", type=Path, help="open_clip folder (default: <world>/models/clip)")
     p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs)")
     p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
+    p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
     args = p.parse_args(argv)
     if args.what == "clip":
         result = clip_accuracy(args.world, args.clip or args.world / "models" / "clip")
@@ -182,6 +212,10 @@ def main(argv=None) -> int:
         if args.model is None:
             p.error("greedy needs --model")
         result = greedy_chair(args.world, args.model)
+    elif args.what == "pope":
+        if args.answers is None:
+            p.error("pope needs --answers")
+        result = pope_prior_cells(args.world, args.answers)
     else:
         if args.captions is None:
             p.error("causes needs --captions")

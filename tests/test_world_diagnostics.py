@@ -1,0 +1,74 @@
+"""scripts/world_diagnostics.py on a hand-made world whose answers are known."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from csr.io import write_jsonl
+
+_SPEC = importlib.util.spec_from_file_location(
+    "world_diagnostics", Path(__file__).resolve().parents[1] / "scripts" / "world_diagnostics.py")
+diag = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(diag)
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Two partner pairs (circle-square, star-heart); image a holds circle+square, image b a lone star."""
+    (tmp_path / "test").mkdir()
+    (tmp_path / "vocab.json").write_text(json.dumps({
+        "shapes": ["circle", "square", "star", "heart"],
+        "positions": ["top left", "top right", "bottom left", "bottom right"],
+        "pairs": [["circle", "square"], ["star", "heart"]]}))
+    write_jsonl(tmp_path / "test" / "scenes.jsonl", [
+        {"id": "a", "image": "images/a.png", "objects": [
+            {"shape": "circle", "position": "top left", "size": 6.0},
+            {"shape": "square", "position": "top right", "size": 2.5}]},
+        {"id": "b", "image": "images/b.png", "objects": [
+            {"shape": "star", "position": "bottom left", "size": 6.0}]}])
+    write_jsonl(tmp_path / "test" / "pope.jsonl", [
+        {"question_id": 0, "image": "images/a.png", "object": "circle", "label": "yes"},  # partner present
+        {"question_id": 1, "image": "images/a.png", "object": "star", "label": "no"},     # partner absent
+        {"question_id": 2, "image": "images/b.png", "object": "heart", "label": "no"},    # partner present
+        {"question_id": 3, "image": "images/b.png", "object": "star", "label": "yes"},    # partner absent
+        {"question_id": 4, "image": "images/b.png", "object": "circle", "label": "no"}])  # partner absent
+    return tmp_path
+
+
+def test_pope_prior_cells_split_errors_by_partner(world, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    # a prior-following model: "yes" exactly when the partner is in the image
+    write_jsonl(answers, [{"question_id": i, "answer": a} for i, a in enumerate(["yes", "no", "yes", "no", "no"])])
+    cells = diag.pope_prior_cells(world, answers)
+    assert cells == {
+        "label no, partner absent": {"n": 2, "errors": 0, "error_rate": 0.0},
+        "label no, partner present": {"n": 1, "errors": 1, "error_rate": 1.0},
+        "label yes, partner absent": {"n": 1, "errors": 1, "error_rate": 1.0},
+        "label yes, partner present": {"n": 1, "errors": 0, "error_rate": 0.0}}
+
+
+def test_hallucination_causes_partner_and_where(world, tmp_path):
+    captions = tmp_path / "captions.jsonl"
+    write_jsonl(captions, [
+        # a heart (no partner present) at the tiny square's cell, and a star at an empty cell
+        {"id": "a", "caption": "A red circle is at the top left. A blue heart is at the top right. "
+                               "Two stars are at the bottom right."},
+        # the lone star's partner (heart) at a normal object's cell; the star itself is not counted
+        {"id": "b", "caption": "A green star is at the bottom left. A pink heart is at the bottom left."}])
+    out = diag.hallucination_causes(world, captions)
+    assert out == {"hallucinated": 3, "partner_of_present": 1, "other_shape": 2,
+                   "at_tiny_object": 1, "at_normal_object": 1, "at_empty_cell": 1}
+
+
+def test_auc_counts_ties_half():
+    assert diag._auc([3.0, 4.0], [1.0, 2.0]) == 1.0
+    assert diag._auc([1.0], [2.0]) == 0.0
+    assert diag._auc([1.0, 2.0], [1.0]) == pytest.approx(0.75)
+
+
+def test_cli_names_the_missing_argument(world, capsys):
+    with pytest.raises(SystemExit):
+        diag.main(["pope", "--world", str(world)])
+    assert "pope needs --answers" in capsys.readouterr().err
