@@ -5,7 +5,7 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
     python scripts/world_diagnostics.py pairs  --run data/runs/world [--world data/world]
     python scripts/world_diagnostics.py causes --captions DIR/chair_captions.jsonl [--world data/world]
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
-    python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--world data/world]
+    python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -23,6 +23,8 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
 - pope:   for an answer file written by `csr eval --pope`, the error rate in each cell of
           (label) x (is the queried shape's co-occurrence partner in the image?). A model that
           answers from the prior errs where the partner's presence and the label disagree.
+          With --base (another answer file on the same questions), also the change of each POPE
+          metric from base to answers, with a paired-bootstrap 95% interval.
 """
 
 from __future__ import annotations
@@ -174,6 +176,21 @@ def pope_prior_cells(world: Path, answers: Path) -> dict:
     return dict(sorted(cells.items()))
 
 
+def pope_change(base: Path, answers: Path) -> dict:
+    """Each POPE metric's change from `base` to `answers`, with a paired-bootstrap interval."""
+    from csr.eval.pope import paired_bootstrap
+    from csr.io import read_jsonl
+
+    old = {a["question_id"]: a for a in read_jsonl(base)}
+    new = read_jsonl(answers)
+    if set(old) != {a["question_id"] for a in new}:
+        raise SystemExit(f"{base} and {answers} answer different questions")
+    labels = [a["label"] for a in new]
+    return {m: paired_bootstrap([old[a["question_id"]]["answer"] for a in new], [a["answer"] for a in new],
+                                labels, metric=m)
+            for m in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+
+
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
@@ -201,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
     p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
+    p.add_argument("--base", type=Path, help="a base pope_answers.jsonl to compare --answers with (for pope)")
     args = p.parse_args(argv)
     if args.what == "clip":
         result = clip_accuracy(args.world, args.clip or args.world / "models" / "clip")
@@ -215,7 +233,9 @@ def main(argv=None) -> int:
     elif args.what == "pope":
         if args.answers is None:
             p.error("pope needs --answers")
-        result = pope_prior_cells(args.world, args.answers)
+        result = {"cells": pope_prior_cells(args.world, args.answers)}
+        if args.base is not None:
+            result["change_from_base"] = pope_change(args.base, args.answers)
     else:
         if args.captions is None:
             p.error("causes needs --captions")

@@ -6,7 +6,7 @@ import pytest
 
 from csr.eval.chair import (SynonymTable, caption_report, chair_metrics, coco_chair_records, coco_ground_truth,
                             load_synonyms, plural_forms)
-from csr.eval.pope import parse_yes_no, pope_metrics, score_pope
+from csr.eval.pope import paired_bootstrap, parse_yes_no, pope_metrics, score_pope
 
 
 # ------------------------------------------------------------------------------------------ POPE
@@ -63,6 +63,32 @@ def test_score_pope_without_categories_and_bad_label():
     assert list(s) == ["all"] and s["all"]["accuracy"] == 1.0
     with pytest.raises(ValueError):
         score_pope([{"label": "maybe"}], ["yes"])
+
+
+def test_paired_bootstrap_delta_matches_metrics_and_interval():
+    labels = ["yes", "no"] * 50
+    base = ["yes"] * 100                               # says yes to everything
+    new = list(labels)
+    new[:4] = ["no", "yes", "no", "yes"]               # right on 96 of 100
+    out = paired_bootstrap(base, new, labels, metric="f1", n_resamples=500)
+    want = pope_metrics(new, labels)["f1"] - pope_metrics(base, labels)["f1"]
+    assert out["delta"] == pytest.approx(want)
+    assert out["answers_changed"] == 50 and out["n"] == 100
+    assert 0 < out["ci95"][0] <= want <= out["ci95"][1]
+    acc = paired_bootstrap(base, new, labels, metric="accuracy", n_resamples=500)
+    assert acc["delta"] == pytest.approx(0.96 - 0.5)
+
+
+def test_paired_bootstrap_same_answers_and_bad_input():
+    labels, answers = ["yes", "no", "yes"], ["yes", "yes", "no"]
+    out = paired_bootstrap(answers, answers, labels, n_resamples=100)
+    assert out["delta"] == 0 and out["ci95"] == [0.0, 0.0] and out["answers_changed"] == 0
+    with pytest.raises(ValueError, match="2 new answers"):
+        paired_bootstrap(answers, answers[:2], labels)
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap(answers, answers, labels, metric="auc")
+    with pytest.raises(ValueError, match="no questions"):
+        paired_bootstrap([], [], [])
 
 
 # ----------------------------------------------------------------------------------------- CHAIR
