@@ -131,7 +131,7 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
     from csr.io import read_jsonl
 
     vocab = json.loads((world / "vocab.json").read_text())
-    partner = _partner(world)
+    partner = _partner(vocab)
     scenes = {r["id"]: r for r in read_jsonl(world / "test" / "scenes.jsonl")}
     out = {"hallucinated": 0, "partner_of_present": 0, "other_shape": 0, "at_tiny_object": 0,
            "at_normal_object": 0, "at_empty_cell": 0}
@@ -151,8 +151,8 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
     return out
 
 
-def _partner(world: Path) -> dict[str, str]:
-    vocab = json.loads((world / "vocab.json").read_text())
+def _partner(vocab: dict) -> dict[str, str]:
+    """Each shape's co-occurrence partner, from the world's vocab.json."""
     return {a: b for a, b in vocab["pairs"]} | {b: a for a, b in vocab["pairs"]}
 
 
@@ -160,7 +160,7 @@ def pope_prior_cells(world: Path, answers: Path) -> dict:
     """POPE errors split by label and by whether the queried shape's partner is present."""
     from csr.io import read_jsonl
 
-    partner = _partner(world)
+    partner = _partner(json.loads((world / "vocab.json").read_text()))
     shapes_in = {r["image"]: {o["shape"] for o in r["objects"]}
                  for r in read_jsonl(world / "test" / "scenes.jsonl")}
     questions = {q["question_id"]: q for q in read_jsonl(world / "test" / "pope.jsonl")}
@@ -185,10 +185,8 @@ def pope_change(base: Path, answers: Path) -> dict:
     new = read_jsonl(answers)
     if set(old) != {a["question_id"] for a in new}:
         raise SystemExit(f"{base} and {answers} answer different questions")
-    labels = [a["label"] for a in new]
-    return {m: paired_bootstrap([old[a["question_id"]]["answer"] for a in new], [a["answer"] for a in new],
-                                labels, metric=m)
-            for m in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return paired_bootstrap([old[a["question_id"]]["answer"] for a in new], [a["answer"] for a in new],
+                            [a["label"] for a in new])
 
 
 def greedy_chair(world: Path, model: Path) -> dict:

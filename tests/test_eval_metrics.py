@@ -6,7 +6,7 @@ import pytest
 
 from csr.eval.chair import (SynonymTable, caption_report, chair_metrics, coco_chair_records, coco_ground_truth,
                             load_synonyms, plural_forms)
-from csr.eval.pope import paired_bootstrap, parse_yes_no, pope_metrics, score_pope
+from csr.eval.pope import POPE_METRICS, paired_bootstrap, parse_yes_no, pope_metrics, score_pope
 
 
 # ------------------------------------------------------------------------------------------ POPE
@@ -70,23 +70,23 @@ def test_paired_bootstrap_delta_matches_metrics_and_interval():
     base = ["yes"] * 100                               # says yes to everything
     new = list(labels)
     new[:4] = ["no", "yes", "no", "yes"]               # right on 96 of 100
-    out = paired_bootstrap(base, new, labels, metric="f1", n_resamples=500)
-    want = pope_metrics(new, labels)["f1"] - pope_metrics(base, labels)["f1"]
-    assert out["delta"] == pytest.approx(want)
+    out = paired_bootstrap(base, new, labels, n_resamples=500)
     assert out["answers_changed"] == 50 and out["n"] == 100
-    assert 0 < out["ci95"][0] <= want <= out["ci95"][1]
-    acc = paired_bootstrap(base, new, labels, metric="accuracy", n_resamples=500)
-    assert acc["delta"] == pytest.approx(0.96 - 0.5)
+    for m in POPE_METRICS:
+        want = pope_metrics(new, labels)[m] - pope_metrics(base, labels)[m]
+        assert out[m]["delta"] == pytest.approx(want)
+        assert out[m]["ci95"][0] <= want <= out[m]["ci95"][1]
+    assert 0 < out["f1"]["ci95"][0]
+    assert out["accuracy"]["delta"] == pytest.approx(0.96 - 0.5)
 
 
 def test_paired_bootstrap_same_answers_and_bad_input():
     labels, answers = ["yes", "no", "yes"], ["yes", "yes", "no"]
     out = paired_bootstrap(answers, answers, labels, n_resamples=100)
-    assert out["delta"] == 0 and out["ci95"] == [0.0, 0.0] and out["answers_changed"] == 0
+    assert out["answers_changed"] == 0
+    assert all(out[m]["delta"] == 0 and out[m]["ci95"] == [0.0, 0.0] for m in POPE_METRICS)
     with pytest.raises(ValueError, match="2 new answers"):
         paired_bootstrap(answers, answers[:2], labels)
-    with pytest.raises(ValueError, match="unknown metric"):
-        paired_bootstrap(answers, answers, labels, metric="auc")
     with pytest.raises(ValueError, match="no questions"):
         paired_bootstrap([], [], [])
 

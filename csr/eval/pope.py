@@ -79,9 +79,27 @@ def score_pope(records: list[dict], answers: list[str]) -> dict:
     return out
 
 
-def paired_bootstrap(base: list[str], new: list[str], labels: list[str], metric: str = "f1",
-                     n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Change of a POPE metric from `base` to `new` answers on the same questions, with a 95%
+
+POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
+def _resampled_metrics(pred, truth) -> dict:
+    """`pope_metrics`' formulas on arrays: pred, truth are (resamples, n) booleans ('yes' = True)."""
+    import numpy as np
+
+    n = truth.shape[1]
+    tp, fp, fn = (pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.nan_to_num(tp / (tp + fp))
+        recall = np.nan_to_num(tp / (tp + fn))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"accuracy": (n - fp - fn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n}
+
+
+def paired_bootstrap(base: list[str], new: list[str], labels: list[str], n_resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Change of each POPE metric from `base` to `new` answers on the same questions, with a 95%
     percentile interval from resampling questions (both answer sets resampled together, so the
     interval reflects only the answers that differ)."""
     import numpy as np
@@ -90,24 +108,12 @@ def paired_bootstrap(base: list[str], new: list[str], labels: list[str], metric:
         raise ValueError(f"{len(base)} base answers, {len(new)} new answers, {len(labels)} labels")
     if not labels:
         raise ValueError("no questions to compare")
-    y = np.array([_normalise_label(v) == "yes" for v in labels])
-    a = np.array([_normalise_label(v) == "yes" for v in base])
-    b = np.array([_normalise_label(v) == "yes" for v in new])
-
-    def value(p, t):  # metric per resample row; p, t: (rows, n) booleans
-        tp, fp, fn = (p & t).sum(1), (p & ~t).sum(1), (~p & t).sum(1)
-        tn = t.shape[1] - tp - fp - fn
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = {"accuracy": (tp + tn) / t.shape[1], "yes_ratio": (tp + fp) / t.shape[1],
-                   "precision": np.nan_to_num(tp / (tp + fp)), "recall": np.nan_to_num(tp / (tp + fn))}
-            out["f1"] = np.nan_to_num(2 * out["precision"] * out["recall"] / (out["precision"] + out["recall"]))
-        if metric not in out:
-            raise ValueError(f"unknown metric {metric!r}; one of {sorted(out)}")
-        return out[metric]
-
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_resamples, len(y)))
-    deltas = value(b[idx], y[idx]) - value(a[idx], y[idx])
-    observed = float(value(b[None], y[None])[0] - value(a[None], y[None])[0])
-    low, high = np.percentile(deltas, [2.5, 97.5])
-    return {"metric": metric, "delta": observed, "ci95": [float(low), float(high)],
-            "answers_changed": int((a != b).sum()), "n": len(y)}
+    truth, old, cur = (np.array([_normalise_label(v) == "yes" for v in vs]) for vs in (labels, base, new))
+    idx = np.random.default_rng(seed).integers(0, len(truth), size=(n_resamples, len(truth)))
+    before, after = _resampled_metrics(old[idx], truth[idx]), _resampled_metrics(cur[idx], truth[idx])
+    observed_before, observed_after = pope_metrics(base, labels), pope_metrics(new, labels)
+    out = {"answers_changed": int((old != cur).sum()), "n": len(truth)}
+    for m in POPE_METRICS:
+        low, high = np.percentile(after[m] - before[m], [2.5, 97.5])
+        out[m] = {"delta": observed_after[m] - observed_before[m], "ci95": [float(low), float(high)]}
+    return out
