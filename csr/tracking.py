@@ -32,12 +32,16 @@ class WandbTracker(NullTracker):
         import wandb
 
         self.wandb = wandb
-        self.group = Path(run_dir).name
+        # a user's WANDB_RUN_GROUP / WANDB_DIR win, for our runs and TRL's alike
+        self.group = os.environ.get("WANDB_RUN_GROUP") or Path(run_dir).name
         self.project = project or os.environ.get("WANDB_PROJECT", "csr")
         self.run_dir = Path(run_dir)
         self.config = config
-        os.environ.setdefault("WANDB_RUN_GROUP", self.group)  # TRL's train runs join the group...
-        os.environ.setdefault("WANDB_DIR", str(self.run_dir))  # ...and land beside ours
+        # TRL's train runs (in this process or one accelerate launches) read the group and the
+        # folder from the environment; finish() puts the environment back for the next run
+        self._saved_env = {k: os.environ.get(k) for k in ("WANDB_RUN_GROUP", "WANDB_DIR")}
+        os.environ["WANDB_RUN_GROUP"] = self.group
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
 
     def _run(self, name: str, job_type: str):
         return self.wandb.init(project=self.project, group=self.group, name=name, job_type=job_type,
@@ -67,6 +71,11 @@ class WandbTracker(NullTracker):
             run.log({"round": r["round"], **flatten(r.get("eval") or {}, "eval"),
                      **flatten(r["stages"].get("pairs", {}), "pairs")})
         run.finish()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class TensorboardTracker(NullTracker):

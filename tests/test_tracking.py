@@ -1,5 +1,6 @@
 """Tracking: a wandb offline run per round and stage, and TensorBoard events, from a tiny run."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,17 @@ def tiny(tiny_llava_dir, tiny_clip_dir, out, *extra):
 
 
 def test_wandb_offline_runs_per_stage(tiny_llava_dir, tiny_clip_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    from wandb.proto.wandb_internal_pb2 import RunRecord
+
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_DIR", raising=False)
-    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
-    out = tmp_path / "run"
+    for key in ("WANDB_DIR", "WANDB_RUN_GROUP"):  # set then unset, so monkeypatch restores them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    out = tmp_path / "csr-group-check"
     run(tiny(tiny_llava_dir, tiny_clip_dir, out, "run.report_to=wandb"))
+    assert "WANDB_RUN_GROUP" not in os.environ and "WANDB_DIR" not in os.environ  # put back
+    wandb.teardown()  # the service closes the logs asynchronously after run.finish(); wait for it
     # offline runs are protobuf logs (synced later with `wandb sync`); the logged keys are in them
     logs = [p.read_bytes() for p in (out / "wandb").glob("offline-run-*/run-*.wandb")]
     assert len(logs) == 4  # score, train (TRL), pairs, summary: one group, one run each
@@ -33,7 +39,9 @@ def test_wandb_offline_runs_per_stage(tiny_llava_dir, tiny_clip_dir, tmp_path, m
     assert runs_with("clip_score", "self_reward", "reward") == 1
     assert runs_with("pair_margin", "sample_pairs", "chosen_score_mean") == 1
     assert runs_with("rewards/margins") == 1  # DPO's own metrics from TRL
-    assert all(out.name.encode() in b for b in logs)  # the group
+    # every run, TRL's included, carries the group field itself (not just the folder in a path)
+    group_field = RunRecord(run_group=out.name).SerializeToString()
+    assert all(group_field in b for b in logs)
 
 
 def test_tensorboard_events(tiny_llava_dir, tiny_clip_dir, tmp_path):
