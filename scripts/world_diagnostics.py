@@ -6,6 +6,7 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
     python scripts/world_diagnostics.py causes --captions DIR/chair_captions.jsonl [--world data/world]
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
     python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
+    python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl]
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -25,6 +26,11 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
           answers from the prior errs where the partner's presence and the label disagree.
           With --base (another answer file on the same questions), also the change of each POPE
           metric from base to answers, with a paired-bootstrap 95% interval.
+- scores: the yes/no channel without a threshold, from the first-token p(yes) that
+          `csr debias calibrate --pope` writes (label_probs.jsonl): ROC-AUC of p(yes) for the label,
+          the best F1 over thresholds, and F1 at a fixed yes-ratio. With --base, the AUC change with
+          a paired-bootstrap interval and both models' F1 at the base model's yes-ratio, which
+          separates a moved threshold from lost discrimination.
 """
 
 from __future__ import annotations
@@ -189,6 +195,74 @@ def pope_change(base: Path, answers: Path) -> dict:
                             [a["label"] for a in new])
 
 
+def _auc_resampled(scores, truth, idx):
+    """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
+    import numpy as np
+
+    s, t = scores[idx], truth[idx]
+    n = len(scores)
+    order = np.argsort(s, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    ranks = np.empty(s.shape)
+    for row in range(len(idx)):  # average ranks of ties, one resample at a time
+        _, first, counts = np.unique(s_sorted[row], return_index=True, return_counts=True)
+        ranks[row, order[row]] = np.repeat(first + (counts + 1) / 2, counts)
+    n_pos = t.sum(axis=1)
+    n_neg = n - n_pos
+    return ((ranks * t).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def yes_score_summary(p_yes, labels: list[str], yes_ratio: float) -> dict:
+    """Threshold-free view of a yes/no channel: ROC-AUC of p(yes), the best F1 over thresholds, and
+    F1 when the `yes_ratio` share of questions with the highest p(yes) are answered "yes"."""
+    import numpy as np
+
+    s = np.asarray(p_yes, dtype=float)
+    truth = np.array([v == "yes" for v in labels])
+    if not 0 < truth.sum() < len(truth):
+        raise ValueError("AUC needs both 'yes' and 'no' labels")
+    ranked = truth[np.argsort(-s, kind="stable")]
+    tp = np.cumsum(ranked)                       # "yes" for the top k questions, k = 1..n
+    f1 = 2 * tp / (np.arange(1, len(s) + 1) + truth.sum())
+    k = int(round(yes_ratio * len(s)))
+    return {"auc": float(_auc(s[truth], s[~truth])), "best_f1": float(f1.max()),
+            "f1_at_yes_ratio": float(f1[k - 1]) if k else 0.0, "yes_ratio": k / len(s)}
+
+
+def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """`yes_score_summary` of a label_probs.jsonl; with `base`, both at the base's greedy yes-ratio
+    and the AUC change with a paired-bootstrap 95% interval."""
+    import numpy as np
+
+    from csr.io import read_jsonl
+
+    def load(path):
+        rows = {r["question_id"]: r for r in read_jsonl(path)}
+        if not rows:
+            raise SystemExit(f"{path} holds no records")
+        return rows
+
+    new = load(probs)
+    ids = sorted(new)
+    labels = [new[i]["gold"] for i in ids]
+    p_new = np.array([new[i]["p"]["yes"] for i in ids])
+    ratio = float(np.mean([new[i]["pred_uncalibrated"] == "yes" for i in ids]))
+    if base is None:
+        return {"probs": yes_score_summary(p_new, labels, ratio)}
+    old = load(base)
+    if set(old) != set(new):
+        raise SystemExit(f"{base} and {probs} score different questions")
+    p_old = np.array([old[i]["p"]["yes"] for i in ids])
+    ratio = float(np.mean([old[i]["pred_uncalibrated"] == "yes" for i in ids]))
+    before, after = yes_score_summary(p_old, labels, ratio), yes_score_summary(p_new, labels, ratio)
+    truth = np.array([v == "yes" for v in labels])
+    idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_resamples, len(ids)))
+    delta = _auc_resampled(p_new, truth, idx) - _auc_resampled(p_old, truth, idx)
+    low, high = np.percentile(delta, [2.5, 97.5])
+    return {"base": before, "probs": after,
+            "auc_change": {"delta": after["auc"] - before["auc"], "ci95": [float(low), float(high)]}}
+
+
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
@@ -209,14 +283,16 @@ def greedy_chair(world: Path, model: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope"))
+    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope", "scores"))
     p.add_argument("--world", default="data/world", type=Path)
     p.add_argument("--clip", type=Path, help="open_clip folder (default: <world>/models/clip)")
     p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs)")
     p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
     p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
-    p.add_argument("--base", type=Path, help="a base pope_answers.jsonl to compare --answers with (for pope)")
+    p.add_argument("--probs", type=Path, help="label_probs.jsonl from `csr debias calibrate --pope` (for scores)")
+    p.add_argument("--base", type=Path, help="the base model's file of the same kind, to compare with "
+                                             "(pope: pope_answers.jsonl; scores: label_probs.jsonl)")
     args = p.parse_args(argv)
     if args.what == "clip":
         result = clip_accuracy(args.world, args.clip or args.world / "models" / "clip")
@@ -234,6 +310,10 @@ def main(argv=None) -> int:
         result = {"cells": pope_prior_cells(args.world, args.answers)}
         if args.base is not None:
             result["change_from_base"] = pope_change(args.base, args.answers)
+    elif args.what == "scores":
+        if args.probs is None:
+            p.error("scores needs --probs")
+        result = yes_scores(args.probs, args.base)
     else:
         if args.captions is None:
             p.error("causes needs --captions")

@@ -72,3 +72,50 @@ def test_cli_names_the_missing_argument(world, capsys):
     with pytest.raises(SystemExit):
         diag.main(["pope", "--world", str(world)])
     assert "pope needs --answers" in capsys.readouterr().err
+
+
+def test_yes_score_summary_ranks_and_thresholds():
+    # p(yes) ranks: yes .9, no .8, yes .7, yes .4, no .2 -> 4 of the 6 (yes, no) pairs ordered right
+    out = diag.yes_score_summary([0.9, 0.8, 0.7, 0.4, 0.2], ["yes", "no", "yes", "yes", "no"], 0.6)
+    assert out["auc"] == pytest.approx(4 / 6)
+    # top 3 answered yes: tp 2, so F1 = 4 / (3 + 3); the best is top 4: tp 3, F1 = 6 / 7
+    assert out["f1_at_yes_ratio"] == pytest.approx(4 / 6)
+    assert out["best_f1"] == pytest.approx(6 / 7)
+    with pytest.raises(ValueError, match="both"):
+        diag.yes_score_summary([0.1, 0.2], ["yes", "yes"], 0.5)
+
+
+def test_resampled_auc_matches_auc_with_ties():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 5, 40).astype(float)  # many ties
+    truth = rng.random(40) < 0.5
+    idx = rng.integers(0, 40, size=(6, 40))
+    got = diag._auc_resampled(scores, truth, idx)
+    want = [diag._auc(scores[i][truth[i]], scores[i][~truth[i]]) for i in idx]
+    assert got == pytest.approx(want)
+
+
+def test_yes_scores_against_base_same_threshold(tmp_path):
+    from csr.io import write_jsonl
+
+    def probs(path, p_yes):
+        write_jsonl(path, [{"question_id": i, "gold": g, "p": {"yes": p, "no": 1 - p},
+                            "pred_uncalibrated": "yes" if p > 0.5 else "no"}
+                           for i, (g, p) in enumerate(zip(["yes", "no", "yes", "no"], p_yes))])
+    probs(tmp_path / "base.jsonl", [0.9, 0.6, 0.7, 0.1])   # AUC 1, says yes to 3
+    probs(tmp_path / "new.jsonl", [0.45, 0.3, 0.4, 0.05])  # same ranking, threshold moved: yes to none
+    out = diag.yes_scores(tmp_path / "new.jsonl", tmp_path / "base.jsonl", n_resamples=50)
+    assert out["auc_change"]["delta"] == 0.0 and out["base"]["auc"] == 1.0
+    # at the base's yes-ratio (3 of 4) the new scores give the base's F1: the drop is the threshold
+    assert out["probs"]["f1_at_yes_ratio"] == out["base"]["f1_at_yes_ratio"] == pytest.approx(0.8)
+    probs(tmp_path / "other.jsonl", [0.9, 0.6])
+    with pytest.raises(SystemExit, match="different questions"):
+        diag.yes_scores(tmp_path / "other.jsonl", tmp_path / "base.jsonl")
+
+
+def test_cli_scores_needs_probs(capsys):
+    with pytest.raises(SystemExit):
+        diag.main(["scores"])
+    assert "scores needs --probs" in capsys.readouterr().err
