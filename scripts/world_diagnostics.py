@@ -172,7 +172,10 @@ def pope_prior_cells(world: Path, answers: Path) -> dict:
     questions = {q["question_id"]: q for q in read_jsonl(world / "test" / "pope.jsonl")}
     cells: dict[str, dict] = {}
     for a in read_jsonl(answers):
-        q = questions[a["question_id"]]
+        q = questions.get(a["question_id"])
+        if q is None:
+            raise SystemExit(f"{answers}: question_id {a['question_id']!r} is not in {world}/test/pope.jsonl; "
+                             "pass the --world the answers were made on")
         where = "present" if partner[q["object"]] in shapes_in[q["image"]] else "absent"
         cell = cells.setdefault(f"label {q['label']}, partner {where}", {"n": 0, "errors": 0})
         cell["n"] += 1

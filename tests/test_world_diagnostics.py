@@ -47,6 +47,9 @@ def test_pope_prior_cells_split_errors_by_partner(world, tmp_path):
         "label no, partner present": {"n": 1, "errors": 1, "error_rate": 1.0},
         "label yes, partner absent": {"n": 1, "errors": 1, "error_rate": 1.0},
         "label yes, partner present": {"n": 1, "errors": 0, "error_rate": 0.0}}
+    write_jsonl(answers, [{"question_id": 99, "answer": "yes"}])  # answers from another world
+    with pytest.raises(SystemExit, match="question_id 99 is not in"):
+        diag.pope_prior_cells(world, answers)
 
 
 def test_hallucination_causes_partner_and_where(world, tmp_path):
