@@ -6,7 +6,7 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
     python scripts/world_diagnostics.py causes --captions DIR/chair_captions.jsonl [--world data/world]
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
     python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
-    python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl]
+    python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl] [--plot PNG]
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -30,7 +30,7 @@ docs/results/world.md, from a world folder and a finished `csr run` folder.
           `csr debias calibrate --pope` writes (label_probs.jsonl): ROC-AUC of p(yes) for the label,
           the best F1 over thresholds, and F1 at a fixed yes-ratio. With --base, the AUC change with
           a paired-bootstrap interval and both models' F1 at the base model's yes-ratio, which
-          separates a moved threshold from lost discrimination.
+          separates a moved threshold from lost discrimination. --plot draws F1 by yes-ratio.
 """
 
 from __future__ import annotations
@@ -215,26 +215,63 @@ def _auc_resampled(scores, truth, idx):
     return ((ranks * t).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def yes_score_summary(p_yes, labels: list[str], yes_ratio: float) -> dict:
-    """Threshold-free view of a yes/no channel: ROC-AUC of p(yes), the best F1 over thresholds, and
-    F1 when the `yes_ratio` share of questions with the highest p(yes) are answered "yes"."""
+def f1_by_yes_ratio(p_yes, labels: list[str]):
+    """F1 when the k questions with the highest p(yes) are answered "yes", for k = 1..n; returns
+    (yes-ratios k/n, F1s)."""
     import numpy as np
 
     s = np.asarray(p_yes, dtype=float)
     truth = np.array([v == "yes" for v in labels])
     if not 0 < truth.sum() < len(truth):
         raise ValueError("AUC needs both 'yes' and 'no' labels")
-    ranked = truth[np.argsort(-s, kind="stable")]
-    tp = np.cumsum(ranked)                       # "yes" for the top k questions, k = 1..n
-    f1 = 2 * tp / (np.arange(1, len(s) + 1) + truth.sum())
+    tp = np.cumsum(truth[np.argsort(-s, kind="stable")])
+    k = np.arange(1, len(s) + 1)
+    return k / len(s), 2 * tp / (k + truth.sum())
+
+
+def yes_score_summary(p_yes, labels: list[str], yes_ratio: float) -> dict:
+    """Threshold-free view of a yes/no channel: ROC-AUC of p(yes), the best F1 over thresholds, and
+    F1 when the `yes_ratio` share of questions with the highest p(yes) are answered "yes"."""
+    import numpy as np
+
+    ratios, f1 = f1_by_yes_ratio(p_yes, labels)
+    s, truth = np.asarray(p_yes, dtype=float), np.array([v == "yes" for v in labels])
     k = int(round(yes_ratio * len(s)))
     return {"auc": float(_auc(s[truth], s[~truth])), "best_f1": float(f1.max()),
             "f1_at_yes_ratio": float(f1[k - 1]) if k else 0.0, "yes_ratio": k / len(s)}
 
 
-def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, seed: int = 0) -> dict:
+def plot_f1_by_yes_ratio(curves: dict, out_png: Path) -> None:
+    """F1 against the yes-ratio for each {name: (p_yes, labels, greedy yes-ratio)}, each model's
+    greedy answers marked: a moved threshold slides along a curve, lost discrimination lowers it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    greedy_ratios = [greedy for _, _, greedy in curves.values()]
+    low, high = max(min(greedy_ratios) - 0.2, 0.0), min(max(greedy_ratios) + 0.2, 1.0)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, (p_yes, labels, greedy) in curves.items():
+        ratios, f1 = f1_by_yes_ratio(p_yes, labels)
+        shown = (ratios >= low) & (ratios <= high)  # the region around the greedy answers
+        (line,) = ax.plot(ratios[shown], f1[shown], label=name)
+        k = max(int(round(greedy * len(ratios))), 1)
+        ax.plot(ratios[k - 1], f1[k - 1], "o", color=line.get_color(), markeredgecolor="black", zorder=3)
+    ax.set(title="POPE F1 by the share answered yes (dots: greedy)", xlabel="yes-ratio", ylabel="F1")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_png)
+
+
+def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, seed: int = 0,
+               plot: Path | None = None) -> dict:
     """`yes_score_summary` of a label_probs.jsonl; with `base`, both at the base's greedy yes-ratio
-    and the AUC change with a paired-bootstrap 95% interval."""
+    and the AUC change with a paired-bootstrap 95% interval. `plot` writes F1 by yes-ratio."""
     import numpy as np
 
     from csr.io import read_jsonl
@@ -245,23 +282,30 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
             raise SystemExit(f"{path} holds no records")
         return rows
 
+    def columns(rows):
+        return (np.array([rows[i]["p"]["yes"] for i in ids]),
+                float(np.mean([rows[i]["pred_uncalibrated"] == "yes" for i in ids])))
+
     new = load(probs)
     ids = sorted(new)
     labels = [new[i]["gold"] for i in ids]
-    p_new = np.array([new[i]["p"]["yes"] for i in ids])
-    ratio = float(np.mean([new[i]["pred_uncalibrated"] == "yes" for i in ids]))
+    p_new, ratio_new = columns(new)
     if base is None:
-        return {"probs": yes_score_summary(p_new, labels, ratio)}
+        if plot is not None:
+            plot_f1_by_yes_ratio({str(probs.parent.name): (p_new, labels, ratio_new)}, plot)
+        return {"probs": yes_score_summary(p_new, labels, ratio_new)}
     old = load(base)
     if set(old) != set(new):
         raise SystemExit(f"{base} and {probs} score different questions")
-    p_old = np.array([old[i]["p"]["yes"] for i in ids])
-    ratio = float(np.mean([old[i]["pred_uncalibrated"] == "yes" for i in ids]))
-    before, after = yes_score_summary(p_old, labels, ratio), yes_score_summary(p_new, labels, ratio)
+    p_old, ratio_old = columns(old)
+    before, after = yes_score_summary(p_old, labels, ratio_old), yes_score_summary(p_new, labels, ratio_old)
     truth = np.array([v == "yes" for v in labels])
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_resamples, len(ids)))
     delta = _auc_resampled(p_new, truth, idx) - _auc_resampled(p_old, truth, idx)
     low, high = np.percentile(delta, [2.5, 97.5])
+    if plot is not None:
+        plot_f1_by_yes_ratio({f"base ({base.parent.name})": (p_old, labels, ratio_old),
+                              str(probs.parent.name): (p_new, labels, ratio_new)}, plot)
     return {"base": before, "probs": after,
             "auc_change": {"delta": after["auc"] - before["auc"], "ci95": [float(low), float(high)]}}
 
@@ -294,6 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
     p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
     p.add_argument("--probs", type=Path, help="label_probs.jsonl from `csr debias calibrate --pope` (for scores)")
+    p.add_argument("--plot", type=Path, help="PNG of F1 by yes-ratio (for scores)")
     p.add_argument("--base", type=Path, help="the base model's file of the same kind, to compare with "
                                              "(pope: pope_answers.jsonl; scores: label_probs.jsonl)")
     args = p.parse_args(argv)
@@ -316,7 +361,7 @@ def main(argv=None) -> int:
     elif args.what == "scores":
         if args.probs is None:
             p.error("scores needs --probs")
-        result = yes_scores(args.probs, args.base)
+        result = yes_scores(args.probs, args.base, plot=args.plot)
     else:
         if args.captions is None:
             p.error("causes needs --captions")
