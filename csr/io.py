@@ -36,6 +36,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_savefig(fig, path: str | Path, dpi: float | str = "figure") -> None:
+    """Save a matplotlib figure beside `path` (same suffix, so the format is kept), then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 

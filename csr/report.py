@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csr.io import atomic_write_text
+from csr.io import atomic_savefig, atomic_write_text
 
 # (column title, dotted key in the eval metrics or the pairs summary)
 EVAL_COLUMNS = [
@@ -65,10 +65,8 @@ def plot(table: list[dict], out_png: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, out_png, dpi=110)
     plt.close(fig)
-    tmp.replace(out_png)
 
 
 def write_report(run_dir: str | Path, summary: dict) -> Path:

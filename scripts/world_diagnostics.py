@@ -223,7 +223,7 @@ def f1_by_yes_ratio(p_yes, labels: list[str]):
     s = np.asarray(p_yes, dtype=float)
     truth = np.array([v == "yes" for v in labels])
     if not 0 < truth.sum() < len(truth):
-        raise ValueError("AUC needs both 'yes' and 'no' labels")
+        raise ValueError("scoring p(yes) needs both 'yes' and 'no' labels")
     tp = np.cumsum(truth[np.argsort(-s, kind="stable")])
     k = np.arange(1, len(s) + 1)
     return k / len(s), 2 * tp / (k + truth.sum())
@@ -249,6 +249,8 @@ def plot_f1_by_yes_ratio(curves: dict, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from csr.io import atomic_savefig
+
     greedy_ratios = [greedy for _, _, greedy in curves.values()]
     low, high = max(min(greedy_ratios) - 0.2, 0.0), min(max(greedy_ratios) + 0.2, 1.0)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -262,10 +264,8 @@ def plot_f1_by_yes_ratio(curves: dict, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, out_png, dpi=110)
     plt.close(fig)
-    tmp.replace(out_png)
 
 
 def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, seed: int = 0,

@@ -1,6 +1,7 @@
-"""Prompt files in the official CSR format, JSONL and `datasets` folders; images; atomic JSONL."""
+"""Prompt files in the official CSR format, JSONL and `datasets` folders; images; atomic JSONL and figures."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -75,3 +76,28 @@ def test_torn_jsonl_tail_is_repaired_middle_corruption_is_not(tmp_path):
     path.write_text('{"a": 1}\n{"a":\n{"a": 3}\n')
     with pytest.raises(ValueError, match="corrupt"):
         repair_jsonl_tail(path)
+
+
+def test_atomic_savefig_replaces_whole_or_keeps_the_old_file(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csr.io import atomic_savefig
+
+    out = tmp_path / "plots" / "fig.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    atomic_savefig(fig, out)
+    first = out.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    class Broken:  # savefig dies half-way: the old figure stays, no temp file is left
+        def savefig(self, path, dpi):
+            Path(path).write_bytes(b"partial")
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        atomic_savefig(Broken(), out)
+    assert out.read_bytes() == first and sorted(p.name for p in out.parent.iterdir()) == ["fig.png"]
+    plt.close(fig)

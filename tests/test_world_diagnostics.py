@@ -115,7 +115,7 @@ def test_yes_scores_against_base_same_threshold(tmp_path):
     assert out["probs"]["f1_at_yes_ratio"] == out["base"]["f1_at_yes_ratio"] == pytest.approx(0.8)
     png = tmp_path / "f1.png"
     diag.yes_scores(tmp_path / "new.jsonl", tmp_path / "base.jsonl", n_resamples=5, plot=png)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob(".*tmp*"))
     probs(tmp_path / "other.jsonl", [0.9, 0.6])
     with pytest.raises(SystemExit, match="different questions"):
         diag.yes_scores(tmp_path / "other.jsonl", tmp_path / "base.jsonl")

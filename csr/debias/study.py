@@ -196,6 +196,8 @@ def plot_spread(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from csr.io import atomic_savefig
+
     names = sorted({k for r in rows for k in r["metrics"]})
     settings = [r["setting"]["name"] for r in rows]
     ncols = min(3, max(1, len(names)))
@@ -220,8 +222,7 @@ def plot_spread(rows: Sequence[dict], path: str | Path, title: str = "") -> Path
                  fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 

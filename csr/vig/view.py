@@ -22,6 +22,8 @@ def histogram_png(sample_vigs: Sequence[float], path: str | Path, *, tau: float 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from csr.io import atomic_savefig
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     values = [float(v) for v in sample_vigs]
@@ -37,10 +39,8 @@ def histogram_png(sample_vigs: Sequence[float], path: str | Path, *, tau: float 
     ax.set_xlabel("VIG = mean_t [log p(a_t|I) − log p(a_t|I_cf)]  (nats)")
     ax.set_ylabel("samples")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_savefig(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
