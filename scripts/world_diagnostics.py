@@ -48,17 +48,30 @@ def _reply_text(turns: list[dict]) -> str:
     return turns[0]["content"][0]["text"]
 
 
+def _auc_resampled(scores, truth, idx):
+    """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
+    import numpy as np
+
+    s, t = scores[idx], truth[idx]
+    n = idx.shape[1]
+    order = np.argsort(s, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    ranks = np.empty(s.shape)
+    for row in range(len(idx)):  # average ranks of ties, one resample at a time
+        _, first, counts = np.unique(s_sorted[row], return_index=True, return_counts=True)
+        ranks[row, order[row]] = np.repeat(first + (counts + 1) / 2, counts)
+    n_pos = t.sum(axis=1)
+    n_neg = n - n_pos
+    return ((ranks * t).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def _auc(pos: list[float], neg: list[float]) -> float:
     """P(score of a positive > score of a negative), ties counted half."""
     import numpy as np
 
-    scores = np.concatenate([pos, neg])
-    ranks = scores.argsort().argsort() + 1.0
-    for v in np.unique(scores):            # average ranks of ties
-        m = scores == v
-        ranks[m] = ranks[m].mean()
-    n_pos, n_neg = len(pos), len(neg)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    scores = np.concatenate([np.asarray(pos, dtype=float), np.asarray(neg, dtype=float)])
+    truth = np.arange(len(scores)) < len(pos)
+    return float(_auc_resampled(scores, truth, np.arange(len(scores))[None])[0])
 
 
 def clip_accuracy(world: Path, clip_dir: Path) -> dict:
@@ -196,23 +209,6 @@ def pope_change(base: Path, answers: Path) -> dict:
         raise SystemExit(f"{base} and {answers} answer different questions")
     return paired_bootstrap([old[a["question_id"]]["answer"] for a in new], [a["answer"] for a in new],
                             [a["label"] for a in new])
-
-
-def _auc_resampled(scores, truth, idx):
-    """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
-    import numpy as np
-
-    s, t = scores[idx], truth[idx]
-    n = len(scores)
-    order = np.argsort(s, axis=1, kind="stable")
-    s_sorted = np.take_along_axis(s, order, axis=1)
-    ranks = np.empty(s.shape)
-    for row in range(len(idx)):  # average ranks of ties, one resample at a time
-        _, first, counts = np.unique(s_sorted[row], return_index=True, return_counts=True)
-        ranks[row, order[row]] = np.repeat(first + (counts + 1) / 2, counts)
-    n_pos = t.sum(axis=1)
-    n_neg = n - n_pos
-    return ((ranks * t).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def f1_by_yes_ratio(p_yes, labels: list[str]):

@@ -96,7 +96,9 @@ def test_resampled_auc_matches_auc_with_ties():
     truth = rng.random(40) < 0.5
     idx = rng.integers(0, 40, size=(6, 40))
     got = diag._auc_resampled(scores, truth, idx)
-    want = [diag._auc(scores[i][truth[i]], scores[i][~truth[i]]) for i in idx]
+    def pairwise(pos, neg):  # the definition, pair by pair
+        return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    want = [pairwise(scores[i][truth[i]], scores[i][~truth[i]]) for i in idx]
     assert got == pytest.approx(want)
 
 
