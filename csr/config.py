@@ -79,6 +79,15 @@ class ModelConfig:
     device: str = _f("auto", "Device for generation and scoring: auto (cuda if present), cpu, cuda, cuda:N.")
     trust_remote_code: bool = _f(False, "Allow code from the model folder to run. Off unless you trust it.")
     allow_pickle_weights: bool = _f(False, "Allow loading .bin/.pt (pickle) weights. Off: only safetensors load.")
+    chat_template: str = _f("model", "Prompt format for generation and training. model: the model's own chat "
+                                     "template (llava-hf's 'USER: <image>\\n... ASSISTANT:'); vicuna_v1 (official "
+                                     "code, how LLaVA-1.5 was trained): LLaVA's vicuna_v1 conversation with its "
+                                     "system sentence, the assistant turn closed by EOS. LLaVA classes only.",
+                            choices=("model", "vicuna_v1"))
+    image_aspect: str = _f("processor", "Image shape before the processor, for generation and training. processor: "
+                                        "the processor's own resize (llava-hf centre-crops); pad (official code, how "
+                                        "LLaVA-1.5 was trained): pad to a square with the processor's mean colour "
+                                        "first, so nothing is cropped away.", choices=("processor", "pad"))
 
 
 @dataclass
@@ -108,7 +117,15 @@ class GenerateConfig:
                                       "calibrated reward, CLIP included; self (official code): self-score only.",
                         choices=("calibrated", "self"))
     max_new_tokens: int = _f(74, "Tokens per sentence before it is cut (paper: 74; official code: 70).")
-    max_response_chars: int = _f(1024, "A node is final when its response reaches this many characters (official: 1024).")
+    max_response_chars: int = _f(1024, "A node is final when its text reaches this many characters (official: 1024; "
+                                       "what is counted is generate.length_limit).")
+    length_limit: str = _f("response", "What max_response_chars counts. response (csr): the response alone; "
+                                       "prompt_and_response (official code): the decoded chat prompt plus the "
+                                       "response (the released prompts are 206-238 characters, leaving the response "
+                                       "about 790-820).", choices=("response", "prompt_and_response"))
+    stop_at_eos: bool = _f(True, "Whether EOS ends a candidate sentence. true (csr): a sentence stops at a period "
+                                 "token or EOS; false (official code): only the period token or max_new_tokens "
+                                 "stops it. Either way a candidate holding EOS makes its node final.")
     max_sentences: int = _f(24, "Safety cap on tree depth; a path this deep is final. Not in the paper.")
     node_batch_size: int = _f(0, "Memory knob: tree nodes expanded in one forward batch (0: all active nodes "
                                  "of the trees in flight). Out of memory halves it and retries, logged.")
@@ -183,11 +200,25 @@ class PairsConfig:
     rejected_quantile: float = _f(0.0, "Which path is rejected, as a quantile of the tree's path scores: 0 = the "
                                   "lowest (paper and official code); higher = a harder negative, closer to the "
                                   "chosen (a csr option, not in the paper).")
-    clean: bool = _f(True, "Apply the official cleaning filters before picking pairs.")
-    min_sentence_chars: int = _f(4, "Sentences shorter than this are dropped from a path (official: 4).")
-    max_newlines: int = _f(5, "A node whose response holds more newlines is dropped with its subtree (official: 5).")
-    max_repeats: int = _f(4, "A run of the same word or character longer than this drops the subtree.")
-    drop_unexpected_scripts: bool = _f(True, "Drop subtrees holding Korean, Japanese, Cyrillic or emoji (official).")
+    cleaning: str = _f("strict", "Filters that drop a sentence with its whole subtree before rewards are ranked "
+                                 "(csr.cleaning). official: the released code's filters exactly (6+ identical "
+                                 "words, 11+ of one character, &nbsp;&nbsp;, >5 newlines, Korean/Japanese/"
+                                 "Cyrillic); strict (csr default): tunable and stricter (max_repeats, "
+                                 "max_newlines, drop_unexpected_scripts, emoji too); none: no filter.",
+                       choices=("official", "strict", "none"))
+    min_sentence_chars: int = _f(4, "A sentence shorter than this (stripped) is dropped with its whole subtree before "
+                                    "ranking, in every cleaning mode (official: 4; 0 = off).")
+    max_newlines: int = _f(5, "cleaning=strict: a sentence or response with more newlines is dropped (official "
+                              "filter: fixed at 5).")
+    max_repeats: int = _f(4, "cleaning=strict: a run of the same word or character longer than this drops the "
+                             "subtree (official filter: fixed 6 words / 11 characters).")
+    drop_unexpected_scripts: bool = _f(True, "cleaning=strict: drop subtrees holding Korean, Japanese, Cyrillic or emoji.")
+    path_score: str = _f("mean", "A path's score from its sentence rewards. mean (paper): their mean; official "
+                                 "(released code): their sum divided by the nodes including the root, n + 1.",
+                         choices=("mean", "official"))
+    single_path: str = _f("skip", "A tree with one usable path. skip (csr): no pair, counted in the summary; "
+                                  "duplicate (official code): chosen == rejected, a pair DPO learns nothing from.",
+                          choices=("skip", "duplicate"))
     vig_filter: bool = _f(False, "Drop a pair whose chosen response has lower VIG than its rejected one (the score "
                                  "stage then computes node VIG). Not in the CSR paper.")
     vig_min_gap: float = _f(0.0, "With vig_filter: drop when chosen VIG < rejected VIG + this.")
@@ -195,6 +226,9 @@ class PairsConfig:
     def validate(self):
         _require(0.0 <= self.rejected_quantile <= 1.0, "pairs.rejected_quantile", self.rejected_quantile,
                  "must be in [0, 1]")
+        _require(self.min_sentence_chars >= 0, "pairs.min_sentence_chars", self.min_sentence_chars, "must be >= 0")
+        _require(self.max_newlines >= 0, "pairs.max_newlines", self.max_newlines, "must be >= 0")
+        _require(self.max_repeats >= 1, "pairs.max_repeats", self.max_repeats, "must be >= 1")
 
 
 @dataclass
@@ -362,7 +396,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section = getattr(cfg, name)
         if hasattr(section, "validate"):
             section.validate()
+    _check_modes(cfg, merged)
     return cfg
+
+
+# Settings that only mean something in one mode of another setting: (mode key, the mode they need, keys).
+MODE_ONLY_KEYS = (
+    ("pairs.cleaning", "strict", ("pairs.max_repeats", "pairs.max_newlines", "pairs.drop_unexpected_scripts")),
+)
+
+
+def _check_modes(cfg: CSRConfig, explicit: dict[str, dict]) -> None:
+    """Refuse a recipe that sets a key of one mode while choosing another mode (it would be ignored)."""
+    for mode_key, needed, keys in MODE_ONLY_KEYS:
+        section, name = mode_key.split(".")
+        mode = getattr(getattr(cfg, section), name)
+        if mode == needed:
+            continue
+        for key in keys:
+            sec, k = key.split(".")
+            if k in explicit.get(sec, {}):
+                raise ConfigError(f"{key} applies only with {mode_key}={needed}, but the recipe sets "
+                                  f"{mode_key}={mode}. Remove {key} or set {mode_key}={needed}.")
 
 
 def describe_keys(section: str) -> str:

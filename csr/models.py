@@ -127,14 +127,118 @@ def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
                              f"if you trust the file.")
 
 
-def load_processor(name_or_path: str, trust_remote_code: bool = False):
+# LLaVA's vicuna_v1 conversation (how LLaVA-1.5 was trained, and the official CSR code's prompt):
+#   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."
+# system and roles joined by ' ', each assistant turn closed by EOS; the generation prompt ends
+# with "ASSISTANT:". The image placeholder and EOS are filled in per tokenizer (`vicuna_v1_template`).
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_VICUNA_V1 = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first -%}{{- SYSTEM + ' ' -}}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- IMAGE + '\\n' -}}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{- item['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- EOS -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+CHAT_TEMPLATES = ("model", "vicuna_v1")
+IMAGE_ASPECTS = ("processor", "pad")
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def vicuna_v1_template(image_token: str, eos_token: str) -> str:
+    """The vicuna_v1 conversation as a chat template, with this model's image token and EOS."""
+    return ("{%- set SYSTEM = " + _jinja_string(VICUNA_V1_SYSTEM) + " -%}"
+            "{%- set IMAGE = " + _jinja_string(image_token) + " -%}"
+            "{%- set EOS = " + _jinja_string(eos_token) + " -%}" + _VICUNA_V1)
+
+
+def set_chat_template(processor, name: str, model_type: str | None = None):
+    """Use chat template `name` (model: the processor's own; vicuna_v1) for generation and training."""
+    if name == "model":
+        return processor
+    if name != "vicuna_v1":
+        raise ModelLoadError(f"model.chat_template={name!r} is not one of {list(CHAT_TEMPLATES)}.")
+    if model_type not in (None, "llava", "llava_next"):
+        raise ModelLoadError(f"model.chat_template=vicuna_v1 is LLaVA's conversation format; this model is a "
+                             f"'{model_type}'. Use model.chat_template=model.")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.eos_token is None:
+        raise ModelLoadError("model.chat_template=vicuna_v1 closes each answer with EOS, but the tokenizer has none.")
+    template = vicuna_v1_template(image_token_text(processor), tokenizer.eos_token)
+    processor.chat_template = template
+    tokenizer.chat_template = template
+    return processor
+
+
+def pad_to_square(image, fill: tuple[int, int, int]):
+    """LLaVA-1.5's `expand2square`: the image centred on a square of colour `fill`, nothing cropped."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def processor_mean_colour(processor) -> tuple[int, int, int]:
+    """The image processor's mean as an 8-bit RGB colour (LLaVA-1.5 pads with it)."""
+    mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(round(255 * m)) for m in mean[:3])
+
+
+def prepare_image(image, processor, aspect: str):
+    """The image as the processor should receive it: as is, or padded to a square (`pad`)."""
+    if aspect == "processor":
+        return image
+    if aspect == "pad":
+        return pad_to_square(image, processor_mean_colour(processor))
+    raise ModelLoadError(f"model.image_aspect={aspect!r} is not one of {list(IMAGE_ASPECTS)}.")
+
+
+class PadImages:
+    """Wraps a vision collator: pads every example's images to a square before it processes them."""
+
+    def __init__(self, inner, processor, aspect: str):
+        self.inner, self.processor, self.aspect = inner, processor, aspect
+
+    def __call__(self, examples):
+        for ex in examples:
+            for key in ("images", "image"):
+                if key in ex and ex[key] is not None:
+                    value = ex[key]
+                    ex[key] = ([prepare_image(im, self.processor, self.aspect) for im in value]
+                               if isinstance(value, list) else prepare_image(value, self.processor, self.aspect))
+        return self.inner(examples)
+
+
+def load_processor(name_or_path: str, trust_remote_code: bool = False, chat_template: str = "model"):
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if chat_template != "model":
+        model_type = None
+        config_file = Path(name_or_path) / "config.json"
+        if config_file.is_file():
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        set_chat_template(processor, chat_template, model_type)
+    return processor
 
 
 def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
-                trust_remote_code: bool = False, allow_pickle_weights: bool = False):
+                trust_remote_code: bool = False, allow_pickle_weights: bool = False,
+                chat_template: str = "model"):
     """(model, processor) for generation and scoring, in eval mode on the chosen device."""
     from transformers import AutoModelForImageTextToText
 
@@ -145,6 +249,7 @@ def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
         use_safetensors=not allow_pickle_weights,
     ).to(dev).eval()
     processor = load_processor(name_or_path, trust_remote_code)
+    set_chat_template(processor, chat_template, getattr(model.config, "model_type", None))
     return model, processor
 
 

@@ -1,10 +1,10 @@
 """Stage pairs: one chosen/rejected pair per scored tree (CSR §3.3).
 
-Among a tree's root-to-final paths, the path with the highest mean sentence reward is chosen and
-the lowest is rejected. The official cleaning runs first: sentences shorter than
-`min_sentence_chars` are left out of a path, and a node whose text has a run of repeated words or
-characters, too many newlines, or an unexpected script (Korean, Japanese, Cyrillic, emoji) is
-dropped with its whole subtree.
+Among a tree's root-to-final paths that survive cleaning (`csr.cleaning`: a dropped sentence takes
+its whole subtree with it), the best-scored path is chosen and the worst rejected. A path's score
+(`pairs.path_score`) is the mean of its sentences' rewards (paper) or their sum divided by the
+number of nodes including the root, n + 1 (official code). Ties go the official code's way: paths
+are listed depth-first, the first of the best is chosen and the last of the worst rejected.
 
 Writes `pairs.jsonl` in TRL's conversational preference format (prompt/chosen/rejected/images,
 loadable with `datasets`), the same as `pairs.parquet` with the images embedded (ready for
@@ -14,11 +14,11 @@ loadable with `datasets`), the same as `pairs.parquet` with the images embedded 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
+from csr.cleaning import dropped_nodes, response_too_many_newlines
 from csr.cli import stage_parser
-from csr.config import CSRConfig, PairsConfig, load_config
+from csr.config import ConfigError, CSRConfig, PairsConfig, load_config
 from csr.generate.tree import final_paths, join_sentences
 from csr.export import PAIRS_PARQUET, export_pairs_parquet
 from csr.faults import fault_point
@@ -31,65 +31,40 @@ log = logging.getLogger(__name__)
 PAIRS = "pairs.jsonl"
 PAIRS_CSR = "pairs_csr.json"
 
-_UNEXPECTED_SCRIPT = re.compile(
-    "[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"   # Hangul
-    "\u3040-\u30ff\u31f0-\u31ff"                   # Hiragana, Katakana
-    "\u0400-\u04ff"                                # Cyrillic
-    "\U0001f300-\U0001faff\u2600-\u27bf]"          # emoji and symbols
-)
-
-
-def has_repeats(text: str, max_repeats: int) -> bool:
-    """A run of more than `max_repeats` identical words, or of identical non-space characters."""
-    if re.search(r"(\S)\1{%d,}" % max_repeats, text):
-        return True
-    words = text.lower().split()
-    run = 1
-    for a, b in zip(words, words[1:]):
-        run = run + 1 if a == b else 1
-        if run > max_repeats:
-            return True
-    return False
-
-
-def node_is_bad(text: str, cfg: PairsConfig) -> str | None:
-    if text.count("\n") > cfg.max_newlines:
-        return "too_many_newlines"
-    if has_repeats(text, cfg.max_repeats):
-        return "repeats"
-    if cfg.drop_unexpected_scripts and _UNEXPECTED_SCRIPT.search(text):
-        return "unexpected_script"
-    return None
-
 
 def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, float, float | None]]:
-    """(response, path score, path VIG or None) for every usable root-to-final path of a scored tree."""
-    bad = {n["id"] for n in nodes[1:] if cfg.clean and node_is_bad(n["text"], cfg)}
+    """(response, path score, path VIG or None) for every usable root-to-final path, depth-first."""
+    dropped = dropped_nodes(nodes, cfg)
+    keep = {n["id"] for n in nodes[1:]} - dropped.keys()
     out = []
-    for ids in final_paths(nodes):
-        if bad.intersection(ids):
+    for ids in final_paths(nodes, keep):
+        path = [nodes[i] for i in ids]
+        if any(n.get("reward") is None for n in path):
+            raise ConfigError(f"node {path[-1]['id']}'s path holds a node without a reward: the score stage "
+                              f"dropped it under other cleaning settings than these. Recompute with "
+                              f"`csr score --rescore SCORE_DIR --out DIR` under this recipe.")
+        response = join_sentences([n["text"] for n in path])
+        if response_too_many_newlines(response, cfg):
             continue
-        kept = [nodes[i] for i in ids
-                if nodes[i]["text"] and (not cfg.clean or len(nodes[i]["text"].strip()) >= cfg.min_sentence_chars)]
-        if not kept:
-            continue
-        response = join_sentences([n["text"] for n in kept])
-        if cfg.clean and response.count("\n") > cfg.max_newlines:
-            continue
-        out.append((response, path_score([n["reward"] for n in kept]), path_vig(kept)))
+        out.append((response, path_score([n["reward"] for n in path], cfg.path_score), path_vig(path)))
     return out
 
 
 def pick_pair(tree: dict, cfg: PairsConfig) -> tuple[dict | None, str | None]:
     """(pair, None) or (None, reason the tree gives no pair)."""
     paths = candidate_paths(tree["nodes"], cfg)
-    if len(paths) < 2:
+    if not paths:
+        return None, "no_final_path"
+    if len(paths) < 2 and cfg.single_path == "skip":
         return None, "fewer_than_two_paths"
-    ranked = sorted(paths, key=lambda p: p[1])  # ascending path score
-    chosen = ranked[-1]
+    # best first; a stable sort keeps depth-first order among ties, so the chosen is the first of
+    # the best and the rejected the last of the worst, as the official code's ascending rank sort
+    ranked = sorted(paths, key=lambda p: -p[1])
+    chosen = ranked[0]
     # quantile 0 is the lowest-scored path; the top quantile stops one short of the chosen
-    rejected = ranked[min(int(cfg.rejected_quantile * (len(ranked) - 1)), len(ranked) - 2)]
-    if chosen[0] == rejected[0]:
+    # (a single path, with single_path=duplicate, is its own rejected, as the official code writes it)
+    rejected = ranked[len(ranked) - 1 - min(int(cfg.rejected_quantile * (len(ranked) - 1)), max(len(ranked) - 2, 0))]
+    if chosen[0] == rejected[0] and cfg.single_path == "skip":
         return None, "identical_responses"
     margin = chosen[1] - rejected[1]
     if margin < cfg.min_margin:

@@ -32,11 +32,11 @@ def test_every_recipe_parses_and_starts_with_its_command(recipe, tmp_path):
 
 
 def test_overrides_are_typed_and_win(tmp_path):
-    cfg = load_config(None, ["generate.num_candidates=3", "score.reward_lambda=0.5", "pairs.clean=false",
+    cfg = load_config(None, ["generate.num_candidates=3", "score.reward_lambda=0.5", "pairs.cleaning=none",
                              "data.max_prompts=null", "train.beta=0.2", "train.learning_rate=1e-7",
                              "train.save_strategy=no"])
     assert cfg.generate.num_candidates == 3 and cfg.score.reward_lambda == 0.5
-    assert cfg.pairs.clean is False and cfg.data.max_prompts is None
+    assert cfg.pairs.cleaning == "none" and cfg.data.max_prompts is None
     assert cfg.train == {"beta": 0.2, "learning_rate": 1e-7, "save_strategy": "no"}  # YAML 1.1 quirks undone
     recipe = tmp_path / "r.yaml"
     recipe.write_text("generate:\n  num_candidates: 4\n")
@@ -54,7 +54,8 @@ def test_overrides_are_typed_and_win(tmp_path):
     ("generate:\n  sentence_beam_width: -2\n", "must be >= 1"),
     ("score:\n  reward_lambda: 1.5\n", "must be in [0, 1]"),
     ("score:\n  calibration: ranks\n", "is not one of"),
-    ("pairs:\n  clean: maybe\n", "must be true or false"),
+    ("pairs:\n  drop_unexpected_scripts: maybe\n", "must be true or false"),
+    ("pairs:\n  cleaning: official\n  max_repeats: 3\n", "applies only with pairs.cleaning=strict"),
     ("- just\n- a list\n", "a recipe is a mapping"),
     ("generate: [1, 2]\n", "must be a mapping"),
 ])

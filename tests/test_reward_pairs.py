@@ -5,7 +5,8 @@ import math
 import pytest
 
 from csr.config import PairsConfig
-from csr.pairs import candidate_paths, has_repeats, node_is_bad, pick_pair, to_csr, to_trl
+from csr.cleaning import has_repeats, node_drop_reason
+from csr.pairs import candidate_paths, pick_pair, to_csr, to_trl
 from csr.score.reward import calibrate_siblings, rank_fractions, score_siblings, self_reward
 from csr.score.stage import siblings_by_parent
 
@@ -56,34 +57,44 @@ TREE = make_tree([
     (0, "A cat sits.", 10.0, False),        # 1
     (0, "A dog runs.", 2.0, False),         # 2
     (1, "It is red.", 8.0, True),           # 3: path 1-3 mean 9
-    (1, "Ok.", 0.0, True),                  # 4: "Ok." is < 4 chars -> left out: path 1-4 mean 10
+    (1, "Ok.", 0.0, True),                  # 4: "Ok." is < 4 chars -> dropped (its path with it)
     (2, "The sky is blue.", 1.0, True),     # 5: path 2-5 mean 1.5
     (2, "no no no no no no.", 50.0, True),  # 6: repeated words -> dropped
 ])
 
 
 def test_pick_pair_best_and_worst_path_after_cleaning():
+    # strict cleaning drops 6 (repeats) and the short 4, each with its path: 1-3 (mean 9), 2-5 (1.5)
     pair, reason = pick_pair(TREE, PairsConfig())
     assert reason is None
-    assert pair["chosen"] == "A cat sits." and pair["chosen_score"] == 10.0
+    assert pair["chosen"] == "A cat sits. It is red." and pair["chosen_score"] == 9.0
     assert pair["rejected"] == "A dog runs. The sky is blue." and pair["rejected_score"] == 1.5
-    assert pair["margin"] == 8.5 and pair["n_paths"] == 3
+    assert pair["margin"] == 7.5 and pair["n_paths"] == 2
+
+
+def test_a_short_sentence_takes_its_path_with_it():
+    # before: "A cat sits." (node 1, never final) was a response of its own, scored 10
+    responses = [text for text, _, _ in candidate_paths(TREE["nodes"], PairsConfig(cleaning="none"))]
+    assert "A cat sits." not in responses and "A cat sits. Ok." not in responses
 
 
 def test_pick_pair_without_cleaning_keeps_everything():
-    paths = {text: score for text, score, _ in candidate_paths(TREE["nodes"], PairsConfig(clean=False))}
+    cfg = PairsConfig(cleaning="none", min_sentence_chars=0)
+    paths = {text: score for text, score, _ in candidate_paths(TREE["nodes"], cfg)}
     assert paths["A cat sits. Ok."] == 5.0
     assert paths["A dog runs. no no no no no no."] == 26.0
-    pair, _ = pick_pair(TREE, PairsConfig(clean=False))
+    pair, _ = pick_pair(TREE, cfg)
     assert pair["chosen"] == "A dog runs. no no no no no no."
 
 
 def test_rejected_quantile_picks_a_harder_negative():
-    # paths (cleaned): 1.5, 9.0, 10.0 -> quantile 0 is the lowest, 0.5 the middle, 1 the runner-up
-    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.0))[0]["rejected_score"] == 1.5
-    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.5))[0]["rejected"] == "A cat sits. It is red."
-    pair = pick_pair(TREE, PairsConfig(rejected_quantile=1.0))[0]
-    assert pair["rejected_score"] == 9.0 and pair["chosen_score"] == 10.0
+    # no filter: paths 26 (2-6), 9 (1-3), 5 (1-4), 1.5 (2-5); quantile q takes the int(q*3)-th from
+    # the bottom, at most the runner-up: 0 -> 1.5, 0.5 -> 5 (int 1.5 = 1), 1 -> 9
+    cfg = dict(cleaning="none", min_sentence_chars=0)
+    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.0, **cfg))[0]["rejected_score"] == 1.5
+    assert pick_pair(TREE, PairsConfig(rejected_quantile=0.5, **cfg))[0]["rejected"] == "A cat sits. Ok."
+    pair = pick_pair(TREE, PairsConfig(rejected_quantile=1.0, **cfg))[0]
+    assert pair["rejected_score"] == 9.0 and pair["chosen_score"] == 26.0
     with pytest.raises(ValueError, match="rejected_quantile"):
         PairsConfig(rejected_quantile=1.5).validate()
 
@@ -100,22 +111,22 @@ def test_cleaning_filters():
     cfg = PairsConfig()
     assert has_repeats("the the the the the", 4) and not has_repeats("the the the the", 4)
     assert has_repeats("wooooooow", 4)
-    assert node_is_bad("a\n" * 6, cfg) == "too_many_newlines"
-    assert node_is_bad("Привет мир.", cfg) == "unexpected_script"
-    assert node_is_bad("猫がいます。", cfg) == "unexpected_script"
-    assert node_is_bad("A cat 😀.", cfg) == "unexpected_script"
-    assert node_is_bad("A plain English sentence.", cfg) is None
+    assert node_drop_reason("a\n" * 6, cfg) == "too_many_newlines"
+    assert node_drop_reason("Привет мир.", cfg) == "unexpected_script"
+    assert node_drop_reason("猫がいます。", cfg) == "unexpected_script"
+    assert node_drop_reason("A cat 😀.", cfg) == "unexpected_script"
+    assert node_drop_reason("A plain English sentence.", cfg) is None
 
 
 def test_output_formats():
     pair, _ = pick_pair(TREE, PairsConfig())
     trl = to_trl(pair)
     assert trl["prompt"][0]["content"][0] == {"type": "image"}
-    assert trl["chosen"][0]["content"][0]["text"] == "A cat sits."
+    assert trl["chosen"][0]["content"][0]["text"] == "A cat sits. It is red."
     assert trl["images"] == ["/x.png"]
     csr = to_csr(pair)
     assert csr["conversations"][0]["value"] == "<image>\nDescribe."
-    assert csr["conversations"][1]["value"] == "A cat sits."
+    assert csr["conversations"][1]["value"] == "A cat sits. It is red."
     assert csr["rejected_conversations"][1]["value"] == "A dog runs. The sky is blue."
 
 

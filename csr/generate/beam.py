@@ -6,8 +6,12 @@ their token in order; group g's log-probs are lowered by `diversity_penalty` tim
 earlier groups (of the same node) that picked that token at this step (Hamming diversity,
 Vijayakumar et al. 2018, as in transformers' former `HammingDiversityLogitsProcessor`).
 
-A group's sentence ends at a stop token ('.' or EOS) or after `max_new_tokens`. With one beam per
-group, the group keeps its arg-max token; transformers' beam-hypothesis bookkeeping, which could let
+A group's sentence ends at a stop token ('.', and EOS when `eos_stops`) or after `max_new_tokens`.
+With `eos_stops=False` (the official code: it passes only the period id as generate()'s
+`eos_token_id`) an EOS does not stop the group; the candidate records that it holds one
+(`has_eos`), which makes its tree node final.
+
+With one beam per group, the group keeps its arg-max token; transformers' beam-hypothesis bookkeeping, which could let
 a group run past a '.' found among its second-best candidates, is not reproduced.
 
 Two scores are kept per candidate:
@@ -31,6 +35,7 @@ class Candidate:
     logprobs: list[float] = field(default_factory=list)
     penalised_sum: float = 0.0
     ended_by: str = "length"  # "stop" ('.'), "eos", or "length"
+    has_eos: bool = False     # an EOS among the tokens (stopping there or not): the node is final
 
     @property
     def n_tokens(self) -> int:
@@ -55,7 +60,7 @@ StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups: int,
                          diversity_penalty: float, max_new_tokens: int, stop_ids: list[int],
-                         eos_ids: list[int], pad_id: int) -> list[list[Candidate]]:
+                         eos_ids: list[int], pad_id: int, eos_stops: bool = True) -> list[list[Candidate]]:
     """Run the search for M nodes whose next-token logits are `first_logits` [M, V].
 
     Returns, per node, its G candidates in group order. `step` is called with pad_id for rows
@@ -65,7 +70,8 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
     G = num_groups
     device = first_logits.device
     stop = torch.zeros(V, dtype=torch.bool, device=device)
-    stop[list(set(stop_ids) | set(eos_ids))] = True
+    stop_set = set(stop_ids) | set(eos_ids) if eos_stops else set(stop_ids) - set(eos_ids)
+    stop[list(stop_set)] = True
     eos = torch.zeros(V, dtype=torch.bool, device=device)
     eos[list(eos_ids)] = True
 
@@ -89,6 +95,8 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
                 c.token_ids.append(int(tok[m]))
                 c.logprobs.append(float(tok_logp[m]))
                 c.penalised_sum += float(tok_score[m])
+                if eos[tok[m]]:
+                    c.has_eos = True
                 if stop[tok[m]]:
                     c.ended_by = "eos" if eos[tok[m]] else "stop"
             done[:, g] |= live & stop[tok]

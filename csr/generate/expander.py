@@ -108,7 +108,8 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor, reserve: int = 64) -> D
 
 class LlavaExpander:
     def __init__(self, model, processor, *, num_candidates: int, diversity_penalty: float,
-                 max_new_tokens: int, stop_ids: list[int], node_batch_size: int = 0, debias=None):
+                 max_new_tokens: int, stop_ids: list[int], node_batch_size: int = 0, debias=None,
+                 eos_stops: bool = True):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -116,6 +117,7 @@ class LlavaExpander:
         self.diversity_penalty = diversity_penalty
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
+        self.eos_stops = eos_stops  # False: only the period tokens stop a sentence (official code)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = [eos] if eos is not None else []
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -154,7 +156,7 @@ class LlavaExpander:
             first_logits, step = self.debias.wrap(first_logits, step, prefix_texts, G)
         cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                     eos_ids=self.eos_ids, pad_id=self.pad_id)
+                                     eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
     def _encode(self, images: list, texts: list[str]):

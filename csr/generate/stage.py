@@ -26,7 +26,7 @@ from csr.generate.tree import TreeSettings, grow_tree, grow_trees
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, write_jsonl)
-from csr.models import build_chat_prompt, load_policy, sentence_end_ids
+from csr.models import build_chat_prompt, load_policy, prepare_image, sentence_end_ids
 from csr.score.reward import score_siblings, self_reward
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,14 @@ def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None):
 
 def _grow_batch(cfg, expander, clip, processor, batch: list[tuple[PromptRecord, object]], settings):
     prompt_texts = [build_chat_prompt(processor, rec.prompt) for rec, _ in batch]
-    images = [image for _, image in batch]
-    scorers = [make_sibling_scorer(cfg, clip, image) for image in images]
+    # CLIP sees the image as it is; the policy sees it as model.image_aspect prepares it
+    scorers = [make_sibling_scorer(cfg, clip, image) for _, image in batch]
+    images = [prepare_image(image, processor, cfg.model.image_aspect) for _, image in batch]
     if isinstance(expander, CachedLlavaExpander):
         prompts = expander.encode_prompts(images, prompt_texts)
-        return grow_trees(lambda requests: expander.expand_many(prompts, requests), scorers, settings)
+        return grow_trees(lambda requests: expander.expand_many(prompts, requests), scorers, settings, prompt_texts)
     return [grow_tree(lambda responses, i=i: expander.expand(images[i], prompt_texts[i], responses),
-                      scorers[i], settings) for i in range(len(batch))]
+                      scorers[i], settings, prompt_texts[i]) for i in range(len(batch))]
 
 
 def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord], trees_path: Path,
@@ -81,7 +82,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     g = cfg.generate
     model, processor = load_policy(policy_path, dtype=cfg.model.torch_dtype, device=device,
                                    trust_remote_code=cfg.model.trust_remote_code,
-                                   allow_pickle_weights=cfg.model.allow_pickle_weights)
+                                   allow_pickle_weights=cfg.model.allow_pickle_weights,
+                                   chat_template=cfg.model.chat_template)
     clip = None
     if g.selection == "calibrated":
         from csr.score.clip import load_clip_from_config
@@ -96,8 +98,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer),
-                   node_batch_size=g.node_batch_size, debias=debias)
-    settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences)
+                   node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos)
+    settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
     n_candidates, start = 0, time.perf_counter()
     bar = tqdm(total=len(todo), desc="generate", unit="prompt")

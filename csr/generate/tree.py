@@ -1,14 +1,17 @@
 """Sentence-level beam search: a tree whose nodes are sentences (CSR, arXiv 2405.14622 §3.1).
 
 Level by level, every active node is extended by K candidate next sentences (see `beam.py`);
-the level's new non-final nodes are then pruned to the sentence beam. Pruning modes:
-- official: sort by path score, keep the best N//2-1 and the worst N//2 (N=5: 1 best + 2 worst).
-  The authors keep bad paths alive on purpose so that a clearly bad response exists for the
-  rejected side of the preference pair.
+the level's new non-final nodes are then pruned to the sentence beam of width N, ranked by their
+cumulative search score (the sum of the search scores along the path, as the official code keeps
+it; every node of a level has the same depth, so the mean would order them the same). Pruning modes:
+- official: with at least N open nodes keep the best N//2-1 and the worst N//2 (N=5: 1 best +
+  2 worst); with fewer than N keep them all. The authors keep bad paths alive on purpose so that a
+  clearly bad response exists for the rejected side of the preference pair.
 - best: plain top-N.
-A node is final when its sentence ends with EOS, the response reaches `max_response_chars`, or the
-path reaches `max_sentences` (a safety cap not in the paper). Pruned nodes stay in the tree,
-flagged, so the file shows the whole search.
+A node is final when its sentence holds an EOS (see `beam.py` for whether EOS also stops it), when
+the text reaches `max_response_chars` (the response alone, or the chat prompt plus the response as
+the official code counts it: `length_limit`), or when the path reaches `max_sentences` (a safety
+cap not in the paper). Pruned nodes stay in the tree, flagged, so the file shows the whole search.
 
 Everything here is model-free: the model enters through `expand`, the reward through
 `score_siblings`, which makes the search testable against scripted candidates.
@@ -22,6 +25,7 @@ from typing import Callable, Sequence
 from csr.generate.beam import Candidate
 
 ROOT = 0
+LENGTH_LIMITS = ("response", "prompt_and_response")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class TreeSettings:
     pruning: str = "official"
     max_response_chars: int = 1024
     max_sentences: int = 24
+    length_limit: str = "response"  # or "prompt_and_response" (official)
 
 
 def join_sentences(sentences: Sequence[str]) -> str:
@@ -64,15 +69,19 @@ def path_sentences(nodes: list[dict], node_id: int) -> list[str]:
 
 
 def prune(candidates: list[tuple[int, float]], width: int, mode: str) -> list[int]:
-    """Ids kept from (id, path score) pairs, best first; ties keep generation order."""
+    """Ids kept from (id, path score) pairs, best first; ties keep generation order.
+
+    official: fewer than `width` open nodes are all kept; otherwise the best width//2-1 and the
+    worst width//2 (the released code's `new_nodes[:N//2-1] + new_nodes[-N//2:] if len >= N`).
+    """
     order = [i for i, _ in sorted(candidates, key=lambda c: -c[1])]
     if mode == "best":
         return order[:width]
     if mode != "official":
         raise ValueError(f"unknown pruning mode '{mode}' (official, best)")
-    n_best, n_worst = width // 2 - 1, width // 2
-    if len(order) <= n_best + n_worst:
+    if len(order) < width:
         return order
+    n_best, n_worst = width // 2 - 1, width // 2
     return order[:n_best] + order[len(order) - n_worst:]
 
 
@@ -90,9 +99,12 @@ class TreeSearch:
     (same order) and runs scoring and pruning. `grow_tree` drives a single tree.
     """
 
-    def __init__(self, score_siblings: ScoreSiblingsFn, settings: TreeSettings):
+    def __init__(self, score_siblings: ScoreSiblingsFn, settings: TreeSettings, prompt_text: str = ""):
+        if settings.length_limit not in LENGTH_LIMITS:
+            raise ValueError(f"unknown length_limit '{settings.length_limit}' ({', '.join(LENGTH_LIMITS)})")
         self.score_siblings = score_siblings
         self.settings = settings
+        self.prompt_text = prompt_text
         self.nodes: list[dict] = [{"id": ROOT, "parent": None, "depth": 0, "text": "", "final": False,
                                    "pruned": False}]
         self.active = [ROOT]
@@ -117,10 +129,14 @@ class TreeSearch:
                     "logprob_mean": cand.logprob_mean, "beam_score": cand.beam_score,
                     "ended_by": cand.ended_by, "final": False, "final_reason": None, "pruned": False,
                 }
-                response = join_sentences(path_sentences(nodes, parent_id) + [text])
-                if cand.ended_by == "eos":
+                sentences = path_sentences(nodes, parent_id) + [text]
+                if settings.length_limit == "prompt_and_response":
+                    counted = prefix_text(self.prompt_text, sentences)
+                else:
+                    counted = join_sentences(sentences)
+                if cand.ended_by == "eos" or cand.has_eos:
                     node["final"], node["final_reason"] = True, "eos"
-                elif len(response) >= settings.max_response_chars:
+                elif len(counted) >= settings.max_response_chars:
                     node["final"], node["final_reason"] = True, "max_response_chars"
                 elif node["depth"] >= settings.max_sentences:
                     node["final"], node["final_reason"] = True, "max_sentences"
@@ -128,9 +144,8 @@ class TreeSearch:
                 siblings.append(node)
             for node, score in zip(siblings, self.score_siblings(siblings)):
                 node["search_score"] = float(score)
-                # the path score is the mean over the path's sentences (official and paper alike)
-                depth = node["depth"]
-                node["path_search_score"] = (parent.get("path_search_score", 0.0) * (depth - 1) + score) / depth
+                # cumulative, as the official code's `node.score = parent.score + score`
+                node["path_search_score"] = parent.get("path_search_score", 0.0) + float(score)
             level.extend(siblings)
         open_nodes = [(n["id"], n["path_search_score"]) for n in level if not n["final"]]
         keep = prune(open_nodes, settings.sentence_beam_width, settings.pruning)
@@ -140,9 +155,10 @@ class TreeSearch:
         self.active = keep
 
 
-def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeSettings) -> list[dict]:
+def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeSettings,
+              prompt_text: str = "") -> list[dict]:
     """Run the sentence-level search for one (image, prompt); returns the node list (id = index)."""
-    search = TreeSearch(score_siblings, settings)
+    search = TreeSearch(score_siblings, settings, prompt_text)
     while not search.done:
         search.advance(expand(search.pending()))
     return search.nodes
@@ -152,12 +168,14 @@ ExpandManyFn = Callable[[list[tuple[int, list[str]]]], list[list[tuple[str, Cand
 """Given (tree index, sentences so far) for active nodes of any trees, returns each one's children."""
 
 
-def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settings: TreeSettings) -> list[list[dict]]:
+def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settings: TreeSettings,
+               prompt_texts: list[str] | None = None) -> list[list[dict]]:
     """Run several searches in lockstep so that one batch serves the active nodes of all of them.
 
     Each tree's result is the same as `grow_tree` alone would give: the trees only share batches.
     """
-    searches = [TreeSearch(score, settings) for score in scorers]
+    prompt_texts = prompt_texts or [""] * len(scorers)
+    searches = [TreeSearch(score, settings, text) for score, text in zip(scorers, prompt_texts)]
     while True:
         live = [t for t, s in enumerate(searches) if not s.done]
         if not live:
@@ -169,6 +187,29 @@ def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settin
             searches[t].advance([next(results) for _ in pending[t]])
 
 
-def final_paths(nodes: list[dict]) -> list[list[int]]:
-    """Every root-to-final path (as node ids, first sentence first)."""
-    return [path_ids(nodes, n["id"]) for n in nodes if n.get("final")]
+def children_of(nodes: list[dict]) -> dict[int, list[int]]:
+    """Child ids of every node, in generation order."""
+    children: dict[int, list[int]] = {n["id"]: [] for n in nodes}
+    for n in nodes[1:]:
+        children[n["parent"]].append(n["id"])
+    return children
+
+
+def final_paths(nodes: list[dict], keep: set[int] | None = None) -> list[list[int]]:
+    """Every root-to-final path (node ids, first sentence first), in depth-first order.
+
+    Depth-first with children in generation order is the order the official code lists paths in,
+    which decides its ties. With `keep`, only paths whose every node is in `keep`.
+    """
+    children, out, stack = children_of(nodes), [], [(ROOT, [])]
+    while stack:
+        node_id, path = stack.pop()
+        if node_id != ROOT:
+            if keep is not None and node_id not in keep:
+                continue
+            path = path + [node_id]
+            if nodes[node_id].get("final"):
+                out.append(path)
+                continue
+        stack.extend((c, path) for c in reversed(children[node_id]))
+    return out

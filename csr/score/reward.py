@@ -70,6 +70,22 @@ def score_siblings(siblings: list[dict], *, lam: float, mode: str, self_kind: st
     return rewards
 
 
-def path_score(rewards: Sequence[float]) -> float:
-    """A path's score: the mean of its sentences' rewards."""
-    return sum(rewards) / len(rewards) if rewards else float("-inf")
+PATH_SCORES = ("mean", "official")
+
+
+def path_score(rewards: Sequence[float], kind: str = "mean") -> float:
+    """A path's score from its sentences' rewards (first sentence first).
+
+    mean (paper): their mean. official (the released code): their sum divided by the number of
+    nodes on the path *including the root*, n + 1 (the root holds no reward but counts).
+    """
+    if not rewards:
+        return float("-inf")
+    total = 0.0
+    for r in rewards:  # left to right, as the official code accumulates (ties depend on it)
+        total += r
+    if kind == "mean":
+        return total / len(rewards)
+    if kind == "official":
+        return total / (len(rewards) + 1)
+    raise ValueError(f"unknown path_score '{kind}' ({', '.join(PATH_SCORES)})")

@@ -3,10 +3,19 @@
 Reads generate/trees.jsonl, writes score/scored.jsonl: the same trees with, on every node,
 `clip` (100·cos), `self_reward`, `visual_reward` and `reward` (see `csr.score.reward`).
 CLIP scores computed during the search (selection=calibrated) are reused, not recomputed.
+
+Before rewards are ranked, nodes that the pairs cleaning drops (`csr.cleaning`: short sentences,
+the filters) are marked `dropped` with the reason, with their whole subtree, and get no reward;
+sibling ranks (calibration=rank) are computed among the survivors only, as the official code does.
+
+`csr score --rescore` recomputes the rewards, and then the pairs, of a finished score stage from
+the raw scores its nodes already hold (log-probs, beam score, CLIP, VIG) under another recipe's
+score and pairs settings: no model and no CLIP load, so a λ sweep costs no generation.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -14,11 +23,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from csr.cli import stage_parser
-from csr.config import CSRConfig, load_config
+from csr.config import ConfigError, CSRConfig, load_config
 from csr.data import BadInput, load_image
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
-                    repair_jsonl_tail, require_done)
+                    repair_jsonl_tail, require_done, write_jsonl)
+from csr.cleaning import dropped_nodes
 from csr.score.reward import score_siblings
 
 log = logging.getLogger(__name__)
@@ -33,9 +43,22 @@ def siblings_by_parent(nodes: list[dict]) -> dict[int, list[dict]]:
     return groups
 
 
-def calibrate_tree(tree: dict, score_cfg) -> dict:
-    """Fill self/visual/reward on every node of a tree whose nodes hold `clip` (and `vig`) (in place)."""
-    for siblings in siblings_by_parent(tree["nodes"]).values():
+def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:
+    """Fill self/visual/reward on the nodes of a tree whose nodes hold `clip` (and `vig`) (in place).
+
+    With `pairs_cfg`, the nodes its cleaning drops are marked `dropped` (reason) with reward None,
+    and siblings are calibrated among the survivors only.
+    """
+    dropped = dropped_nodes(tree["nodes"], pairs_cfg) if pairs_cfg is not None else {}
+    for n in tree["nodes"][1:]:
+        if n["id"] in dropped:
+            n.update(dropped=dropped[n["id"]], self_reward=None, visual_reward=None, reward=None)
+        else:
+            n.pop("dropped", None)
+    for group in siblings_by_parent(tree["nodes"]).values():
+        siblings = [n for n in group if n["id"] not in dropped]
+        if not siblings:
+            continue
         if score_cfg.vig_weight > 0:
             from csr.vig.reward import score_siblings_with_vig
 
@@ -113,7 +136,7 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
             if add_vig is not None:
                 add_vig(trees, images)
             for tree in trees:
-                sink.write(calibrate_tree(tree, cfg.score))
+                sink.write(calibrate_tree(tree, cfg.score, cfg.pairs))
                 fault_point("score.tree_written")
                 summary.processed += 1
             bar.update(len(batch))
@@ -123,11 +146,77 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
     return summary.as_dict()
 
 
+# raw node fields each setting reads, and the stage that writes them
+_SELF_FIELDS = {"prob": "logprob_sum", "sum_logprob": "logprob_sum", "mean_prob": "logprob_mean",
+                "mean_logprob": "logprob_mean", "beam_score": "beam_score"}
+
+
+def required_raw_fields(cfg: CSRConfig) -> dict[str, str]:
+    """{node field: the stage that writes it} that recomputing rewards and pairs under `cfg` needs."""
+    need = {_SELF_FIELDS[cfg.score.self_reward]: "generate", "clip": "score"}
+    if cfg.score.vig_weight > 0:
+        need["vig"] = "score (with score.vig_weight > 0)"
+    if cfg.pairs.vig_filter:
+        need.update(vig_sum="score (with pairs.vig_filter=true)", vig_n_tokens="score (with pairs.vig_filter=true)")
+    return need
+
+
+def check_raw_scores(trees: list[dict], cfg: CSRConfig, source: Path) -> None:
+    """Refuse, naming the stage to rerun, when a node lacks a raw score that `cfg` reads."""
+    need = required_raw_fields(cfg)
+    for tree in trees:
+        for n in tree["nodes"][1:]:
+            for field, stage in need.items():
+                if n.get(field) is None:
+                    raise ConfigError(f"{source}: node {n['id']} of tree {tree['id']} has no '{field}', which "
+                                      f"these settings need to rescore; rerun the {stage} stage for this round.")
+
+
+def run_rescore(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dict:
+    """Rewards and pairs of a finished score stage recomputed under `cfg`, from its stored raw scores.
+
+    Writes `<out_dir>/score/` (scored.jsonl, DONE.json) and `<out_dir>/pairs/` as the stages would;
+    loads no model and no CLIP. Search-time settings (generate.*) cannot change here: the trees stay.
+    """
+    from csr.pairs import run_pairs
+
+    out_dir = Path(out_dir)
+    source = require_done(score_dir, "score") / SCORED
+    trees = list(iter_jsonl(source))
+    check_raw_scores(trees, cfg, source)
+    score_out = out_dir / "score"
+    if not is_done(score_out):
+        summary = StageSummary("score (rescore)")
+        for tree in trees:
+            calibrate_tree(tree, cfg.score, cfg.pairs)
+            summary.processed += 1
+        write_jsonl(score_out / SCORED, trees)
+        summary.extra.update(trees=len(trees), rescored_from=str(source),
+                             reward_lambda=cfg.score.reward_lambda, calibration=cfg.score.calibration,
+                             self_reward=cfg.score.self_reward, cleaning=cfg.pairs.cleaning)
+        summary.log()
+        mark_done(score_out, summary.as_dict())
+    return run_pairs(cfg, score_out, out_dir / "pairs")
+
+
 def main(argv=None) -> int:
     p = stage_parser("Stage score: calibrated rewards for every tree node.")
-    p.add_argument("--trees", required=True, help="Folder of a finished generate stage.")
+    p.add_argument("--trees", help="Folder of a finished generate stage.")
     p.add_argument("--policy", help="The round's policy, for node VIG (default: model.model_name_or_path).")
-    p.add_argument("--out", required=True, help="Output folder (scored.jsonl, DONE.json).")
+    p.add_argument("--rescore", metavar="SCORE_DIR",
+                   help="Instead of scoring --trees: recompute the rewards and the pairs of this finished score "
+                        "stage from its stored raw scores under the given recipe (no model, no CLIP); writes "
+                        "OUT/score and OUT/pairs.")
+    p.add_argument("--out", required=True, help="Output folder (scored.jsonl, DONE.json; with --rescore: "
+                                                 "score/ and pairs/).")
     args = p.parse_args(argv)
-    run_score(load_config(args.config, args.overrides), args.trees, args.out, args.policy)
+    cfg = load_config(args.config, args.overrides)
+    if args.rescore:
+        if args.trees:
+            p.error("--rescore reads a finished score stage; do not pass --trees with it")
+        print(json.dumps(run_rescore(cfg, args.rescore, args.out), indent=2))
+        return 0
+    if not args.trees:
+        p.error("--trees is required (or --rescore SCORE_DIR)")
+    run_score(cfg, args.trees, args.out, args.policy)
     return 0

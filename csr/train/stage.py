@@ -279,7 +279,7 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
 
     set_seed(args.seed)  # LoRA's init happens inside the trainer's constructor, before it seeds
     model = load_policy_for_training(policy_path, args, cfg)
-    processor = load_processor(policy_path, cfg.model.trust_remote_code)
+    processor = load_processor(policy_path, cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
     spec = class_of(model)
     if args.projector_module == "auto":
         args.projector_module = spec.projector
@@ -288,8 +288,10 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
                                processing_class=processor, peft_config=args.lora_config(),
                                callbacks=[train_callback()])
-    from csr.models import PrependBOS, tokenizer_adds_bos
+    from csr.models import PadImages, PrependBOS, tokenizer_adds_bos
 
+    if cfg.model.image_aspect != "processor":  # the images as generation saw them (model.image_aspect)
+        trainer.data_collator = PadImages(trainer.data_collator, processor, cfg.model.image_aspect)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer_adds_bos(tokenizer):  # train on the sequence start that generation sees (see PrependBOS)
         trainer.data_collator = PrependBOS(trainer.data_collator, tokenizer.bos_token_id)
