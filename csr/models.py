@@ -193,9 +193,10 @@ def pad_to_square(image, fill: tuple[int, int, int]):
 
 
 def processor_mean_colour(processor) -> tuple[int, int, int]:
-    """The image processor's mean as an 8-bit RGB colour (LLaVA-1.5 pads with it)."""
+    """The image processor's mean as an 8-bit RGB colour, truncated as LLaVA-1.5's training code does
+    (`int(x * 255)`: CLIP's mean gives (122, 116, 104))."""
     mean = getattr(getattr(processor, "image_processor", processor), "image_mean", None) or (0.5, 0.5, 0.5)
-    return tuple(int(round(255 * m)) for m in mean[:3])
+    return tuple(int(m * 255) for m in mean[:3])
 
 
 def prepare_image(image, processor, aspect: str):

@@ -253,3 +253,190 @@ def test_single_path_is_skipped_or_duplicated():
     assert reason is None and pair["chosen"] == pair["rejected"] == "The only answer." and pair["margin"] == 0
     empty = _rewarded([(0, "Ok.", -0.5, True)])
     assert pick_pair(empty, PairsConfig(single_path="duplicate")) == (None, "no_final_path")
+
+
+# ------------------------------------------------------------------------------------------
+# 8. Prompt format, image shape, training settings; the shipped recipes
+# ------------------------------------------------------------------------------------------
+
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def test_vicuna_v1_prompt_and_answer(tiny_llava_dir):
+    from csr.models import build_chat_prompt, load_processor
+
+    processor = load_processor(str(tiny_llava_dir), chat_template="vicuna_v1")
+    # the data's trailing '\n<image>' moves in front, as LLaVA's get_prompts writes it
+    assert build_chat_prompt(processor, "What is this?\n<image>") == \
+        SYSTEM + " USER: <image>\nWhat is this? ASSISTANT:"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+    assert processor.apply_chat_template(messages, tokenize=False) == SYSTEM + " USER: <image>\nQ? ASSISTANT: A cat.</s>"
+    own = load_processor(str(tiny_llava_dir))  # the model's own template is untouched by default
+    assert not build_chat_prompt(own, "What is this?").startswith(SYSTEM)
+
+
+def test_vicuna_v1_is_refused_for_a_non_llava_class(tiny_llava_dir):
+    from csr.models import ModelLoadError, load_processor, set_chat_template
+
+    with pytest.raises(ModelLoadError, match="qwen2_5_vl"):
+        set_chat_template(load_processor(str(tiny_llava_dir)), "vicuna_v1", "qwen2_5_vl")
+
+
+def test_pad_to_square_with_the_truncated_mean_colour(tiny_llava_dir):
+    from PIL import Image
+
+    from csr.models import PadImages, load_processor, processor_mean_colour
+
+    processor = load_processor(str(tiny_llava_dir))
+    processor.image_processor.image_mean = [0.48145466, 0.4578275, 0.40821073]  # CLIP's
+    assert processor_mean_colour(processor) == (122, 116, 104)  # int(x * 255), as LLaVA's code
+    seen = []
+    collate = PadImages(lambda examples: seen.extend(examples) or "batch", processor, "pad")
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    assert collate([{"images": [wide]}]) == "batch"
+    padded = seen[0]["images"][0]
+    assert padded.size == (40, 40)
+    assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((20, 20)) == (255, 0, 0)
+    assert padded.getpixel((20, 9)) == (122, 116, 104) and padded.getpixel((20, 10)) == (255, 0, 0)  # (40-20)//2
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+OFFICIAL_POINTS = {
+    "generate.pruning": "official", "generate.selection": "self", "generate.max_new_tokens": 70,
+    "generate.max_response_chars": 1024, "generate.length_limit": "prompt_and_response",
+    "generate.stop_at_eos": False, "generate.num_candidates": 5, "generate.diversity_penalty": 3.0,
+    "generate.sentence_beam_width": 5,
+    "score.calibration": "rank", "score.self_reward": "beam_score", "score.clip_clamp": False,
+    "score.reward_lambda": 0.9,
+    "pairs.cleaning": "official", "pairs.min_sentence_chars": 4, "pairs.path_score": "official",
+    "pairs.single_path": "duplicate",
+    "model.chat_template": "vicuna_v1", "model.image_aspect": "pad",
+    "train.lora_dropout": 0.0, "train.disable_dropout": True, "train.train_projector": True,
+    "train.projector_learning_rate": 2.0e-5, "train.learning_rate": 1.0e-7, "train.lora_r": 128,
+    "train.lora_alpha": 256, "train.beta": 0.1,
+}
+PAPER_POINTS = {
+    "generate.pruning": "official", "generate.selection": "calibrated", "generate.max_new_tokens": 74,
+    "generate.length_limit": "response", "generate.stop_at_eos": True,
+    "score.calibration": "raw", "score.self_reward": "prob", "score.clip_clamp": True, "score.reward_lambda": 0.9,
+    "pairs.path_score": "mean", "pairs.single_path": "skip", "pairs.min_sentence_chars": 4,
+    "model.chat_template": "model", "model.image_aspect": "pad",
+    "train.lora_dropout": 0.05, "train.train_projector": False, "train.learning_rate": 1.0e-7,
+}
+
+
+def _value(cfg, dotted):
+    section, key = dotted.split(".")
+    part = getattr(cfg, section)
+    return part[key] if isinstance(part, dict) else getattr(part, key)
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+@pytest.mark.parametrize("recipe, points", [("csr_official", OFFICIAL_POINTS), ("csr_paper", PAPER_POINTS)])
+def test_shipped_recipes_set_every_point(size, recipe, points):
+    from csr.config import load_config
+
+    cfg = load_config(ROOT / "recipes" / f"llava-1.5-{size}" / f"{recipe}.yaml")
+    wrong = {k: (_value(cfg, k), v) for k, v in points.items() if _value(cfg, k) != v}
+    assert not wrong, f"{recipe}: (recipe value, expected) {wrong}"
+
+
+# ------------------------------------------------------------------------------------------
+# 9. Rescore without a model
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_llava_dir, tiny_clip_dir, tmp_path_factory):
+    """Trees from the tiny LLaVA (search by self-score, so no CLIP is stored at generate time)."""
+    from csr.generate.stage import run_generate
+
+    tmp = tmp_path_factory.mktemp("rescore")
+    cfg = _tiny_cfg(tiny_llava_dir, tiny_clip_dir, tmp)
+    run_generate(cfg, str(tiny_llava_dir), tmp / "gen")
+    return tiny_llava_dir, tiny_clip_dir, tmp
+
+
+def _tiny_cfg(llava, clip, tmp, *extra):
+    from csr.config import load_config
+
+    return load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [
+        f"model.model_name_or_path={llava}", f"score.clip_model={clip}",
+        f"data.prompts={ROOT / 'data' / 'tiny' / 'prompts.json'}", f"data.image_root={ROOT / 'data' / 'tiny' / 'images'}",
+        f"run.output_dir={tmp / 'run'}", "generate.selection=self", "pairs.cleaning=none",
+        "pairs.min_sentence_chars=0", "pairs.single_path=duplicate", *extra])
+
+
+def _pair_view(path):
+    from csr.io import read_jsonl
+
+    return [(p["id"], p["chosen"], p["rejected"], round(p["chosen_score"], 9), round(p["rejected_score"], 9))
+            for p in read_jsonl(path)]
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.9])
+def test_rescore_gives_the_pairs_of_scoring_from_scratch(generated, lam):
+    from csr.pairs import run_pairs
+    from csr.score.stage import run_rescore, run_score
+
+    llava, clip, tmp = generated
+    base = tmp / "score-0.9"
+    if not base.exists():
+        run_score(_tiny_cfg(llava, clip, tmp), tmp / "gen", base)
+    cfg = _tiny_cfg(llava, clip, tmp, f"score.reward_lambda={lam}")
+    scratch = tmp / f"scratch-{lam}"
+    run_score(cfg, tmp / "gen", scratch / "score")
+    run_pairs(cfg, scratch / "score", scratch / "pairs")
+    run_rescore(cfg, base, tmp / f"rescored-{lam}")
+    assert _pair_view(tmp / f"rescored-{lam}" / "pairs" / "pairs.jsonl") == _pair_view(scratch / "pairs" / "pairs.jsonl")
+
+
+def test_rescore_with_the_official_settings_needs_no_model(generated, monkeypatch):
+    from csr.score.stage import run_rescore
+
+    llava, clip, tmp = generated
+    base = tmp / "score-0.9"
+    if not base.exists():
+        from csr.score.stage import run_score
+        run_score(_tiny_cfg(llava, clip, tmp), tmp / "gen", base)
+    import csr.models
+    import csr.score.clip
+    monkeypatch.setattr(csr.models, "load_policy", lambda *a, **k: pytest.fail("rescore loaded a model"))
+    monkeypatch.setattr(csr.score.clip, "load_clip_from_config", lambda *a, **k: pytest.fail("rescore loaded CLIP"))
+    cfg = _tiny_cfg(llava, clip, tmp, "score.calibration=rank", "score.self_reward=beam_score",
+                    "score.clip_clamp=false", "pairs.path_score=official")
+    summary = run_rescore(cfg, base, tmp / "rescored-official")
+    assert summary["pairs"] >= 1
+
+
+def test_rescore_refuses_records_without_raw_scores(generated, tmp_path):
+    import json
+
+    from csr.cli import main as csr_main
+    from csr.config import ConfigError
+    from csr.io import mark_done, read_jsonl, write_jsonl
+    from csr.score.stage import run_rescore
+
+    llava, clip, tmp = generated
+    trees = read_jsonl(tmp / "gen" / "trees.jsonl")  # generate output: no 'clip' on any node
+    write_jsonl(tmp_path / "score" / "scored.jsonl", trees)
+    mark_done(tmp_path / "score", {"stage": "score"})
+    cfg = _tiny_cfg(llava, clip, tmp)
+    with pytest.raises(ConfigError, match="no 'clip'.*rerun the score stage"):
+        run_rescore(cfg, tmp_path / "score", tmp_path / "out")
+    for t in trees:
+        for n in t["nodes"][1:]:
+            n.pop("beam_score")
+            n["clip"] = 1.0
+    write_jsonl(tmp_path / "score" / "scored.jsonl", trees)
+    cfg = _tiny_cfg(llava, clip, tmp, "score.self_reward=beam_score")
+    with pytest.raises(ConfigError, match="no 'beam_score'.*rerun the generate stage"):
+        run_rescore(cfg, tmp_path / "score", tmp_path / "out")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"score": {"self_reward": "beam_score"}}))
+    assert csr_main(["score", "--config", str(recipe), "--rescore", str(tmp_path / "score"),
+                     "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "score").exists()  # nothing written before the check
