@@ -175,7 +175,7 @@ class ScoreConfig:
                           choices=("prob", "mean_prob", "sum_logprob", "mean_logprob", "beam_score"))
     clip_clamp: bool = _f(True, "Clamp 100·cos at 0 (paper). The official code does not clamp.")
     clip_batch_size: int = _f(64, "Sentences (and images) per CLIP forward batch.")
-    vig_weight: float = _f(0.0, "w_vig in R = λ·R_I + (1−λ)·R_T + w_vig·R_VIG (METHOD.md §3, VIG as a visual "
+    vig_weight: float = _f(0.0, "w_vig in R = λ·R_I + (1−λ)·R_T + w_vig·R_VIG (docs/method.md §3, VIG as a visual "
                                 "constraint that needs no CLIP); 0 = off, CSR as published.")
     vig_scale: str = _f("contrast", "contrast: R_VIG = 100·tanh(VIG/2), on CLIP's percent scale; nats: VIG itself.",
                         choices=("contrast", "nats"))

@@ -1,4 +1,4 @@
-"""Post-hoc calibration (METHOD.md §2): hand-made probability tables with known answers, label
+"""Post-hoc calibration (docs/method.md §2): hand-made probability tables with known answers, label
 sets with merged variants, content-free inputs that carry no image, the file readers and the CLI."""
 
 import json

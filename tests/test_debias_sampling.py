@@ -1,4 +1,4 @@
-"""Debias sampling (METHOD.md §2): the rule against hand-computed logits (cutoff included), the
+"""Debias sampling (docs/method.md §2): the rule against hand-computed logits (cutoff included), the
 decode loop against an uncached recomputation and against `csr eval`'s greedy generation, the
 content-free branch receiving no image features, and the CSR-generator candidate mode."""
 

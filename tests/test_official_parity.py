@@ -1,4 +1,4 @@
-"""The official code's choices (METHOD.md §1, issue 15) against the paper's, on hand-made trees.
+"""The official code's choices (docs/method.md §1, issue 15) against the paper's, on hand-made trees.
 
 Every expected value below is worked out by hand from the rules in the comments, not by running
 the code under test.

@@ -1,4 +1,4 @@
-"""VIG (METHOD.md §3): hand-computed log-prob differences, selection thresholds, label masks,
+"""VIG (docs/method.md §3): hand-computed log-prob differences, selection thresholds, label masks,
 content-free inputs, the CSR reward term and pair filter, and the `csr vig` commands."""
 
 import json

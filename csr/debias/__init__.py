@@ -1,4 +1,4 @@
-"""Debiasing LVLMs (METHOD.md §2, Zhang et al. 2024).
+"""Debiasing LVLMs (docs/method.md §2, Zhang et al. 2024).
 
 - `csr.debias.calibration`: post-hoc calibration of closed-set answers (yes/no, option letters,
   custom labels) against content-free inputs (no image, `<unk>`, blank image, noise image).

@@ -1,4 +1,4 @@
-"""Post-hoc calibration of closed-set answers (METHOD.md §2, Zhang et al. 2024; contextual
+"""Post-hoc calibration of closed-set answers (docs/method.md §2, Zhang et al. 2024; contextual
 calibration, Zhao et al. 2021).
 
 For a closed answer set (yes/no, option letters, or any custom labels) every label is scored

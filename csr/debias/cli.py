@@ -1,4 +1,4 @@
-"""`csr debias`: post-hoc calibration, debias sampling and the decoding study (METHOD.md §2).
+"""`csr debias`: post-hoc calibration, debias sampling and the decoding study (docs/method.md §2).
 
     csr debias calibrate --model DIR (--pope FILE | --mc FILE) --out DIR
                          [--cf none,unk,blank,noise] [--mode diag|bias] [--per-sample|--dataset-mean]

@@ -1,4 +1,4 @@
-"""Debias sampling (METHOD.md §2, Zhang et al. 2024): contrastive decoding against a content-free
+"""Debias sampling (docs/method.md §2, Zhang et al. 2024): contrastive decoding against a content-free
 branch.
 
 With logits ``l`` from (image, text) and ``l_cf`` from the same text with no image,

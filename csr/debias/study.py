@@ -1,4 +1,4 @@
-"""The decoding study (METHOD.md §2): how far an LVLM's scores move with the decoding settings.
+"""The decoding study (docs/method.md §2): how far an LVLM's scores move with the decoding settings.
 
 Every setting (greedy, beam search, sampling at several temperatures, top-p and top-k; optional
 debias-sampling rows) generates the POPE answers and/or CHAIR captions of an eval set; each is

@@ -1,4 +1,4 @@
-"""Visual Information Gain (VIG; Lee & Hwang, arXiv 2602.17186; METHOD.md §3).
+"""Visual Information Gain (VIG; Lee & Hwang, arXiv 2602.17186; docs/method.md §3).
 
 How much does the image help the model predict each answer token?
 

@@ -1,4 +1,4 @@
-"""`csr vig`: Visual Information Gain (METHOD.md §3).
+"""`csr vig`: Visual Information Gain (docs/method.md §3).
 
     csr vig score  --model DIR --data FILE --out DIR [--content-free blur|none|blank] [--blur-radius R]
                    [--blur-units fraction|pixels] [--blank-color R,G,B] [--batch-size N] [--limit N]

@@ -1,6 +1,6 @@
 """VIG inside CSR: a reward term beside CLIP's visual constraint, and a preference-pair filter.
 
-None of the three papers combines them (METHOD.md §3); this is the project's proposal.
+None of the three papers combines them (docs/method.md §3); this is the project's proposal.
 
 Reward term
 -----------

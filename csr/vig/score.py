@@ -30,7 +30,7 @@ Content-free input I_cf (`VIGOptions.content_free`)
 - ``none``: no image at all; the image placeholder is left out of the prompt.
 - ``blank``: a plain image of the real image's size (`blank_color`, default white as `csr.debias`).
 
-Selection for training (METHOD.md §3: "keep the top p% of samples by VIG (default p = 70, threshold
+Selection for training (docs/method.md §3: "keep the top p% of samples by VIG (default p = 70, threshold
 τ = the p-th percentile), and inside kept samples compute the loss only on tokens with VIG_t >= τ")
 -----------------------------------------------------------------------------------------------------
 "τ = the p-th percentile" read literally (ascending, numpy's convention) contradicts "keep the top
@@ -118,7 +118,7 @@ def select_samples(sample_vigs: Sequence[float], keep_percent: float = 70.0) -> 
 
 def selection_threshold(sample_vigs: Sequence[float], keep_percent: float = 70.0,
                         tau_mode: str = "keep_boundary") -> float:
-    """τ, the token threshold (see the module docstring for the two readings of METHOD.md).
+    """τ, the token threshold (see the module docstring for the two readings of docs/method.md).
 
     keep_boundary: the smallest sample VIG among the kept top p% (the (100 − p)-th percentile
     counted from below); +inf when nothing is kept. percentile: numpy.percentile(sample_vigs, p).

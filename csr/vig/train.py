@@ -1,4 +1,4 @@
-"""VIG-selective SFT (METHOD.md §3) through TRL's `SFTTrainer`, LoRA (PEFT) or full fine-tuning.
+"""VIG-selective SFT (docs/method.md §3) through TRL's `SFTTrainer`, LoRA (PEFT) or full fine-tuning.
 
 Input: a `csr vig score` output (vig.jsonl: image, prompt, answer, per-token and sample VIG, scored
 by the model that is trained here). The selection (`csr.vig.score.plan_selection`):
