@@ -123,6 +123,11 @@ class GenerateConfig:
                                        "prompt_and_response (official code): the decoded chat prompt plus the "
                                        "response (the released prompts are 206-238 characters, leaving the response "
                                        "about 790-820).", choices=("response", "prompt_and_response"))
+    sentence_end: str = _f("punctuation", "Which tokens end a candidate sentence, derived from the vocabulary "
+                                          "(csr.models.sentence_end_ids). punctuation (csr): every token that reads "
+                                          "as a sentence end ('.', ' .', '...', '.\"', '.)', and a period merged with "
+                                          "newlines such as Qwen's '.\\n'); official (released code): only the token "
+                                          "that is exactly '.' (LLaMA's 29889).", choices=("punctuation", "official"))
     stop_at_eos: bool = _f(True, "Whether EOS ends a candidate sentence. true (csr): a sentence stops at a period "
                                  "token or EOS; false (official code): only the period token or max_new_tokens "
                                  "stops it. Either way a candidate holding EOS makes its node final.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,21 +255,46 @@ def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
     return model, processor
 
 
-def sentence_end_ids(tokenizer) -> list[int]:
-    """Token ids that end a sentence: EOS plus every token that decodes to '.'.
+SENTENCE_ENDS = ("punctuation", "official")
+# A token ends a sentence (punctuation mode) when its text is one or more periods, optionally closed
+# by quotes or brackets, with only whitespace around: '.', ' .', '...', '."', '.)', and the merged
+# period-plus-newlines of byte-level BPE vocabularies ('.\n', '.\n\n'). Not 'Mr.' or '1.'.
+_SENTENCE_END_TEXT = re.compile(r"\s*\.+[\"')\]\u201d\u2019]*\s*")
 
-    Derived from the tokenizer (the official code hard-codes Llama's 29889), so any vocabulary works.
+
+def token_texts(tokenizer, ids) -> dict[int, str]:
+    """Each id's text as it reads inside a sequence (a SentencePiece '▁.' is ' .', a byte-level 'Ċ' a newline).
+
+    Decoded after an anchor token and cut at the anchor's own text: decoding an id alone drops a
+    leading space in SentencePiece vocabularies.
     """
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for probe in (".", "a.", " .", "a. b"):
-        for tid in tokenizer.encode(probe, add_special_tokens=False):
-            if tokenizer.decode([tid]).strip() == ".":
-                ids.add(int(tid))
-    if len(ids) <= (tokenizer.eos_token_id is not None):
-        raise ModelLoadError("the tokenizer has no token that decodes to '.'; cannot end sentences.")
-    return sorted(ids)
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    head = tokenizer.decode([anchor])
+    return {i: tokenizer.decode([anchor, i])[len(head):] for i in ids}
+
+
+def sentence_end_ids(tokenizer, mode: str = "punctuation") -> list[int]:
+    """Token ids that end a candidate sentence, derived from the vocabulary (never a hard-coded id).
+
+    official: the token(s) whose text is exactly '.' (the released code's one period id, 29889 for
+    LLaMA). punctuation: every token whose text is a sentence end (`_SENTENCE_END_TEXT`): with Qwen's
+    merged '.\n' and '.\n\n' a sentence also ends at a paragraph break. EOS is not among them: the
+    search decides on EOS itself (`generate.stop_at_eos`).
+    """
+    if mode not in SENTENCE_ENDS:
+        raise ModelLoadError(f"generate.sentence_end={mode!r} is not one of {list(SENTENCE_ENDS)}.")
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    candidates = [i for piece, i in tokenizer.get_vocab().items() if "." in piece and i not in special]
+    texts = token_texts(tokenizer, candidates)
+    if mode == "official":
+        ids = sorted(i for i, t in texts.items() if t == ".")
+    else:
+        ids = sorted(i for i, t in texts.items() if _SENTENCE_END_TEXT.fullmatch(t))
+    if not ids:
+        raise ModelLoadError(f"the tokenizer has no token that ends a sentence (generate.sentence_end={mode}: no "
+                             f"token reads '.'{'' if mode == 'official' else ' or a period with quotes or whitespace'}"
+                             f"); csr cannot split its output into sentences.")
+    return ids
 
 
 # The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).

@@ -307,7 +307,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 OFFICIAL_POINTS = {
     "generate.pruning": "official", "generate.selection": "self", "generate.max_new_tokens": 70,
     "generate.max_response_chars": 1024, "generate.length_limit": "prompt_and_response",
-    "generate.stop_at_eos": False, "generate.num_candidates": 5, "generate.diversity_penalty": 3.0,
+    "generate.stop_at_eos": False, "generate.sentence_end": "official", "generate.num_candidates": 5, "generate.diversity_penalty": 3.0,
     "generate.sentence_beam_width": 5,
     "score.calibration": "rank", "score.self_reward": "beam_score", "score.clip_clamp": False,
     "score.reward_lambda": 0.9,

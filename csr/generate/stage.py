@@ -97,7 +97,7 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
                                     cf_mode=g.debias_content_free)
     cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
-                   max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer),
+                   max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),
                    node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos)
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
