@@ -128,6 +128,10 @@ class GenerateConfig:
                                           "as a sentence end ('.', ' .', '...', '.\"', '.)', and a period merged with "
                                           "newlines such as Qwen's '.\\n'); official (released code): only the token "
                                           "that is exactly '.' (LLaMA's 29889).", choices=("punctuation", "official"))
+    continuation: str = _f("tokens", "What a node's next level is conditioned on. tokens (csr): exactly the tokens "
+                                     "generated so far, after the prompt; text (released code): the decoded text "
+                                     "re-tokenised with the prompt (newlines kept; a sentence's first token can "
+                                     "merge differently than it was generated).", choices=("tokens", "text"))
     stop_at_eos: bool = _f(True, "Whether EOS ends a candidate sentence. true (csr): a sentence stops at a period "
                                  "token or EOS; false (official code): only the period token or max_new_tokens "
                                  "stops it. Either way a candidate holding EOS makes its node final.")

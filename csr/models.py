@@ -84,6 +84,21 @@ def check_model_class(name_or_path: str, *, trust_remote_code: bool = False,
     return _supported(model_type, f"'{name_or_path}'")
 
 
+def with_cache(model, cache) -> dict:
+    """The forward keyword that passes a key/value cache: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated) or `past_key_values` (older releases)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The key/value cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def is_oom(err: BaseException) -> bool:
     """An out-of-memory error from any backend (CUDA raises its own type, others a RuntimeError)."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()

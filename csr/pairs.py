@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 from csr.cleaning import dropped_nodes, response_too_many_newlines
 from csr.cli import stage_parser
@@ -32,8 +33,15 @@ PAIRS = "pairs.jsonl"
 PAIRS_CSR = "pairs_csr.json"
 
 
-def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, float, float | None]]:
-    """(response, path score, path VIG or None) for every usable root-to-final path, depth-first."""
+class CandidatePath(NamedTuple):
+    response: str            # the sentences' exact texts concatenated, ends stripped
+    score: float             # pairs.path_score of the sentences' rewards
+    vig: float | None        # token-weighted VIG of the sentences, when the score stage computed it
+    ends_with_eos: bool      # the model ended this response with EOS (not a length or depth limit)
+
+
+def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[CandidatePath]:
+    """Every usable root-to-final path, depth-first."""
     dropped = dropped_nodes(nodes, cfg)
     keep = {n["id"] for n in nodes[1:]} - dropped.keys()
     out = []
@@ -46,7 +54,8 @@ def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[tuple[str, floa
         response = join_sentences([n["text"] for n in path])
         if response_too_many_newlines(response, cfg):
             continue
-        out.append((response, path_score([n["reward"] for n in path], cfg.path_score), path_vig(path)))
+        out.append(CandidatePath(response, path_score([n["reward"] for n in path], cfg.path_score), path_vig(path),
+                                 path[-1].get("final_reason") == "eos"))
     return out
 
 
@@ -64,14 +73,15 @@ def pick_pair(tree: dict, cfg: PairsConfig) -> tuple[dict | None, str | None]:
     # quantile 0 is the lowest-scored path; the top quantile stops one short of the chosen
     # (a single path, with single_path=duplicate, is its own rejected, as the official code writes it)
     rejected = ranked[len(ranked) - 1 - min(int(cfg.rejected_quantile * (len(ranked) - 1)), max(len(ranked) - 2, 0))]
-    if chosen[0] == rejected[0] and cfg.single_path == "skip":
+    if chosen.response == rejected.response and cfg.single_path == "skip":
         return None, "identical_responses"
-    margin = chosen[1] - rejected[1]
+    margin = chosen.score - rejected.score
     if margin < cfg.min_margin:
         return None, "below_min_margin"
-    pair = {"id": tree["id"], "image": tree["image"], "prompt": tree["prompt"], "chosen": chosen[0],
-            "rejected": rejected[0], "chosen_score": chosen[1], "rejected_score": rejected[1],
-            "margin": margin, "n_paths": len(paths), "chosen_vig": chosen[2], "rejected_vig": rejected[2]}
+    pair = {"id": tree["id"], "image": tree["image"], "prompt": tree["prompt"], "chosen": chosen.response,
+            "rejected": rejected.response, "chosen_score": chosen.score, "rejected_score": rejected.score,
+            "margin": margin, "n_paths": len(paths), "chosen_vig": chosen.vig, "rejected_vig": rejected.vig,
+            "chosen_ends_with_eos": chosen.ends_with_eos, "rejected_ends_with_eos": rejected.ends_with_eos}
     if cfg.vig_filter:
         reason = vig_pair_filter(pair, cfg.vig_min_gap)
         if reason:
@@ -89,6 +99,10 @@ def to_trl(pair: dict) -> dict:
         "images": [pair["image"]],
         "chosen_score": pair["chosen_score"], "rejected_score": pair["rejected_score"], "margin": pair["margin"],
         "chosen_vig": pair.get("chosen_vig"), "rejected_vig": pair.get("rejected_vig"),
+        # whether the model ended each response with EOS: training closes those completions with EOS
+        # whatever the chat template renders (llava-hf's renders none)
+        "chosen_ends_with_eos": pair.get("chosen_ends_with_eos", False),
+        "rejected_ends_with_eos": pair.get("rejected_ends_with_eos", False),
     }
 
 

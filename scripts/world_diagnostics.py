@@ -125,13 +125,13 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
             gt = truth[tree["id"]]
             paths = candidate_paths(tree["nodes"], cfg)
             if len(paths) >= 2:
-                reports = [caption_report(t, gt, table) for t, _, _ in paths]
+                reports = [caption_report(p.response, gt, table) for p in paths]
                 k = min(range(len(paths)), key=lambda i: (len(reports[i]["hallucinated"]), -len(reports[i]["covered"])))
-                oracle.append(paths[k][0])
-                best.append(max(paths, key=lambda p: p[1])[0])
+                oracle.append(paths[k].response)
+                best.append(max(paths, key=lambda p: p.score).response)
                 oracle_gts.append(gt)
             for node in tree["nodes"]:
-                if node.get("parent") is None or "reward" not in node:
+                if node.get("parent") is None or node.get("reward") is None:  # the root, or cleaned away
                     continue
                 rep = caption_report(node["text"], gt, table)
                 if rep["mentions"]:

@@ -171,8 +171,8 @@ def test_tree_length_and_depth_limits_make_nodes_final():
     nodes = grow_tree(expand, self_score, TreeSettings(sentence_beam_width=3, pruning="best", max_sentences=1))
     assert len(nodes) == 4 and all(n["final_reason"] == "max_sentences" for n in nodes[1:])
     nodes = grow_tree(expand, self_score, TreeSettings(sentence_beam_width=3, pruning="best",
-                                                       max_response_chars=3))
-    # "A B" is 3 characters: every depth-2 node is final by length
+                                                       max_response_chars=2))
+    # sentences join exactly as generated: "AB" is 2 characters, so every depth-2 node is final by length
     assert {n["final_reason"] for n in nodes if n["depth"] == 2} == {"max_response_chars"}
 
 

@@ -45,7 +45,7 @@ def _expand_k(k, finals_at=2):
         out = []
         for sentences in responses:
             depth = len(sentences) + 1
-            out.append([(f"{'abcdefg'[j]}{depth}.", Candidate(token_ids=[9], logprobs=[-1.0 - j],
+            out.append([(f" {'abcdefg'[j]}{depth}.", Candidate(token_ids=[9], logprobs=[-1.0 - j],
                                                               penalised_sum=-1.0 - j, has_eos=depth == finals_at,
                                                               ended_by="stop"))
                         for j in range(k)])
@@ -117,7 +117,8 @@ def test_length_limit_counts_the_prompt_in_the_official_mode():
 
 
 def make_tree(spec):
-    """spec: (parent, text, beam_score, clip, final) rows; node 0 is the root."""
+    """spec: (parent, text, beam_score, clip, final) rows; node 0 is the root. Texts are exact: a
+    sentence keeps the space the model wrote before it."""
     nodes = [{"id": 0, "parent": None, "depth": 0, "text": "", "final": False}]
     for parent, text, beam, clip, final in spec:
         nodes.append({"id": len(nodes), "parent": parent, "depth": nodes[parent]["depth"] + 1, "text": text,
@@ -130,10 +131,10 @@ RANKED = make_tree([
     (0, "Ok.", -0.5, 40.0, False),                         # 2: 3 characters -> dropped with 7
     (0, "A blue cube sits here.", -2.0, 20.0, False),      # 3
     (0, "Привет мир.", -0.1, 50.0, False),                 # 4: Cyrillic -> dropped
-    (1, "It is big.", -1.0, 25.0, True),                   # 5
-    (1, "It is small.", -3.0, 10.0, True),                 # 6
-    (2, "This child goes with its parent.", -0.2, 60.0, True),  # 7
-    (3, "It is round.", -0.5, 35.0, True),                 # 8
+    (1, " It is big.", -1.0, 25.0, True),                   # 5
+    (1, " It is small.", -3.0, 10.0, True),                 # 6
+    (2, " This child goes with its parent.", -0.2, 60.0, True),  # 7
+    (3, " It is round.", -0.5, 35.0, True),                 # 8
 ])
 
 
@@ -183,7 +184,7 @@ def test_path_score_mean_against_sum_over_n_plus_one():
     assert path_score([-0.2, -1.0], "official") == pytest.approx(-0.4)
     tree = _rewarded([(0, "Alpha one.", -0.7, True),      # [1]:   mean -0.7, official -0.7/2 = -0.35
                       (0, "Beta two.", -0.2, False),      # [2,3]: mean -0.6, official -1.2/3 = -0.4
-                      (2, "Gamma three.", -1.0, True)])
+                      (2, " Gamma three.", -1.0, True)])
     mean = pick_pair(tree, PairsConfig(path_score="mean"))[0]
     assert (mean["chosen"], mean["rejected"]) == ("Beta two. Gamma three.", "Alpha one.")
     official = pick_pair(tree, PairsConfig(path_score="official"))[0]
@@ -193,7 +194,7 @@ def test_path_score_mean_against_sum_over_n_plus_one():
 def test_ties_go_first_for_chosen_and_last_for_rejected_in_depth_first_order():
     # node ids: 1 (open), 2 (final), 3 (final, child of 1); depth-first paths: [1,3] then [2]
     tree = _rewarded([(0, "First node here.", -1.0, False), (0, "Second final one.", -1.0, True),
-                      (1, "Child of the first.", -1.0, True)])
+                      (1, " Child of the first.", -1.0, True)])
     assert final_paths(tree["nodes"]) == [[1, 3], [2]]
     pair = pick_pair(tree, PairsConfig())[0]  # every path scores -1
     assert pair["chosen"] == "First node here. Child of the first." and pair["rejected"] == "Second final one."
@@ -307,7 +308,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 OFFICIAL_POINTS = {
     "generate.pruning": "official", "generate.selection": "self", "generate.max_new_tokens": 70,
     "generate.max_response_chars": 1024, "generate.length_limit": "prompt_and_response",
-    "generate.stop_at_eos": False, "generate.sentence_end": "official", "generate.num_candidates": 5, "generate.diversity_penalty": 3.0,
+    "generate.stop_at_eos": False, "generate.sentence_end": "official", "generate.continuation": "text", "generate.num_candidates": 5, "generate.diversity_penalty": 3.0,
     "generate.sentence_beam_width": 5,
     "score.calibration": "rank", "score.self_reward": "beam_score", "score.clip_clamp": False,
     "score.reward_lambda": 0.9,

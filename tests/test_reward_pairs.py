@@ -45,7 +45,8 @@ def test_self_reward_kinds_and_clamp():
 
 
 def make_tree(spec):
-    """spec: list of (parent, text, reward, final). Node 0 is the root."""
+    """spec: list of (parent, text, reward, final). Node 0 is the root. Texts are exact: a sentence
+    keeps the space the model wrote before it."""
     nodes = [{"id": 0, "parent": None, "depth": 0, "text": "", "final": False}]
     for parent, text, reward, final in spec:
         nodes.append({"id": len(nodes), "parent": parent, "depth": nodes[parent]["depth"] + 1,
@@ -56,10 +57,10 @@ def make_tree(spec):
 TREE = make_tree([
     (0, "A cat sits.", 10.0, False),        # 1
     (0, "A dog runs.", 2.0, False),         # 2
-    (1, "It is red.", 8.0, True),           # 3: path 1-3 mean 9
-    (1, "Ok.", 0.0, True),                  # 4: "Ok." is < 4 chars -> dropped (its path with it)
-    (2, "The sky is blue.", 1.0, True),     # 5: path 2-5 mean 1.5
-    (2, "no no no no no no.", 50.0, True),  # 6: repeated words -> dropped
+    (1, " It is red.", 8.0, True),           # 3: path 1-3 mean 9
+    (1, " Ok.", 0.0, True),                  # 4: "Ok." is < 4 chars -> dropped (its path with it)
+    (2, " The sky is blue.", 1.0, True),     # 5: path 2-5 mean 1.5
+    (2, " no no no no no no.", 50.0, True),  # 6: repeated words -> dropped
 ])
 
 
@@ -74,13 +75,13 @@ def test_pick_pair_best_and_worst_path_after_cleaning():
 
 def test_a_short_sentence_takes_its_path_with_it():
     # before: "A cat sits." (node 1, never final) was a response of its own, scored 10
-    responses = [text for text, _, _ in candidate_paths(TREE["nodes"], PairsConfig(cleaning="none"))]
+    responses = [p.response for p in candidate_paths(TREE["nodes"], PairsConfig(cleaning="none"))]
     assert "A cat sits." not in responses and "A cat sits. Ok." not in responses
 
 
 def test_pick_pair_without_cleaning_keeps_everything():
     cfg = PairsConfig(cleaning="none", min_sentence_chars=0)
-    paths = {text: score for text, score, _ in candidate_paths(TREE["nodes"], cfg)}
+    paths = {text: score for text, score, *_ in candidate_paths(TREE["nodes"], cfg)}
     assert paths["A cat sits. Ok."] == 5.0
     assert paths["A dog runs. no no no no no no."] == 26.0
     pair, _ = pick_pair(TREE, cfg)

@@ -263,8 +263,8 @@ def test_node_vig_matches_a_hand_computation_in_context(tiny):
     image = _pattern_image(0)
     tree = {"id": "t", "prompt": "Describe this image in detail.", "nodes": [
         {"id": 0, "parent": None, "text": ""},
-        {"id": 1, "parent": 0, "text": "The image shows a red circle."},
-        {"id": 2, "parent": 1, "text": "There is a blue square."},
+        {"id": 1, "parent": 0, "text": " The image shows a red circle."},  # exact texts, as generated
+        {"id": 2, "parent": 1, "text": " There is a blue square."},
         {"id": 3, "parent": 0, "text": ""}]}
     opts = VIGOptions(content_free="blank", blank_color=(0, 0, 0), batch_size=2)
     assert add_node_vig([tree], [image], model, processor, opts) == 2

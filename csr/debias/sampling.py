@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from csr.debias.calibration import _as_image, _encode, content_free_prompt
+from csr.models import output_cache, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class _Branch:
     def _prefill(self, enc: dict) -> torch.Tensor:
         positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
         out = self.model(**enc, position_ids=positions, use_cache=True)
-        self.cache, self.attention = out.past_key_values, enc["attention_mask"]
+        self.cache, self.attention = output_cache(out), enc["attention_mask"]
         return out.logits[:, -1].float()
 
     @torch.no_grad()
@@ -121,8 +122,8 @@ class _Branch:
         self.attention = torch.cat([self.attention, self.attention.new_ones(self.attention.shape[0], 1)], dim=1)
         positions = self.attention.sum(dim=1, keepdim=True) - 1
         out = self.model(input_ids=tokens[:, None].to(self.attention.device), attention_mask=self.attention,
-                         position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         position_ids=positions, **with_cache(self.model, self.cache), use_cache=True)
+        self.cache = output_cache(out)
         return out.logits[:, -1].float()
 
     def repeat_interleave(self, n: int) -> None:

@@ -33,11 +33,19 @@ from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import prefix_text
-from csr.models import class_of, is_oom
+from csr.models import class_of, is_oom, output_cache, with_cache
 
 log = logging.getLogger(__name__)
 
 Children = list[tuple[str, Candidate]]
+# How a node's next level is conditioned: on exactly the tokens generated so far (csr), or on the
+# decoded text re-tokenised with the prompt (the released code; a sentence's first token can change).
+CONTINUATIONS = ("tokens", "text")
+
+
+def prefix_tokens(prefix) -> list[int] | None:
+    """The generated token ids a tree prefix carries (`csr.generate.tree.Prefix`), or None."""
+    return getattr(prefix, "token_ids", None)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -109,7 +117,9 @@ def select_rows(cache: DynamicCache, rows: torch.Tensor, reserve: int = 64) -> D
 class LlavaExpander:
     def __init__(self, model, processor, *, num_candidates: int, diversity_penalty: float,
                  max_new_tokens: int, stop_ids: list[int], node_batch_size: int = 0, debias=None,
-                 eos_stops: bool = True):
+                 eos_stops: bool = True, continuation: str = "tokens"):
+        if continuation not in CONTINUATIONS:
+            raise ValueError(f"unknown continuation '{continuation}' ({', '.join(CONTINUATIONS)})")
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -118,6 +128,8 @@ class LlavaExpander:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
         self.eos_stops = eos_stops  # False: only the period tokens stop a sentence (official code)
+        self.continuation = continuation
+        self._anchor = None
         eos = self.tokenizer.eos_token_id
         self.eos_ids = [eos] if eos is not None else []
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -134,7 +146,16 @@ class LlavaExpander:
         return positions[None].expand(3, -1, -1) if self.mrope else positions
 
     def decode(self, cand: Candidate) -> str:
-        return self.tokenizer.decode(cand.token_ids, skip_special_tokens=True).strip()
+        """The candidate's exact text as it reads after earlier text: a leading '▁' (SentencePiece) is
+        a space, newlines stay. Decoded after an anchor token, which decoding alone would strip."""
+        if self._anchor is None:
+            anchor = self.tokenizer.encode("a", add_special_tokens=False)[-1]
+            self._anchor = (anchor, self.tokenizer.decode([anchor]))
+        anchor, head = self._anchor
+        return self.tokenizer.decode([anchor, *cand.token_ids], skip_special_tokens=True)[len(head):]
+
+    def _uses_tokens(self, prefixes) -> bool:
+        return self.continuation == "tokens" and all(prefix_tokens(p) is not None for p in prefixes)
 
     def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor,
                 offsets: torch.Tensor, prefix_texts: list[str]) -> list[Children]:
@@ -149,7 +170,7 @@ class LlavaExpander:
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
             res = model(input_ids=tokens[:, None], attention_mask=attention,
                         position_ids=self._text_positions(attention, offsets, 1),
-                        past_key_values=cache, use_cache=True)
+                        **with_cache(model, cache), use_cache=True)
             return res.logits[:, -1]
 
         if self.debias is not None:  # contrastive against the image-free model (its own cache)
@@ -159,15 +180,38 @@ class LlavaExpander:
                                      eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
-    def _encode(self, images: list, texts: list[str]):
+    def _append_tokens(self, enc: dict, extra: list[list[int]]) -> dict:
+        """`enc` (left-padded processor output) with each row's `extra` token ids after its text, re-padded."""
+        per_token = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids") if k in enc]
+        mask = enc["attention_mask"].bool()
+        rows = []
+        for r, ids in enumerate(extra):
+            row = {k: enc[k][r][mask[r]].tolist() for k in per_token}
+            row["input_ids"] += ids
+            row["attention_mask"] += [1] * len(ids)
+            for k in per_token[2:]:
+                row[k] += [0] * len(ids)  # text tokens
+            rows.append(row)
+        width = max(len(row["input_ids"]) for row in rows)
+        fill = {"input_ids": self.pad_id}
+        out = dict(enc)
+        for k in per_token:
+            out[k] = torch.tensor([[fill.get(k, 0)] * (width - len(row[k])) + row[k] for row in rows],
+                                  dtype=enc[k].dtype)
+        return out
+
+    def _encode(self, images: list, texts: list[str], extra_tokens: list[list[int]] | None = None):
         """Left-padded forward of full prefixes, positioned as generate() positions them.
 
-        Returns (model output, attention mask, per-row offset of the text positions that follow).
-        The processor's extra inputs (LLaVA-NeXT's image_sizes, Qwen's image_grid_thw and
-        mm_token_type_ids) go to the model as they are.
+        `extra_tokens`: per row, token ids to append after the text (a node's generated tokens, put
+        after its prompt exactly as generated). Returns (model output, attention mask, per-row
+        offset of the text positions that follow). The processor's extra inputs (LLaVA-NeXT's
+        image_sizes, Qwen's image_grid_thw and mm_token_type_ids) go to the model as they are.
         """
         self.tokenizer.padding_side = "left"
         enc = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        if extra_tokens is not None and any(extra_tokens):
+            enc = self._append_tokens(enc, extra_tokens)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
@@ -210,8 +254,12 @@ class LlavaExpander:
         """K (text, Candidate) children for each node of one tree, given each node's sentences so far."""
         def run(chunk):
             texts = [prefix_text(prompt_text, r) for r in chunk]
-            out, attention, offsets = self._encode([image] * len(texts), texts)
-            return self._search(out.logits[:, -1], out.past_key_values, attention, offsets, texts)
+            if self._uses_tokens(chunk):  # the prompt, then the node's tokens exactly as generated
+                out, attention, offsets = self._encode([image] * len(chunk), [prompt_text] * len(chunk),
+                                                       [prefix_tokens(r) for r in chunk])
+            else:
+                out, attention, offsets = self._encode([image] * len(texts), texts)
+            return self._search(out.logits[:, -1], output_cache(out), attention, offsets, texts)
         return self._in_chunks(responses, run)
 
 
@@ -236,7 +284,7 @@ class CachedLlavaExpander(LlavaExpander):
     @torch.no_grad()
     def encode_prompts(self, images: list, prompt_texts: list[str]) -> PromptCache:
         out, attention, offsets = self._encode(images, prompt_texts)
-        return PromptCache(out.past_key_values, attention, offsets, out.logits[:, -1],
+        return PromptCache(output_cache(out), attention, offsets, out.logits[:, -1],
                            [self._text_ids(t) for t in prompt_texts], list(images), list(prompt_texts))
 
     @torch.no_grad()
@@ -244,6 +292,9 @@ class CachedLlavaExpander(LlavaExpander):
         """Children for (tree row, sentences so far) requests drawn from any trees in `prompts`."""
         plan = []
         for row, sentences in requests:
+            if self._uses_tokens([sentences]):  # continue from exactly the generated tokens
+                plan.append((row, sentences, list(prefix_tokens(sentences))))
+                continue
             full = self._text_ids(prefix_text(prompts.prompt_texts[row], sentences))
             head = prompts.prompt_ids[row]
             shared = full[:len(head)] == head
@@ -280,7 +331,7 @@ class CachedLlavaExpander(LlavaExpander):
             attention = torch.cat([attention, mask], dim=1)
             out = self.model(input_ids=ids, attention_mask=attention,
                              position_ids=self._text_positions(attention, offsets, width),
-                             past_key_values=cache, use_cache=True)
+                             **with_cache(self.model, cache), use_cache=True)
             has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
         texts = [prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]

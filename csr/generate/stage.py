@@ -48,7 +48,7 @@ def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None):
     image_feat = clip.image_features([image])[0]
 
     def calibrated(siblings):
-        texts = [n["text"] for n in siblings]
+        texts = [n["text"].strip() for n in siblings]  # the sentence alone, not the whitespace before it
         clip_scores = (100.0 * clip.text_features(texts) @ image_feat).tolist()
         for n, c in zip(siblings, clip_scores):
             n["clip"] = c  # reused by the score stage
@@ -98,7 +98,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),
-                   node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos)
+                   node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos,
+                   continuation=g.continuation)
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
     n_candidates, start = 0, time.perf_counter()

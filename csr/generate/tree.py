@@ -38,21 +38,32 @@ class TreeSettings:
 
 
 def join_sentences(sentences: Sequence[str]) -> str:
-    return " ".join(s for s in sentences if s)
+    """A response: its sentences' exact texts concatenated, ends stripped.
+
+    A sentence's text keeps the whitespace the model wrote before it (' The cat.', or 'A dog.'
+    after a '.\\n'), so the concatenation is what the model wrote, newlines included.
+    """
+    return "".join(sentences).strip()
 
 
 def continue_text(context: str, text: str) -> str:
-    """`context` (a chat prompt) followed by `text`, as the chat template renders a reply: one space
-    between them unless the prompt already ends in whitespace (LLaVA's 'ASSISTANT:' is followed by
-    ' The ...', ChatML's 'assistant\\n' by 'The ...')."""
-    if not text:
-        return context
-    return f"{context}{text}" if context[-1:].isspace() else f"{context} {text}"
+    """`context` (a chat prompt and earlier sentences) followed by `text` exactly as generated: LLaVA's
+    'ASSISTANT:' is followed by the model's ' The ...', ChatML's 'assistant\\n' by 'The ...'."""
+    return context + text
 
 
 def prefix_text(prompt_text: str, sentences: Sequence[str]) -> str:
     """The text a node continues from: the chat prompt followed by the node's sentences so far."""
-    return continue_text(prompt_text, join_sentences(sentences))
+    return continue_text(prompt_text, "".join(sentences))
+
+
+class Prefix(list):
+    """A node's sentences so far (their exact texts, as a list) and the token ids they were generated
+    as (None when a node lacks them), so that the next level can continue from exactly those tokens."""
+
+    def __init__(self, sentences: Sequence[str] = (), token_ids: list[int] | None = None):
+        super().__init__(sentences)
+        self.token_ids = token_ids
 
 
 def path_ids(nodes: list[dict], node_id: int) -> list[int]:
@@ -66,6 +77,14 @@ def path_ids(nodes: list[dict], node_id: int) -> list[int]:
 
 def path_sentences(nodes: list[dict], node_id: int) -> list[str]:
     return [nodes[i]["text"] for i in path_ids(nodes, node_id)]
+
+
+def path_prefix(nodes: list[dict], node_id: int) -> Prefix:
+    path = [nodes[i] for i in path_ids(nodes, node_id)]
+    tokens = None
+    if all("token_ids" in n for n in path):
+        tokens = [t for n in path for t in n["token_ids"]]
+    return Prefix([n["text"] for n in path], tokens)
 
 
 def prune(candidates: list[tuple[int, float]], width: int, mode: str) -> list[int]:
@@ -85,8 +104,9 @@ def prune(candidates: list[tuple[int, float]], width: int, mode: str) -> list[in
     return order[:n_best] + order[len(order) - n_worst:]
 
 
-ExpandFn = Callable[[list[list[str]]], list[list[tuple[str, Candidate]]]]
-"""Given each active node's sentences so far, returns per node its K (text, Candidate) children."""
+ExpandFn = Callable[[list[Prefix]], list[list[tuple[str, Candidate]]]]
+"""Given each active node's prefix (sentences so far, with their tokens), returns per node its K
+(exact text, Candidate) children."""
 
 ScoreSiblingsFn = Callable[[list[dict]], list[float]]
 """Given the sibling nodes born from one parent, returns each one's search score (higher = better)."""
@@ -113,8 +133,8 @@ class TreeSearch:
     def done(self) -> bool:
         return not self.active
 
-    def pending(self) -> list[list[str]]:
-        return [path_sentences(self.nodes, i) for i in self.active]
+    def pending(self) -> list[Prefix]:
+        return [path_prefix(self.nodes, i) for i in self.active]
 
     def advance(self, expansions: list[list[tuple[str, Candidate]]]) -> None:
         nodes, settings = self.nodes, self.settings
@@ -125,7 +145,7 @@ class TreeSearch:
             for text, cand in children:
                 node = {
                     "id": len(nodes), "parent": parent_id, "depth": parent["depth"] + 1, "text": text,
-                    "n_tokens": cand.n_tokens, "logprob_sum": cand.logprob_sum,
+                    "token_ids": list(cand.token_ids), "n_tokens": cand.n_tokens, "logprob_sum": cand.logprob_sum,
                     "logprob_mean": cand.logprob_mean, "beam_score": cand.beam_score,
                     "ended_by": cand.ended_by, "final": False, "final_reason": None, "pruned": False,
                 }
@@ -164,8 +184,8 @@ def grow_tree(expand: ExpandFn, score_siblings: ScoreSiblingsFn, settings: TreeS
     return search.nodes
 
 
-ExpandManyFn = Callable[[list[tuple[int, list[str]]]], list[list[tuple[str, Candidate]]]]
-"""Given (tree index, sentences so far) for active nodes of any trees, returns each one's children."""
+ExpandManyFn = Callable[[list[tuple[int, Prefix]]], list[list[tuple[str, Candidate]]]]
+"""Given (tree index, prefix) for active nodes of any trees, returns each one's children."""
 
 
 def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settings: TreeSettings,

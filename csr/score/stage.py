@@ -74,7 +74,7 @@ def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:
 def add_clip_scores(trees: list[dict], images: list, clip) -> None:
     """`clip` (100·cos) on every node that lacks one, for many trees in one batched pass."""
     missing = [[n for n in t["nodes"][1:] if "clip" not in n] for t in trees]
-    scores = clip.scores_many(images, [[n["text"] for n in nodes] for nodes in missing])
+    scores = clip.scores_many(images, [[n["text"].strip() for n in nodes] for nodes in missing])
     for nodes, values in zip(missing, scores):
         for n, c in zip(nodes, values):
             n["clip"] = c

@@ -146,11 +146,37 @@ def read_pairs(pairs_dir: Path) -> list[dict]:
             if not Path(p).is_file():
                 raise TrainInputError(f"{path}:{n}: image '{p}' does not exist.")
         records.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"],
-                        "images": images})
+                        "images": images, "chosen_ends_with_eos": bool(rec.get("chosen_ends_with_eos", False)),
+                        "rejected_ends_with_eos": bool(rec.get("rejected_ends_with_eos", False))})
     if not records:
         raise TrainInputError(f"{path} holds no pairs: nothing to train on. Check the 'pairs' stage's "
                               f"summary ({pairs_dir / 'DONE.json'}) for why every prompt was skipped.")
     return records
+
+
+def render_pair(example: dict, processor) -> dict:
+    """One conversational pair as TRL's plain prompt / completion text, rendered by the chat template.
+
+    The same text TRL would render, except that a completion the model ended with EOS
+    (`<side>_ends_with_eos`) is closed by EOS whatever the template renders: llava-hf's LLaVA-1.5
+    template renders an assistant turn as `text + ' '` with no EOS, so DPO would never see where an
+    answer stops. A template that already renders EOS (vicuna_v1, Qwen's `<|im_end|>`) is left as is.
+    """
+    eos = getattr(getattr(processor, "tokenizer", processor), "eos_token", None)
+    prompt = processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+    out = {"prompt": prompt}
+    for side in ("chosen", "rejected"):
+        full = processor.apply_chat_template(example["prompt"] + example[side], tokenize=False)
+        if not full.startswith(prompt):
+            raise TrainInputError(f"the chat template renders the prompt differently on its own than before an "
+                                  f"answer ({prompt[-40:]!r} vs {full[len(prompt) - 40:len(prompt)]!r}); csr "
+                                  f"cannot cut the completion out of it. Use model.chat_template=vicuna_v1 or "
+                                  f"fix the template.")
+        completion = full[len(prompt):]
+        if example.get(f"{side}_ends_with_eos") and eos and not completion.rstrip().endswith(eos):
+            completion = completion.rstrip() + eos
+        out[side] = completion
+    return out
 
 
 def pairs_dataset(records: list[dict]):
@@ -285,6 +311,12 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
         args.projector_module = spec.projector
     from csr.faults import train_callback
 
+    if isinstance(train_dataset[0]["prompt"], list):  # conversational: render it here (see render_pair)
+        columns = [c for c in ("prompt", "chosen", "rejected", "chosen_ends_with_eos", "rejected_ends_with_eos")
+                   if c in train_dataset.column_names]
+        train_dataset = train_dataset.map(lambda *values: render_pair(dict(zip(columns, values)), processor),
+                                          input_columns=columns, remove_columns=columns[3:],
+                                          desc="render pairs")
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
                                processing_class=processor, peft_config=args.lora_config(),
                                callbacks=[train_callback()])

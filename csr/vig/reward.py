@@ -149,7 +149,7 @@ def continuation_logprobs(model, processor, contexts: list[str], continuations: 
                           ) -> tuple[list[list[float]], list[list[int]]]:
     """log p of each continuation's tokens after its context, the whole text tokenised at once.
 
-    full = `continue_text(context, continuation)` (as the expander builds node prefixes). The continuation's
+    full = context + continuation (exact texts, as the expander builds node prefixes). The continuation's
     tokens are those of `full` after the longest common prefix with `context`'s tokens. Right
     padding (natural positions). `images` None: text only.
     """
