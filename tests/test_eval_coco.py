@@ -414,3 +414,73 @@ def test_cli_scores_pope_answers(tmp_path, capsys):
     # answers by id: 1 yes (yes), 2 yes (no), 3 yes (yes), 4 no (no): tp 2, fp 1, tn 1 -> accuracy 3/4
     assert out["random"]["accuracy"] == 0.75 and out["random"]["yes_ratio"] == 0.75
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["pope"] == out
+
+
+# ------------------------------------------------------------------- presets, on a tiny model
+
+
+def _tiny_protocol_inputs(root: Path):
+    """The hand-made COCO folder, its val2014 images and three small POPE files."""
+    from PIL import Image
+
+    coco = make_coco(root / "coco")
+    images = root / "val2014"
+    images.mkdir()
+    for i, rgb in ((1, (200, 30, 30)), (2, (30, 30, 200))):
+        Image.new("RGB", (32, 32), rgb).save(images / f"COCO_val2014_{i:012d}.jpg")
+    pope = root / "pope"
+    pope.mkdir()
+    for split in ("random", "popular", "adversarial"):
+        (pope / f"coco_pope_{split}.json").write_text("".join(
+            json.dumps({"question_id": k, "image": f"COCO_val2014_{i:012d}.jpg", "text": f"Is there a {o} in the image?",
+                        "label": lab}) + "\n"
+            for k, (i, o, lab) in enumerate([(1, "dog", "yes"), (2, "cat", "no"), (1, "bus", "no")], 1)))
+    return coco, images, pope
+
+
+def test_presets_end_to_end_and_rescored_from_their_files(tiny_llava_dir, tmp_path, capsys):
+    from csr.eval.run import main
+
+    coco, images, pope = _tiny_protocol_inputs(tmp_path)
+    out = tmp_path / "ev"
+    assert main(["--preset", "coco-chair,coco-pope", "--model", str(tiny_llava_dir), "--image-root", str(images),
+                 "--coco-annotations", str(coco), "--pope-dir", str(pope), "--limit", "2", "--max-new-tokens", "6",
+                 "--device", "cpu", "--dtype", "float32", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["presets"] == ["coco-chair", "coco-pope"]
+    chair = m["chair"]
+    assert chair["mode"] == "reference" and chair["n_captions"] == 2 and chair["max_new_tokens"] == 6
+    assert chair["prompt"] == "Please describe this image in detail."
+    assert isinstance(chair["n_hit_token_limit"], int) and 0 <= chair["n_hit_token_limit"] <= 2
+    assert {"chair_s", "chair_i", "recall", "words_per_caption"} <= set(chair)
+    assert [m["pope"][s]["n"] for s in ("random", "popular", "adversarial")] == [2, 2, 2]   # --limit 2 per file
+    asked = json.loads((out / "pope_answers_random.jsonl").read_text().splitlines()[0])["prompt"]
+    assert asked == "Is there a dog in the image? Answer the question using a single word or phrase."
+    capsys.readouterr()
+    # the files the presets wrote are what the no-model scorers read: same numbers
+    assert main(["--chair-captions", str(out / "chair_captions.jsonl"), "--coco-annotations", str(coco),
+                 "--pope-questions", *[str(out / f"coco_pope_{s}.json") for s in ("random", "popular", "adversarial")],
+                 "--pope-answers", *[str(out / f"pope_answers_{s}.jsonl") for s in ("random", "popular", "adversarial")],
+                 "--out", str(tmp_path / "again")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for k in ("chair_s", "chair_i", "recall", "words_per_caption", "n_hit_token_limit"):
+        assert again["chair"][k] == chair[k]
+    assert all(again["pope"][s]["f1"] == m["pope"][s]["f1"] for s in ("random", "popular", "adversarial", "all"))
+
+
+def test_round_loop_evaluates_with_presets(tiny_llava_dir, tmp_path):
+    from csr.config import ConfigError, load_config
+    from csr.loop import evaluate
+
+    coco, images, pope = _tiny_protocol_inputs(tmp_path)
+    base = [f"model.model_name_or_path={tiny_llava_dir}", "model.device=cpu", "model.torch_dtype=float32",
+            f"run.output_dir={tmp_path / 'run'}", f"run.eval_image_root={images}", "run.eval_max_samples=1"]
+    cfg = load_config(None, base + ["run.eval_presets=coco-chair,coco-pope", f"run.eval_coco_annotations={coco}",
+                                    f"run.eval_pope_dir={pope}"])
+    m = evaluate(cfg, str(tiny_llava_dir), tmp_path / "run" / "eval" / "round_0.json")
+    assert m["chair"]["n_captions"] == 1 and m["chair"]["max_new_tokens"] == 512 and m["pope"]["all"]["n"] == 3
+    assert json.loads((tmp_path / "run" / "eval" / "round_0.json").read_text()) == m
+    with pytest.raises(ConfigError, match="choose from coco-chair, coco-pope"):
+        load_config(None, base + ["run.eval_presets=coco-chiar"])
+    with pytest.raises(ConfigError, match="eval_coco_annotations"):
+        load_config(None, base + ["run.eval_presets=coco-chair"])
