@@ -484,3 +484,17 @@ def test_round_loop_evaluates_with_presets(tiny_llava_dir, tmp_path):
         load_config(None, base + ["run.eval_presets=coco-chiar"])
     with pytest.raises(ConfigError, match="eval_coco_annotations"):
         load_config(None, base + ["run.eval_presets=coco-chair"])
+
+
+def test_worked_example_of_the_docs():
+    """docs/results/eval.md quotes these numbers for data/examples/."""
+    ex = Path(__file__).resolve().parents[1] / "data" / "examples"
+    r = score_caption_file(ex / "captions.jsonl", ex / "coco")
+    c = score_caption_file(ex / "captions.jsonl", ex / "coco", mode="corrected")
+    assert (r["chair_s"], r["chair_i"], r["recall"], r["n_mentions"]) == (0.25, 0.125, 0.6, 8)
+    assert (c["chair_s"], c["chair_i"], c["recall"], c["n_mentions"]) == (0.75, 4 / 12, 7 / 12, 12)
+    p = score_pope_files([ex / "pope" / "coco_pope_random.json"], [ex / "pope" / "answers_llava.jsonl"])
+    # yes/yes, no/no, yes/yes, 'Yes, ... car' for no, 'There is no toilet.' for yes, no/no
+    assert (p["random"]["tp"], p["random"]["fp"], p["random"]["tn"], p["random"]["fn"]) == (2, 1, 2, 1)
+    q = score_pope_files([ex / "pope" / "coco_pope_random.json"], [ex / "pope" / "answers.txt"])
+    assert q["random"]["accuracy"] == 3 / 5 and q["random"]["n_unanswered"] == 1
