@@ -487,6 +487,7 @@ def score_captions(records: list[dict], gt: dict[int, set], chair: CocoChair) ->
 
 def score_caption_file(captions_path, annotations_dir, synonyms_path=None, mode: str = "reference") -> dict:
     """CHAIR of a caption file from any tool against COCO 2014 annotations (no model)."""
+    check_annotation_dir(annotations_dir)
     synonyms_path = Path(synonyms_path) if synonyms_path else Path(annotations_dir) / "synonyms.txt"
     chair = CocoChair(synonyms_path, mode)
     records = read_captions(captions_path)

@@ -84,6 +84,9 @@ def run_chair_preset(preset: Preset, model, processor, *, coco_annotations, imag
         raise BadInput("missing_input", f"preset {preset.name} needs the COCO 2014 annotation folder "
                                         f"(--coco-annotations / run.eval_coco_annotations) and the val2014 images "
                                         f"(--image-root / run.eval_image_root).")
+    from csr.eval.coco_chair import check_annotation_dir
+
+    check_annotation_dir(coco_annotations)
     synonyms = Path(synonyms) if synonyms else Path(coco_annotations) / "synonyms.txt"
     chair = CocoChair(synonyms, chair_mode or preset.chair_mode)
     images = val2014_images(coco_annotations, preset.n_images, preset.seed)[:limit]
