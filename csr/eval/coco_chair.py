@@ -60,13 +60,11 @@ unchanged; the reference predates it.)
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
 from csr.data import BadInput
 
-log = logging.getLogger(__name__)
 
 MODES = ("reference", "corrected")
 ANNOTATION_FILES = ("instances_train2014.json", "instances_val2014.json",
