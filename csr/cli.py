@@ -15,7 +15,7 @@ COMMANDS = {
     "pairs": ("csr.pairs:main", "Stage 3: chosen/rejected pairs from scored trees."),
     "train": ("csr.train.stage:main", "Stage 4: LoRA DPO with TRL's DPOTrainer."),
     "merge": ("csr.train.merge:main", "Stage 5: merge the LoRA into a model folder."),
-    "eval": ("csr.eval.run:main", "Evaluate a model folder: POPE, CHAIR."),
+    "eval": ("csr.eval.run:main", "POPE, CHAIR: a model folder, the standard protocols, or existing answers."),
     "debias": ("csr.debias.cli:main", "Debiasing: post-hoc calibration, debias sampling, decoding study."),
     "vig": ("csr.vig.cli:main", "Visual Information Gain: score, view, selective SFT, CSR reward term."),
     "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     module, func = target.split(":")
     setup_logging()
     from csr.config import ConfigError
+    from csr.data import BadInput
     from csr.io import StageInputMissing
     from csr.models import ModelLoadError
 
     try:
         return getattr(importlib.import_module(module), func)(rest) or 0
-    except (ConfigError, StageInputMissing, ModelLoadError, FileNotFoundError) as err:
+    except (ConfigError, BadInput, StageInputMissing, ModelLoadError, FileNotFoundError) as err:
         # a bad recipe, input or model path: one clear line, no traceback
         print(f"csr {name}: error: {err}", file=sys.stderr)
         return 2

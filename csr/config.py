@@ -56,6 +56,16 @@ class RunConfig:
     eval_chair: str = _f("", "CHAIR caption set evaluated on the base model and after every round ('' = none).")
     eval_image_root: str = _f("", "Folder the eval files' image names are relative to.")
     eval_max_samples: Optional[int] = _f(None, "Evaluate on the first N items of each eval set (None: all).")
+    eval_presets: str = _f("", "Standard protocols evaluated on the base model and after every round, comma "
+                                "separated: coco-chair (500 COCO val2014 images, 'Please describe this image in "
+                                "detail.', greedy, 512 new tokens, reference CHAIR), coco-pope (the three official "
+                                "POPE files, LLaVA's answer suffix); see csr/eval/presets.py. '' = none. They need "
+                                "eval_image_root = COCO's val2014 image folder.")
+    eval_coco_annotations: str = _f("", "coco-chair: folder with COCO's instances_{train,val}2014.json and "
+                                         "captions_{train,val}2014.json.")
+    eval_synonyms: str = _f("", "coco-chair: the reference CHAIR synonym list ('' = synonyms.txt in "
+                                "eval_coco_annotations).")
+    eval_pope_dir: str = _f("", "coco-pope: folder holding coco_pope_{random,popular,adversarial}.json.")
     build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
                               "first if missing (the default recipe's ground truth; '' = off).")
     report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
@@ -66,6 +76,22 @@ class RunConfig:
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        names = [n.strip() for n in self.eval_presets.split(",") if n.strip()]
+        from csr.eval.presets import PRESETS
+
+        for n in names:
+            _require(n in PRESETS, "run.eval_presets", self.eval_presets, f"names '{n}'; choose from {', '.join(PRESETS)}")
+        kinds = {PRESETS[n].kind for n in names}
+        _require(not ("chair" in kinds and self.eval_chair), "run.eval_presets", self.eval_presets,
+                 "and run.eval_chair both give CHAIR metrics: keep one")
+        _require(not ("pope" in kinds and self.eval_pope), "run.eval_presets", self.eval_presets,
+                 "and run.eval_pope both give POPE metrics: keep one")
+        _require(not names or self.eval_image_root, "run.eval_image_root", self.eval_image_root,
+                 "must name COCO's val2014 image folder for run.eval_presets")
+        _require("chair" not in kinds or self.eval_coco_annotations, "run.eval_coco_annotations",
+                 self.eval_coco_annotations, "must name the COCO 2014 annotation folder for coco-chair")
+        _require("pope" not in kinds or self.eval_pope_dir, "run.eval_pope_dir", self.eval_pope_dir,
+                 "must name the folder of the official POPE files for coco-pope")
 
 
 @dataclass

@@ -61,15 +61,32 @@ def save_run_config(cfg: CSRConfig, run_dir: Path) -> None:
 def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
     """Eval metrics for one model, cached in `out_file`; None when the recipe names no eval set."""
     r = cfg.run
-    if not (r.eval_pope or r.eval_chair):
+    if not (r.eval_pope or r.eval_chair or r.eval_presets):
         return None
     if out_file.exists():
         return json.loads(out_file.read_text())
     from csr.eval.run import evaluate_model
 
-    metrics = evaluate_model(model_path, pope_path=r.eval_pope or None, chair_path=r.eval_chair or None,
-                             image_root=r.eval_image_root or None, limit=r.eval_max_samples,
-                             device=cfg.model.device, out_dir=out_file.parent / out_file.stem)
+    model = processor = None
+    if r.eval_presets:                  # one model load for the recipe's own sets and the presets
+        from csr.models import load_policy
+
+        model, processor = load_policy(model_path, dtype=cfg.model.torch_dtype, device=cfg.model.device,
+                                       trust_remote_code=cfg.model.trust_remote_code)
+    metrics = {"model": model_path}
+    if r.eval_pope or r.eval_chair:
+        metrics = evaluate_model(model_path, pope_path=r.eval_pope or None, chair_path=r.eval_chair or None,
+                                 image_root=r.eval_image_root or None, limit=r.eval_max_samples,
+                                 device=cfg.model.device, out_dir=out_file.parent / out_file.stem,
+                                 model=model, processor=processor)
+    if r.eval_presets:
+        from csr.eval.presets import run_presets
+
+        metrics.update(run_presets(r.eval_presets, model_path, model=model, processor=processor,
+                                   out_dir=out_file.parent / out_file.stem,
+                                   coco_annotations=r.eval_coco_annotations, synonyms=r.eval_synonyms or None,
+                                   image_root=r.eval_image_root, pope_dir=r.eval_pope_dir,
+                                   limit=r.eval_max_samples))
     atomic_write_json(out_file, metrics)
     return metrics
 

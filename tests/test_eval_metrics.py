@@ -109,6 +109,15 @@ def test_plural_forms():
     assert plural_forms("sheep") == {"sheep"}
 
 
+def test_irregular_plurals_of_compound_words():
+    # the ending inflects as the word would: man -> men, child -> children (the regular -s stays beside it)
+    assert {"policeman", "policemen"} <= plural_forms("policeman")
+    assert {"gentleman", "gentlemen"} <= plural_forms("gentleman")
+    assert {"grandchild", "grandchildren"} <= plural_forms("grandchild")
+    table = SynonymTable({"person": ["policeman", "gentleman", "grandchild"]})
+    assert [c for _, c in table.mentions("Two policemen, gentlemen and grandchildren.")] == ["person"] * 3
+
+
 def test_mentions_synonyms_plurals_and_multiword_first():
     got = TABLE.mentions("Two puppies and a man eat hot dogs near some boxes; the Dog barks at people.")
     assert [c for _, c in got] == ["dog", "person", "hot dog", "box", "dog", "person"]

@@ -22,9 +22,11 @@ category name is mapped through the synonym table to its canonical object, and k
 canonical object if the table does not know it) and, when a ``captions_*.json`` file is given, the
 objects its reference captions mention, as the original CHAIR does. The user provides the
 annotation files and the synonym list (e.g. the 80-class ``synonyms.txt`` of the CHAIR release).
-Simplifications against the original code: no lemmatiser (plural forms are generated instead),
-and no special rules for phrases such as "baby bird" or "toilet seat" beyond what the synonym
-table holds.
+This table is what the grounded world and `csr eval --chair` use. It is not the reference CHAIR
+script: no singulariser (plural forms are generated instead, irregular endings of compounds
+included: 'policemen', 'grandchildren'), no special rules for 'baby bird' or 'toilet seat'. For
+numbers that compare with published ones, score COCO captions with `csr.eval.coco_chair`
+(`csr eval --chair-captions ... --chair-mode reference`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ _IRREGULAR = {"person": "people", "man": "men", "woman": "women", "child": "chil
               "mouse": "mice", "foot": "feet", "tooth": "teeth", "goose": "geese",
               "knife": "knives", "leaf": "leaves", "wolf": "wolves", "shelf": "shelves",
               "life": "lives", "wife": "wives", "calf": "calves", "half": "halves", "ox": "oxen"}
+# irregular endings of compound words: policeman -> policemen, grandchild -> grandchildren
+_IRREGULAR_ENDINGS = {"man": "men", "child": "children", "person": "people", "mouse": "mice", "foot": "feet",
+                      "tooth": "teeth", "goose": "geese"}
 _INVARIANT = {"sheep", "fish", "deer", "series", "species", "scissors", "glasses", "skis",
               "pants", "jeans", "shorts", "aircraft", "bison", "moose", "people"}
 _WORD = re.compile(r"[a-z0-9]+")
@@ -65,6 +70,8 @@ def plural_forms(word: str) -> set[str]:
     elif len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
         forms.add(last[:-1] + "ies")
     else:
+        # the regular plural is kept beside it ('humans' and the harmless 'humen')
+        forms.update(last[:-len(end)] + pl for end, pl in _IRREGULAR_ENDINGS.items() if last.endswith(end))
         if last.endswith("fe"):
             forms.add(last[:-2] + "ves")
         elif last.endswith("f"):
