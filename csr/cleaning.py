@@ -115,13 +115,24 @@ def node_drop_reason(text: str, cfg) -> str | None:
     return reason
 
 
+def is_end_marker(node: dict) -> bool:
+    """A candidate that is EOS alone (with `generate.stop_at_eos`, the model ending its response right
+    after a sentence): no sentence to score or clean, but it marks its path as ended by the model."""
+    return node.get("ended_by") == "eos" and not node["text"].strip()
+
+
 def dropped_nodes(nodes: list[dict], cfg) -> dict[int, str]:
     """{node id: reason} for every node dropped, itself or through an ancestor ('ancestor_dropped').
 
-    Parents come before their children in a tree's node list, so one pass suffices.
+    End markers (`is_end_marker`) are never dropped for being short. Parents come before their
+    children in a tree's node list, so one pass suffices.
     """
     dropped: dict[int, str] = {}
     for n in nodes[1:]:
+        if is_end_marker(n):
+            if n["parent"] in dropped:
+                dropped[n["id"]] = "ancestor_dropped"
+            continue
         if n["parent"] in dropped:
             dropped[n["id"]] = "ancestor_dropped"
         else:

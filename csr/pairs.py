@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from csr.cleaning import dropped_nodes, response_too_many_newlines
+from csr.cleaning import dropped_nodes, is_end_marker, response_too_many_newlines
 from csr.cli import stage_parser
 from csr.config import ConfigError, CSRConfig, PairsConfig, load_config
 from csr.generate.tree import final_paths, join_sentences
@@ -46,7 +46,10 @@ def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[CandidatePath]:
     keep = {n["id"] for n in nodes[1:]} - dropped.keys()
     out = []
     for ids in final_paths(nodes, keep):
-        path = [nodes[i] for i in ids]
+        ended = nodes[ids[-1]]
+        path = [nodes[i] for i in ids if not is_end_marker(nodes[i])]  # an EOS alone is no sentence
+        if not path:
+            continue
         if any(n.get("reward") is None for n in path):
             raise ConfigError(f"node {path[-1]['id']}'s path holds a node without a reward: the score stage "
                               f"dropped it under other cleaning settings than these. Recompute with "
@@ -55,7 +58,7 @@ def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[CandidatePath]:
         if response_too_many_newlines(response, cfg):
             continue
         out.append(CandidatePath(response, path_score([n["reward"] for n in path], cfg.path_score), path_vig(path),
-                                 path[-1].get("final_reason") == "eos"))
+                                 ended.get("final_reason") == "eos"))
     return out
 
 

@@ -126,7 +126,7 @@ def make_tracker(report_to: str, run_dir: Path, config: dict):
 
 
 def score_stage_data(scored_trees: list[dict]) -> dict:
-    nodes = [n for t in scored_trees for n in t["nodes"][1:] if not n.get("dropped")]  # ranked nodes only
+    nodes = [n for t in scored_trees for n in t["nodes"][1:] if n.get("reward") is not None]  # ranked nodes only
     return {"histograms": {"clip_score": [n["clip"] for n in nodes],
                            "self_reward": [n["self_reward"] for n in nodes],
                            "reward": [n["reward"] for n in nodes]},

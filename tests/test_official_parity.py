@@ -441,3 +441,25 @@ def test_rescore_refuses_records_without_raw_scores(generated, tmp_path):
     assert csr_main(["score", "--config", str(recipe), "--rescore", str(tmp_path / "score"),
                      "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out" / "score").exists()  # nothing written before the check
+
+
+def test_an_eos_alone_ends_its_path_without_being_a_sentence():
+    # with generate.stop_at_eos (csr), a candidate that is EOS alone marks the end of the response:
+    # it is not dropped as short, gets no reward, and its path is the response before it
+    tree = make_tree([(0, "A red ball.", -1.0, 30.0, False),     # 1
+                      (0, "A blue cube.", -2.0, 20.0, False),    # 2
+                      (1, "", -0.1, 0.0, True),                  # 3: EOS alone
+                      (2, " It is round.", -0.5, 35.0, True)])   # 4: final by length, say
+    tree["nodes"][3].update(ended_by="eos", final_reason="eos")
+    tree["nodes"][4].update(ended_by="stop", final_reason="max_response_chars")
+    cfg = PairsConfig(path_score="official")
+    calibrate_tree(tree, OFFICIAL_SCORE, cfg)
+    nodes = tree["nodes"]
+    assert "dropped" not in nodes[3] and nodes[3]["reward"] is None
+    assert nodes[4]["reward"] == pytest.approx(-1.0)  # the only ranked child of 2: 1/1 on both
+    paths = candidate_paths(nodes, cfg)
+    # [1,(3)]: -0.5 / 2 = -0.25, ended by EOS; [2,4]: (-1 - 1) / 3 = -2/3, ended by the length limit
+    assert [(p.response, p.ends_with_eos) for p in paths] == [("A red ball.", True), ("A blue cube. It is round.", False)]
+    assert [p.score for p in paths] == pytest.approx([-0.25, -2 / 3])
+    pair = pick_pair(tree, cfg)[0]
+    assert pair["chosen_ends_with_eos"] is True and pair["rejected_ends_with_eos"] is False

@@ -28,7 +28,7 @@ from csr.data import BadInput, load_image
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
-from csr.cleaning import dropped_nodes
+from csr.cleaning import dropped_nodes, is_end_marker
 from csr.score.reward import score_siblings
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,16 @@ def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:
     and siblings are calibrated among the survivors only.
     """
     dropped = dropped_nodes(tree["nodes"], pairs_cfg) if pairs_cfg is not None else {}
+    unranked = set(dropped) | {n["id"] for n in tree["nodes"][1:] if is_end_marker(n)}  # EOS alone: no sentence
     for n in tree["nodes"][1:]:
+        if n["id"] in unranked:
+            n.update(self_reward=None, visual_reward=None, reward=None)
         if n["id"] in dropped:
-            n.update(dropped=dropped[n["id"]], self_reward=None, visual_reward=None, reward=None)
+            n["dropped"] = dropped[n["id"]]
         else:
             n.pop("dropped", None)
     for group in siblings_by_parent(tree["nodes"]).values():
-        siblings = [n for n in group if n["id"] not in dropped]
+        siblings = [n for n in group if n["id"] not in unranked]
         if not siblings:
             continue
         if score_cfg.vig_weight > 0:
