@@ -114,16 +114,19 @@ def _save(model, processor, tokenizer, out_dir) -> None:
 
 def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
                      image_size: int = 32, patch_size: int = 8, hidden_size: int = 64,
-                     num_layers: int = 2, vision_model=None, seed: int = 0):
+                     num_layers: int = 2, vision_model=None, seed: int = 0, tokenizer=None,
+                     chat_template: str = LLAVA_CHAT_TEMPLATE):
     """Build, save and return (model, processor) for a tiny LlavaForConditionalGeneration.
 
     `vision_model` (a transformers CLIPVisionModel) replaces the random vision tower when given,
-    e.g. one trained contrastively on the grounded world.
+    e.g. one trained contrastively on the grounded world. `tokenizer` (holding '<image>' and a pad
+    token) and `chat_template` replace the toy ones, e.g. the real LLaMA vocabulary and llava-hf's
+    template (`real_llama_tokenizer`).
     """
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(corpus, vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(corpus, vocab_size)
     if vision_model is not None:
         vision_cfg = vision_model.config
         image_size, patch_size = vision_cfg.image_size, vision_cfg.patch_size
@@ -142,9 +145,55 @@ def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vo
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+                               num_additional_image_tokens=1, chat_template=chat_template)
     _save(model, processor, tokenizer, out_dir)
     return model, processor
+
+
+def real_llama_tokenizer(sentencepiece_model: str | Path):
+    """LLaMA's 32,000-piece tokenizer from its `tokenizer.model`, with llava-hf's additions:
+    `<image>` = 32000 and `<pad>` = 32001 (needs the `sentencepiece` package to convert)."""
+    import shutil
+    import tempfile
+
+    from transformers import AddedToken, LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(sentencepiece_model, Path(folder) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)  # 32000
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})                                                 # 32001
+    tokenizer.image_token = "<image>"
+    return tokenizer
+
+
+# Qwen2's special tokens in their released order: <|endoftext|> is 151643, <|im_end|> 151645,
+# <|image_pad|> 151655 (the vocabulary files list the 151,643 ordinary tokens only).
+QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                        "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                        "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def real_qwen2_tokenizer(vocab_json: str | Path, merges_txt: str | Path):
+    """Qwen2's byte-level BPE tokenizer from its `vocab.json` and `merges.txt`, with the special tokens
+    at their released ids (EOS `<|im_end|>`, pad `<|endoftext|>`)."""
+    import shutil
+    import tempfile
+
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(vocab_json, Path(folder) / "vocab.json")
+        shutil.copy(merges_txt, Path(folder) / "merges.txt")
+        tokenizer = Qwen2Tokenizer.from_pretrained(folder, unk_token=None, bos_token=None, eos_token=None,
+                                                   pad_token=None)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS],
+                         special_tokens=True)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    for name, token in (("image_token", "<|image_pad|>"), ("video_token", "<|video_pad|>"),
+                        ("vision_bos_token", "<|vision_start|>"), ("vision_eos_token", "<|vision_end|>")):
+        setattr(tokenizer, name, token)
+    return tokenizer
 
 
 def build_tiny_llava_next(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
@@ -179,23 +228,28 @@ def build_tiny_llava_next(out_dir: str | Path, *, corpus: list[str] | None = Non
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, *, corpus: list[str] | None = None, vocab_size: int = 400,
-                          patch_size: int = 7, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+                          patch_size: int = 7, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                          tokenizer=None, chat_template: str | None = None):
     """Build, save and return (model, processor) for a tiny Qwen2_5_VLForConditionalGeneration.
 
     A 2-block vision transformer (window attention in the first, full in the second) with the
     released model's 2x2 patch merger; images are resized to between 28x28 and 56x56 pixels, so a
     40 px image becomes 6x6 patches of 7 px, 9 image tokens. ChatML template, no BOS.
+    `tokenizer` (with Qwen's special tokens) and `chat_template` replace the toy ones, e.g. the real
+    Qwen2 vocabulary and Qwen2.5-VL's template.
     """
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(corpus, vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, bos=None,
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(
+                                corpus, vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, bos=None,
                                 eos="<|im_end|>", pad="<|endoftext|>", unk=None,
                                 named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                               "vision_bos_token": "<|vision_start|>",
                                               "vision_eos_token": "<|vision_end|>"},
                                 chat_template=QWEN_CHAT_TEMPLATE)
+    chat_template = chat_template or QWEN_CHAT_TEMPLATE
     ids = tokenizer.convert_tokens_to_ids
     merge = 2
     vision_cfg = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size,
@@ -216,7 +270,7 @@ def build_tiny_qwen2_5_vl(out_dir: str | Path, *, corpus: list[str] | None = Non
                   size={"shortest_edge": (patch_size * merge * 2) ** 2, "longest_edge": (patch_size * merge * 4) ** 2})
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels),
                                     video_processor=Qwen2VLVideoProcessor(**pixels), tokenizer=tokenizer,
-                                    chat_template=QWEN_CHAT_TEMPLATE)
+                                    chat_template=chat_template)
     _save(model, processor, tokenizer, out_dir)
     return model, processor
 

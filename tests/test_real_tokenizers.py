@@ -85,3 +85,154 @@ def test_words_with_a_period_are_not_sentence_ends():
     texts = {i: t for i, t in token_texts(tok, range(len(tok))).items()}
     ends = {texts[i].strip() for i in sentence_end_ids(tok, "punctuation")}
     assert ends == {".", "...", '."'}
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny random models around the real vocabularies and templates
+# ------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def real_llava_dir(tmp_path_factory):
+    """A tiny LLaVA with the real LLaMA tokenizer (+ <image> 32000, <pad> 32001), llava-hf's LLaVA-1.5
+    template and a 336 px / patch 14 vision tower: 576 image tokens, as LLaVA-1.5-7B."""
+    pytest.importorskip("sentencepiece", reason="converting LLaMA's tokenizer.model needs sentencepiece")
+    from csr.tiny import build_tiny_llava, real_llama_tokenizer
+
+    out = tmp_path_factory.mktemp("real_llava")
+    template = (_real("llava-1.5") / "chat_template.jinja").read_text()
+    build_tiny_llava(out, tokenizer=real_llama_tokenizer(_real("llama") / "tokenizer.model"),
+                     chat_template=template, image_size=336, patch_size=14)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_qwen_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL with the real Qwen2 vocabulary and Qwen2.5-VL's template."""
+    from csr.tiny import build_tiny_qwen2_5_vl, real_qwen2_tokenizer
+
+    out = tmp_path_factory.mktemp("real_qwen")
+    folder = _real("qwen2.5-vl")
+    build_tiny_qwen2_5_vl(out, tokenizer=real_qwen2_tokenizer(folder / "vocab.json", folder / "merges.txt"),
+                          chat_template=(folder / "chat_template.jinja").read_text())
+    return out
+
+
+def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_dir, monkeypatch):
+    from PIL import Image
+
+    from csr.generate.beam import Candidate
+    from csr.generate.expander import CachedLlavaExpander, LlavaExpander
+    from csr.generate.tree import TreeSettings, TreeSearch, join_sentences, prefix_text
+    from csr.models import build_chat_prompt, load_policy
+
+    model, processor = load_policy(str(real_llava_dir), device="cpu")
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
+    # "A.\nB." as the model writes it after 'ASSISTANT:': '▁A' '.' | '<0x0A>' 'B' '.'
+    first, second = tok.convert_tokens_to_ids(["▁A", "."]), tok.convert_tokens_to_ids(["<0x0A>", "B", "."])
+    kw = dict(num_candidates=1, diversity_penalty=0.0, max_new_tokens=4, stop_ids=sentence_end_ids(tok))
+    expander = LlavaExpander(model, processor, **kw)
+    texts = [expander.decode(Candidate(token_ids=first)), expander.decode(Candidate(token_ids=second))]
+    assert texts == [" A.", "\nB."]  # exact: the leading space and the newline are the model's
+    prompt = build_chat_prompt(processor, "Describe.")
+    search = TreeSearch(lambda sib: [0.0] * len(sib), TreeSettings(sentence_beam_width=5, max_sentences=5), prompt)
+    for ids, text in zip((first, second), texts):
+        search.advance([[(text, Candidate(token_ids=ids, ended_by="stop"))]])
+    (pending,) = search.pending()
+    assert pending.token_ids == first + second and join_sentences(pending) == "A.\nB."
+    assert prefix_text(prompt, pending) == prompt + " A.\nB."
+
+    # the next level's input ids: the prompt's, then exactly the generated ids (both paths)
+    seen = {}
+    real_encode = expander._encode
+
+    def spy(images, texts_, extra_tokens=None):
+        seen["extra"] = extra_tokens
+        return real_encode(images, texts_, extra_tokens)
+    monkeypatch.setattr(expander, "_encode", spy)
+    image = Image.new("RGB", (60, 40), (200, 30, 30))
+    expander.expand(image, prompt, [pending])
+    assert seen["extra"] == [first + second]
+    enc = processor(images=[image], text=[prompt], return_tensors="pt")
+    appended = expander._append_tokens(dict(enc), [first + second])
+    assert appended["input_ids"][0].tolist() == enc["input_ids"][0].tolist() + first + second
+    assert appended["attention_mask"][0].tolist() == [1] * (enc["input_ids"].shape[1] + 5)
+
+    fast = CachedLlavaExpander(model, processor, **kw)
+    chunks = []
+    monkeypatch.setattr(fast, "_expand_cached", lambda prompts, chunk: chunks.extend(chunk) or [[]] * len(chunk))
+    fast.expand_many(fast.encode_prompts([image], [prompt]), [(0, pending)])
+    assert chunks[0][2] == first + second
+
+
+def test_real_llava_template_dpo_completions_end_with_eos(real_llava_dir, tmp_path):
+    from csr.config import load_config
+    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+
+    image = tmp_path / "im.png"
+    __import__("PIL.Image").Image.new("RGB", (40, 40), (10, 200, 10)).save(image)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    answer = lambda text: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]  # noqa: E731
+    record = {"prompt": question, "chosen": answer("A green square."), "rejected": answer("A red dog sits"),
+              "images": [str(image)], "chosen_ends_with_eos": True, "rejected_ends_with_eos": False}
+    cfg = load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [f"model.model_name_or_path={real_llava_dir}"])
+    args = build_train_args(cfg, tmp_path / "train")
+    trainer = build_trainer(cfg, str(real_llava_dir), pairs_dataset([record, record]), args)
+    row = trainer.train_dataset[0]
+    assert row["chosen"].endswith("square.</s>") and row["rejected"] == " A red dog sits "  # the template's own
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    eos = trainer.processing_class.tokenizer.eos_token_id
+    last = [ids[mask.bool()].tolist()[-1] for ids, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    assert last[0] == eos and last[1] != eos  # chosen (ended by EOS) closes with </s>; rejected (cut) does not
+
+
+def test_token_budget_is_checked_before_training(real_llava_dir, tmp_path):
+    from csr.config import ConfigError, load_config
+    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+
+    image = tmp_path / "im.png"
+    __import__("PIL.Image").Image.new("RGB", (80, 40)).save(image)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+    record = {"prompt": question, "chosen": answer, "rejected": answer, "images": [str(image)]}
+    cfg = load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [f"model.model_name_or_path={real_llava_dir}",
+                                                               "train.max_length=500"])
+    # 576 image tokens (336/14 = 24, 24 * 24) alone exceed 500. The whole: the prompt as the processor
+    # itself expands it (BOS, text, 576 image tokens), plus the completion " A cat. " = '▁A' '▁cat' '.' '▁'
+    from csr.models import load_processor
+
+    processor = load_processor(str(real_llava_dir))
+    prompt = processor.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+
+    need = len(processor(images=[Image.open(image)], text=[prompt])["input_ids"][0]) + 4
+    with pytest.raises(ConfigError, match=rf"train.max_length=500 cannot hold.*576 of them the image.*at least {need}\."):
+        build_trainer(cfg, str(real_llava_dir), pairs_dataset([record]), build_train_args(cfg, tmp_path / "t"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["llava", "qwen"])
+def test_one_csr_round_on_a_real_tokenizer(which, request, tiny_clip_dir, images_dir, tmp_path):
+    import json
+
+    from csr.config import load_config
+    from csr.io import read_jsonl
+    from csr.loop import run_round
+
+    model_dir = request.getfixturevalue("real_llava_dir" if which == "llava" else "real_qwen_dir")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": "p0", "image": "red.png", "input": "<image>\nDescribe this image in detail."},
+                                   {"id": "p1", "image": "blue.png", "input": "What shapes do you see?\n<image>"}]))
+    cfg = load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [
+        f"model.model_name_or_path={model_dir}", f"score.clip_model={tiny_clip_dir}", f"data.prompts={prompts}",
+        f"data.image_root={images_dir}", f"run.output_dir={tmp_path / 'run'}", "pairs.cleaning=none",
+        "pairs.min_sentence_chars=0", "pairs.single_path=duplicate"])
+    merged, stages = run_round(cfg, str(model_dir), tmp_path / "run" / "round_1")
+    assert stages["generate"]["processed"] == 2 and stages["pairs"]["pairs"] >= 1 and stages["train"]["steps"] >= 1
+    for tree in read_jsonl(tmp_path / "run" / "round_1" / "generate" / "trees.jsonl"):
+        for n in tree["nodes"][1:]:  # every node's text is its tokens' exact text
+            assert "token_ids" in n and len(n["token_ids"]) == n["n_tokens"]
+    assert (Path(merged) / "config.json").is_file()

@@ -179,6 +179,77 @@ def render_pair(example: dict, processor) -> dict:
     return out
 
 
+def image_token_count(processor, size: tuple[int, int], cache: dict) -> int:
+    """Tokens one image of `size` (width, height) becomes in the prompt, as the processor expands it."""
+    if size not in cache:
+        w, h = size
+        counter = getattr(processor, "_get_num_multimodal_tokens", None)
+        n = None
+        if counter is not None:
+            try:
+                n = int(counter(image_sizes=[(h, w)]).num_image_tokens[0])
+            except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+                n = None
+        if n is None:  # ask the processor itself on a blank image of that size
+            from PIL import Image
+
+            text = image_token_text_of(processor)
+            ids = processor(images=[Image.new("RGB", size)], text=[text], return_tensors="pt")["input_ids"][0]
+            n = len(ids) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        cache[size] = n
+    return cache[size]
+
+
+def image_token_text_of(processor) -> str:
+    from csr.models import image_token_text
+
+    return image_token_text(processor)
+
+
+def longest_pair_tokens(dataset, processor, image_aspect: str = "processor", bos: int = 0) -> tuple[int, dict]:
+    """(tokens, breakdown) of the longest prompt + completion in a rendered pairs dataset, image tokens
+    included, without loading the images (their sizes come from the file headers)."""
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    try:
+        from datasets import List
+    except ImportError:  # pragma: no cover - datasets 3.x
+        from datasets import Sequence as List
+    tok = getattr(processor, "tokenizer", processor)
+    placeholder = tok(image_token_text_of(processor), add_special_tokens=False)["input_ids"]
+    paths = dataset.cast_column("images", List(ImageFeature(decode=False)))["images"]
+    texts = dataset.select_columns(["prompt", "chosen", "rejected"])
+    cache: dict = {}
+    best, breakdown = 0, {}
+    for row, images in zip(texts, paths):
+        image_tokens = 0
+        for im in images:
+            with Image.open(im["path"]) as f:
+                size = f.size
+            if image_aspect == "pad":
+                size = (max(size), max(size))
+            image_tokens += image_token_count(processor, size, cache) - len(placeholder)
+        prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"]) + image_tokens + bos
+        completion = max(len(tok(row[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+        if prompt + completion > best:
+            best = prompt + completion
+            breakdown = {"prompt": prompt, "image": image_tokens + len(placeholder), "completion": completion}
+    return best, breakdown
+
+
+def check_token_budget(dataset, processor, max_length: int | None, image_aspect: str = "processor",
+                       bos: int = 0) -> int:
+    """Refuse, before training, pairs whose prompt + image + completion cannot fit `train.max_length`:
+    TRL would cut into the image tokens and fail mid-run ("Image features and image tokens do not match")."""
+    need, parts = longest_pair_tokens(dataset, processor, image_aspect, bos)
+    if max_length is not None and need > max_length:
+        raise ConfigError(f"train.max_length={max_length} cannot hold the longest pair: {need} tokens "
+                          f"({parts['prompt']} of prompt, {parts['image']} of them the image, and "
+                          f"{parts['completion']} of completion). Set train.max_length to at least {need}.")
+    return need
+
+
 def pairs_dataset(records: list[dict]):
     """A `datasets.Dataset` whose `images` column decodes to PIL images for the trainer."""
     from datasets import Dataset, Image
@@ -317,6 +388,12 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
         train_dataset = train_dataset.map(lambda *values: render_pair(dict(zip(columns, values)), processor),
                                           input_columns=columns, remove_columns=columns[3:],
                                           desc="render pairs")
+    tok = getattr(processor, "tokenizer", processor)
+    from csr.models import tokenizer_adds_bos
+
+    need = check_token_budget(train_dataset, processor, args.max_length, cfg.model.image_aspect,
+                              bos=int(tokenizer_adds_bos(tok)))
+    log.info("longest pair: %d tokens (train.max_length=%s)", need, args.max_length)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_dataset,
                                processing_class=processor, peft_config=args.lora_config(),
                                callbacks=[train_callback()])
