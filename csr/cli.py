@@ -21,6 +21,7 @@ COMMANDS = {
     "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
     "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
     "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),
+    "sentence-ends": ("csr.models:sentence_ends_main", "Show which tokens end a sentence for a model's tokenizer."),
 }
 
 

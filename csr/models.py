@@ -312,6 +312,47 @@ def sentence_end_ids(tokenizer, mode: str = "punctuation") -> list[int]:
     return ids
 
 
+SENTENCE_END_PROBES = (".", " .", ".\n", ".\n\n", '."', ".)", "...")
+
+
+def describe_sentence_ends(tokenizer) -> str:
+    """What ends a sentence in this vocabulary, per mode, and how the usual period forms tokenise."""
+    lines = []
+    for mode in SENTENCE_ENDS:
+        ids = sentence_end_ids(tokenizer, mode)
+        texts = token_texts(tokenizer, ids)
+        shown = ", ".join(f"{i} {texts[i]!r}" for i in ids[:12]) + (f", … ({len(ids)} in all)" if len(ids) > 12 else "")
+        lines.append(f"{mode}: {shown}")
+    ends = {mode: set(sentence_end_ids(tokenizer, mode)) for mode in SENTENCE_ENDS}
+    lines.append("after 'word':")
+    anchor = "word"
+    head = tokenizer.encode(anchor, add_special_tokens=False)
+    for probe in SENTENCE_END_PROBES:
+        ids = tokenizer.encode(anchor + probe + " Next", add_special_tokens=False)[len(head):]
+        texts = token_texts(tokenizer, ids)
+        marks = " ".join(f"{texts[i]!r}{'*' if i in ends['punctuation'] else ''}{'!' if i in ends['official'] else ''}"
+                         for i in ids)
+        lines.append(f"  {probe!r:8} -> {marks}")
+    lines.append("(* ends a sentence with sentence_end=punctuation, ! with official)")
+    return "\n".join(lines)
+
+
+def sentence_ends_main(argv=None) -> int:
+    """`csr sentence-ends MODEL`: the sentence-end tokens a model folder's tokenizer gives, per mode."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="csr sentence-ends", description="Show which tokens end a candidate sentence "
+                                "(generate.sentence_end) for a model folder's tokenizer.")
+    p.add_argument("model", help="A model or tokenizer folder.")
+    args = p.parse_args(argv)
+    if not Path(args.model).is_dir():
+        raise ModelLoadError(f"'{args.model}' is not a folder; pass a model or tokenizer folder.")
+    from transformers import AutoTokenizer
+
+    print(describe_sentence_ends(AutoTokenizer.from_pretrained(args.model)))
+    return 0
+
+
 # The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).
 DATA_IMAGE_TOKEN = "<image>"
 

@@ -236,3 +236,11 @@ def test_one_csr_round_on_a_real_tokenizer(which, request, tiny_clip_dir, images
         for n in tree["nodes"][1:]:  # every node's text is its tokens' exact text
             assert "token_ids" in n and len(n["token_ids"]) == n["n_tokens"]
     assert (Path(merged) / "config.json").is_file()
+
+
+def test_sentence_ends_printout(qwen_tokenizer):
+    from csr.models import describe_sentence_ends
+
+    text = describe_sentence_ends(qwen_tokenizer)
+    assert "official: 13 '.'" in text
+    assert "'.\\n'    -> '.\\n'* ' Next'" in text  # a paragraph break ends a sentence only with punctuation
