@@ -40,6 +40,22 @@ QWEN_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# llava-hf's LLaVA-1.5 format as its released template renders it: an assistant turn is its text and a
+# space, with no EOS after it (what a real llava-hf folder trains with unless csr closes the answer).
+LLAVA_HF_STYLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Qwen2's pre-tokenisation: punctuation keeps the newlines after it, so '.\n' becomes one token.
+QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>"]
@@ -57,18 +73,24 @@ DEFAULT_CORPUS = [
 def build_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400, *,
                     special_tokens: list[str] = SPECIAL_TOKENS, bos: str | None = "<s>", eos: str = "</s>",
                     pad: str = "<pad>", unk: str | None = "<unk>", named_tokens: dict | None = None,
-                    chat_template: str = LLAVA_CHAT_TEMPLATE):
+                    chat_template: str = LLAVA_CHAT_TEMPLATE, split_pattern: str | None = None):
     """A byte-level BPE tokenizer trained on `corpus`.
 
     Defaults: LLaVA-1.5's (Llama) special tokens, BOS put first by plain tokenisation, '<image>' as
     the image token. `bos=None` adds no BOS (Qwen); `named_tokens` are the processor-visible
-    special tokens (e.g. {"image_token": "<image>"}).
+    special tokens (e.g. {"image_token": "<image>"}). `split_pattern` replaces GPT-2's
+    pre-tokenisation (e.g. `QWEN2_SPLIT_PATTERN`, which merges a period with the newlines after it).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -148,6 +170,52 @@ def build_tiny_llava(out_dir: str | Path, *, corpus: list[str] | None = None, vo
                                num_additional_image_tokens=1, chat_template=chat_template)
     _save(model, processor, tokenizer, out_dir)
     return model, processor
+
+
+PARAGRAPH_CORPUS = DEFAULT_CORPUS + [
+    "The dog sat.\nA cat ran.\n\nIt is red.", "A man (with a hat) said \"hi.\" Then... he left.",
+    "Two dogs play.\nThe sky is blue.\n\nA car is parked.", "There is a tree.\nThere is a house.",
+]
+
+
+def build_sentencepiece_tokenizer(corpus: list[str] | None = None, vocab_size: int = 500):
+    """A SentencePiece BPE tokenizer with LLaMA's properties, trained on `corpus`: '▁' marks a word
+    start, characters it never saw (a newline among them) fall back to byte tokens ('<0x0A>'), '.'
+    stays apart from what follows it; `<image>` and `<pad>` added after the vocabulary as llava-hf
+    does. Needs the `sentencepiece` package."""
+    import io
+
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise RuntimeError("build_sentencepiece_tokenizer needs the sentencepiece package "
+                           "(pip install sentencepiece; it is in csr's test extra)") from None
+    # the training text has no newline: a newline then reaches the model as the byte token <0x0A>, as in LLaMA
+    lines = [line.replace("\n", " ") for line in (corpus or PARAGRAPH_CORPUS)] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   hard_vocab_limit=False, minloglevel=2)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".model", delete=False) as f:
+        f.write(model.getvalue())
+    try:
+        return real_llama_tokenizer(f.name)
+    finally:
+        Path(f.name).unlink()
+
+
+def build_bpe_paragraph_tokenizer(corpus: list[str] | None = None, vocab_size: int = 500):
+    """A byte-level BPE tokenizer with Qwen2's properties: its pre-tokenisation keeps a period and the
+    newlines after it together, so '.\n' and '.\n\n' are single tokens; Qwen's special tokens and
+    ChatML template (`build_tiny_qwen2_5_vl`'s)."""
+    return build_tokenizer(corpus or PARAGRAPH_CORPUS, vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, bos=None,
+                           eos="<|im_end|>", pad="<|endoftext|>", unk=None,
+                           named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                         "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+                           chat_template=QWEN_CHAT_TEMPLATE, split_pattern=QWEN2_SPLIT_PATTERN)
 
 
 def real_llama_tokenizer(sentencepiece_model: str | Path):

@@ -120,6 +120,44 @@ def real_qwen_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def toy_sp_llava_dir(tmp_path_factory):
+    """A tiny LLaVA whose tokenizer has LLaMA's properties (SentencePiece '▁' pieces, newline as the
+    byte token <0x0A>, '.' apart) and llava-hf's template (no EOS after an answer): no real files needed."""
+    pytest.importorskip("sentencepiece", reason="the SentencePiece toy tokenizer needs sentencepiece")
+    from csr.tiny import LLAVA_HF_STYLE_CHAT_TEMPLATE, build_sentencepiece_tokenizer, build_tiny_llava
+
+    out = tmp_path_factory.mktemp("toy_sp_llava")
+    build_tiny_llava(out, tokenizer=build_sentencepiece_tokenizer(), chat_template=LLAVA_HF_STYLE_CHAT_TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_bpe_qwen_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL whose tokenizer merges a period with its newlines, as Qwen2's does."""
+    from csr.tiny import build_bpe_paragraph_tokenizer, build_tiny_qwen2_5_vl
+
+    out = tmp_path_factory.mktemp("toy_bpe_qwen")
+    build_tiny_qwen2_5_vl(out, tokenizer=build_bpe_paragraph_tokenizer())
+    return out
+
+
+def test_toy_bpe_merges_a_period_with_its_newlines():
+    """The fast-suite stand-in for Qwen2's vocabulary: '.\n' and '.\n\n' are one token each and end a sentence."""
+    from csr.tiny import build_bpe_paragraph_tokenizer
+
+    tok = build_bpe_paragraph_tokenizer()
+    ids = tok.encode("The dog sat.\nA cat.\n\nIt ran.", add_special_tokens=False)
+    ends = set(sentence_end_ids(tok, "punctuation"))
+    assert [token_texts(tok, [i])[i] for i in ids if i in ends] == [".\n", ".\n\n", "."]
+    assert [token_texts(tok, [i])[i] for i in ids if i in sentence_end_ids(tok, "official")] == ["."]
+
+
+@pytest.mark.parametrize("which", ["toy_sp_llava_dir", "real_llava_dir"])
+def test_llama_style_nodes_round_trip_and_continue_from_their_tokens(which, request, monkeypatch):
+    test_real_llama_nodes_round_trip_and_continue_from_their_tokens(request.getfixturevalue(which), monkeypatch)
+
+
 def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_dir, monkeypatch):
     from PIL import Image
 
@@ -130,9 +168,12 @@ def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_d
 
     model, processor = load_policy(str(real_llava_dir), device="cpu")
     tok = processor.tokenizer
-    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [32000, 32001]
-    # "A.\nB." as the model writes it after 'ASSISTANT:': '▁A' '.' | '<0x0A>' 'B' '.'
-    first, second = tok.convert_tokens_to_ids(["▁A", "."]), tok.convert_tokens_to_ids(["<0x0A>", "B", "."])
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [len(tok) - 2, len(tok) - 1]  # 32000, 32001 for LLaMA
+    # "A.\nB." as the model writes it after 'ASSISTANT:': '▁A' '.' | '<0x0A>' 'B' '.' (split at the period)
+    ids = tok.encode("A.\nB.", add_special_tokens=False)
+    cut = ids.index(sentence_end_ids(tok, "official")[0]) + 1
+    first, second = ids[:cut], ids[cut:]
+    assert tok.convert_ids_to_tokens(first) == ["▁A", "."] and tok.convert_ids_to_tokens(second)[0] == "<0x0A>"
     kw = dict(num_candidates=1, diversity_penalty=0.0, max_new_tokens=4, stop_ids=sentence_end_ids(tok))
     expander = LlavaExpander(model, processor, **kw)
     texts = [expander.decode(Candidate(token_ids=first)), expander.decode(Candidate(token_ids=second))]
@@ -168,7 +209,12 @@ def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_d
     assert chunks[0][2] == first + second
 
 
-def test_real_llava_template_dpo_completions_end_with_eos(real_llava_dir, tmp_path):
+@pytest.mark.parametrize("which", ["toy_sp_llava_dir", "real_llava_dir"])
+def test_llava_hf_template_dpo_completions_end_with_eos(which, request, tmp_path):
+    _dpo_completions_end_with_eos(request.getfixturevalue(which), tmp_path)
+
+
+def _dpo_completions_end_with_eos(real_llava_dir, tmp_path):
     from csr.config import load_config
     from csr.train.stage import build_train_args, build_trainer, pairs_dataset
 
@@ -214,7 +260,7 @@ def test_token_budget_is_checked_before_training(real_llava_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["llava", "qwen"])
+@pytest.mark.parametrize("which", ["real_llava_dir", "real_qwen_dir", "toy_sp_llava_dir", "toy_bpe_qwen_dir"])
 def test_one_csr_round_on_a_real_tokenizer(which, request, tiny_clip_dir, images_dir, tmp_path):
     import json
 
@@ -222,7 +268,7 @@ def test_one_csr_round_on_a_real_tokenizer(which, request, tiny_clip_dir, images
     from csr.io import read_jsonl
     from csr.loop import run_round
 
-    model_dir = request.getfixturevalue("real_llava_dir" if which == "llava" else "real_qwen_dir")
+    model_dir = request.getfixturevalue(which)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([{"id": "p0", "image": "red.png", "input": "<image>\nDescribe this image in detail."},
                                    {"id": "p1", "image": "blue.png", "input": "What shapes do you see?\n<image>"}]))
