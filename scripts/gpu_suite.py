@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     with JsonlAppender(a.out) as sink:
         for part in a.parts:
             budget = min(getattr(a, f"budget_{part}"), end - time.monotonic())
-            if budget < 10:
+            if budget < 5:
                 result = {"status": "skipped", "wall_s": 0.0, "error": "the suite's --total-budget is spent"}
             else:
                 print(f"[{part}] budget {budget:.0f} s ...", flush=True)
