@@ -379,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     with JsonlAppender(a.out) as sink:
         for part in a.parts:
-            budget = min(getattr(a, f"budget_{part}"), end - time.monotonic())
-            if budget < 5:
+            left = end - time.monotonic()
+            budget = min(getattr(a, f"budget_{part}"), left)
+            if left < 5:
                 result = {"status": "skipped", "wall_s": 0.0, "error": "the suite's --total-budget is spent"}
             else:
                 print(f"[{part}] budget {budget:.0f} s ...", flush=True)
