@@ -90,7 +90,7 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
         assert suite.main(["--device", "cuda", "--out", "/nonexistent/x.jsonl"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("gpu_suite: --device cuda but torch") and "\n" not in err
-    assert suite.main(["--device", "cpu", "--size", "7b"]) == 2
+    assert suite.main(["--device", "cpu", "--size", "7b", "--parts", "merge,dpo"]) == 2
     assert "--size 7b on the CPU" in capsys.readouterr().err
     assert suite.main(["--device", "cpu", "--size", "tiny", "--parts", "generate,sing"]) == 2
     assert "choose from generate, clip, dpo, merge" in capsys.readouterr().err

@@ -54,9 +54,13 @@ def pad_vocab(tokenizer, size: int) -> None:
     LM-head and logits cost. Random weights pick the added tokens most of the time; they decode
     to 3-5 characters and tokenise back to themselves, so sentences keep a realistic length in text.
     """
-    missing = size - len(tokenizer)
-    if missing > 0:
-        tokenizer.add_tokens([f"<{_base36(i)}>" for i in range(missing)])
+    vocab, names, i = tokenizer.get_vocab(), [], 0
+    while len(tokenizer) + len(names) < size:
+        name = f"<{_base36(i)}>"
+        if name not in vocab:  # '<s>' is already BOS
+            names.append(name)
+        i += 1
+    tokenizer.add_tokens(names)
 
 
 def build_llava(size: str, dtype: torch.dtype | str, device: str):
@@ -148,15 +152,28 @@ def package_versions(names=("transformers", "trl", "peft", "accelerate", "datase
     return out
 
 
+def gpu_info() -> dict:
+    """GPU name, memory and driver from nvidia-smi (no CUDA context in the caller); {} without it."""
+    import subprocess
+
+    try:
+        row = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=30).stdout.strip().splitlines()[0]
+        name, mem_mib, driver = [x.strip() for x in row.split(",")]
+        return {"gpu": name, "gpu_mem_gb": round(float(mem_mib) / 1024, 1), "driver": driver}
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return {}
+
+
 def machine_info(device: str) -> dict:
     """Where a figure was measured: machine, load, threads, versions, GPU."""
     cuda = str(device).startswith("cuda")
     info = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-            "gpu": torch.cuda.get_device_name() if cuda else None,
-            "gpu_mem_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
-            **package_versions(), "date": time.strftime("%Y-%m-%d")}
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None, "gpu": None, "gpu_mem_gb": None, "driver": None,
+            **(gpu_info() if cuda else {}), **package_versions(), "date": time.strftime("%Y-%m-%d")}
     return info
 
 

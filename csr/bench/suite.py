@@ -143,7 +143,8 @@ def synthetic_pairs(processor, n: int, response_tokens: int, folder: Path) -> li
     words = "The image shows a red circle and a blue square on a white background near a small tree. "
     ids = tok(words * (response_tokens // 4 + 8), add_special_tokens=False)["input_ids"]
     if len(tok) > 1000:  # a 7B-shape vocabulary: spread over it, as a real one would be used
-        ids = [(i * 7919) % len(tok) for i in range(response_tokens + 8)]
+        special = set(tok.all_special_ids)  # never '<image>' in a response: it would count as an image
+        ids = [x for x in ((i * 7919) % len(tok) for i in range(2 * response_tokens + 16)) if x not in special]
     chosen, rejected = tok.decode(ids[:response_tokens]), tok.decode(ids[3:3 + response_tokens])
 
     def turn(role, content):
@@ -294,6 +295,7 @@ def part_merge(a, record, deadline: float) -> dict:
     out = {"layer_shapes": {k: list(v) for k, v in shapes.items()}, "weight_std": 0.02, "base_dtype": "bfloat16",
            "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "lr": a.lr, "by_steps": []}
     for steps in a.merge_steps:
+        row_start = time.monotonic()
         sums = {dt: {"dot": 0.0, "kept_sq": 0.0, "delta_sq": 0.0, "changed": 0, "elements": 0}
                 for dt in ("float32", "bfloat16")}
         for out_f, in_f in shapes.values():
@@ -306,20 +308,19 @@ def part_merge(a, record, deadline: float) -> dict:
                 for k in sums[dt]:
                     sums[dt][k] += res[k]
             del w0, delta
-        row = {"steps": steps, "delta_rms": math.sqrt(sums["float32"]["delta_sq"] / sums["float32"]["elements"])}
+        row = {"steps": steps,
+               "delta_rms": float(f'{math.sqrt(sums["float32"]["delta_sq"] / sums["float32"]["elements"]):.4g}')}
         for dt, s in sums.items():
             row[dt] = {"retained": round(s["dot"] / s["delta_sq"], 4),
                        "norm_ratio": round(math.sqrt(s["kept_sq"] / s["delta_sq"]), 4),
                        "changed_fraction": round(s["changed"] / s["elements"], 4)}
         out["by_steps"].append(row)
+        if len(out["by_steps"]) == 1:  # the headline: the first step count
+            out.update(steps=steps, float32=row["float32"], bfloat16=row["bfloat16"],
+                       retained_ratio=_ratio(row["bfloat16"]["retained"], row["float32"]["retained"], 4))
         record(out)
-        if time.monotonic() > deadline:
+        if time.monotonic() + (time.monotonic() - row_start) > deadline:  # the next would not finish
             break
-    first = out["by_steps"][0]
-    out.update(steps=first["steps"], float32=first["float32"], bfloat16=first["bfloat16"],
-               retained_ratio=round(first["bfloat16"]["retained"] / first["float32"]["retained"], 4)
-               if first["float32"]["retained"] else None)
-    record(out)
     return out
 
 
