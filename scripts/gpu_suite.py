@@ -133,7 +133,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--child", choices=PART_NAMES, help=argparse.SUPPRESS)
     p.add_argument("--arm", choices=["zero2", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--dump", help=argparse.SUPPRESS)
-    p.add_argument("--child-budget", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--child-deadline", type=float, help=argparse.SUPPRESS)  # a time.monotonic() value
     return p
 
 
@@ -167,6 +167,14 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
             raise SuiteError(f"--{key.replace('_', '-')} must be at least 1 (got {getattr(a, key)}).")
     if a.dpo_warmup_steps < 1:
         raise SuiteError("--dpo-warmup-steps must be at least 1 (the first step builds optimizer state).")
+    if "dpo" in a.parts and not a.no_zero:
+        from csr.config import ConfigError
+        from csr.launch import resolve_accelerate_config
+
+        try:
+            a.accelerate_config = resolve_accelerate_config(a.accelerate_config)
+        except ConfigError as e:
+            raise SuiteError(str(e).replace("run.accelerate_config", "--accelerate-config")) from None
     return a
 
 
@@ -178,7 +186,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 def run_child(a: argparse.Namespace) -> int:
     from csr.io import atomic_write_json
 
-    deadline = time.monotonic() + 0.85 * a.child_budget  # room to finish the try in flight and write
+    deadline = a.child_deadline
     state: dict = {}
 
     def record(result: dict) -> None:
@@ -248,7 +256,10 @@ def spawn(cmd: list[str], budget: float, log_path: Path, dump: Path) -> dict:
 
 
 def child_argv(argv: list[str], part: str, dump: Path, budget: float, arm: str | None = None) -> list[str]:
-    extra = ["--child", part, "--dump", str(dump), "--child-budget", f"{budget:.1f}"]
+    # the child's open-ended pieces stop at this deadline (CLOCK_MONOTONIC is shared by the processes
+    # of one machine), leaving a tenth of the budget to finish the try in flight and write it down
+    deadline = time.monotonic() + budget - max(3.0, 0.1 * budget)
+    extra = ["--child", part, "--dump", str(dump), "--child-deadline", f"{deadline:.2f}"]
     return [str(Path(__file__).resolve()), *argv, *extra, *(["--arm", arm] if arm else [])]
 
 
@@ -264,7 +275,7 @@ def run_part(a, argv: list[str], part: str, budget: float, log_dir: Path, tmp: P
         return spawn([sys.executable, *child_argv(argv, part, dump, budget)], budget, log, dump)
 
     from csr.bench.suite import dpo_compare
-    from csr.launch import accelerate_command, resolve_accelerate_config
+    from csr.launch import accelerate_command
 
     start, arms = time.monotonic(), {}
     if a.no_zero:
@@ -275,8 +286,7 @@ def run_part(a, argv: list[str], part: str, budget: float, log_dir: Path, tmp: P
     else:
         share = budget * a.zero_share
         dump = tmp / "dpo_zero2.json"
-        cmd = accelerate_command(resolve_accelerate_config(a.accelerate_config), 1,
-                                 child_argv(argv, "dpo", dump, share, "zero2"))
+        cmd = accelerate_command(a.accelerate_config, 1, child_argv(argv, "dpo", dump, share, "zero2"))
         arms["zero2"] = spawn(cmd, share, log_dir / "dpo_zero2.log", dump)
     left = budget - (time.monotonic() - start)
     dump = tmp / "dpo_plain.json"
@@ -393,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = {"status": "skipped", "wall_s": 0.0, "error": "the suite's --total-budget is spent"}
             else:
                 print(f"[{part}] budget {budget:.0f} s ...", flush=True)
-                result = run_part(a, argv, part, budget, log_dir, tmp)
+                try:
+                    result = run_part(a, argv, part, budget, log_dir, tmp)
+                except Exception as err:  # noqa: BLE001 - the suite's own fault: record it, go on
+                    result = {"status": "failed", "wall_s": 0.0, "error": f"gpu_suite: {type(err).__name__}: {err}"}
             line = {"bench": "gpu_suite", "part": part, "run_id": run_id, "size": a.size, "device": a.device,
                     "budget_s": round(budget, 1), **result, **info, "command": command}
             sink.write(line)  # now: a later timeout or crash cannot lose it

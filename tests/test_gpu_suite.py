@@ -94,6 +94,8 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
     assert "--size 7b on the CPU" in capsys.readouterr().err
     assert suite.main(["--device", "cpu", "--size", "tiny", "--parts", "generate,sing"]) == 2
     assert "choose from generate, clip, dpo, merge" in capsys.readouterr().err
+    assert suite.main(["--device", "cpu", "--size", "tiny", "--parts", "dpo", "--accelerate-config", "zero9"]) == 2
+    assert "--accelerate-config='zero9': no such file" in capsys.readouterr().err
 
 
 def test_defaults_are_the_issue_and_paper_settings():
