@@ -205,8 +205,8 @@ def run_child(a: argparse.Namespace) -> int:
         return 0
     except BaseException as err:  # recorded for the parent, which goes on with the other parts
         traceback.print_exc()
-        atomic_write_json(a.dump, {"result": state, "done": False,
-                                   "error": f"{type(err).__name__}: {str(err).splitlines()[0][:500] if str(err) else ''}"})
+        first = str(err).splitlines()[0][:500] if str(err) else ""
+        atomic_write_json(a.dump, {"result": state, "done": False, "error": f"{type(err).__name__}: {first}"})
         return 1
 
 
@@ -298,7 +298,8 @@ def run_part(a, argv: list[str], part: str, budget: float, log_dir: Path, tmp: P
     out = {"status": status, "wall_s": round(time.monotonic() - start, 1), **arms,
            **dpo_compare(arms["zero2"], arms["plain"])}
     if status != "ok":
-        out["error"] = "; ".join(f"{k}: {v['error']}" for k, v in arms.items() if v.get("error") and v["status"] != "skipped")
+        out["error"] = "; ".join(f"{k}: {v['error']}" for k, v in arms.items()
+                                 if v.get("error") and v["status"] != "skipped")
     return out
 
 

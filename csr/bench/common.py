@@ -7,7 +7,6 @@ import gc
 import os
 import platform
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -337,7 +336,3 @@ def clip_inputs(n_images: int, n_sentences: int, seed: int = 0):
              for _ in range(n_images)]
     return images, texts
 
-
-def script_path(name: str) -> str:
-    """The command line that produced a figure, for the record."""
-    return " ".join([os.path.basename(name), *sys.argv[1:]])
