@@ -61,14 +61,19 @@ def check_launch(cfg: CSRConfig) -> str | None:
     return resolve_accelerate_config(cfg.run.accelerate_config)
 
 
-def stage_command(accelerate_config: str, num_processes: int, stage: str, args: list[str]) -> list[str]:
+def accelerate_command(accelerate_config: str, num_processes: int, program: list[str]) -> list[str]:
+    """`accelerate launch` of `program` (a script and its arguments, or `-m module ...`)."""
     import torch
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
            "--num_processes", str(num_processes)]
     if not torch.cuda.is_available():
         cmd += ["--mixed_precision", "no"]  # the shipped configs say bf16, for GPUs
-    return cmd + ["-m", "csr.cli", stage, *args]
+    return cmd + list(program)
+
+
+def stage_command(accelerate_config: str, num_processes: int, stage: str, args: list[str]) -> list[str]:
+    return accelerate_command(accelerate_config, num_processes, ["-m", "csr.cli", stage, *args])
 
 
 def launch_stage(cfg: CSRConfig, accelerate_config: str, stage: str, args: list[str]) -> None:

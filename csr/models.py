@@ -361,6 +361,18 @@ def image_token_text(processor) -> str:
     return getattr(processor, "image_token", None) or DATA_IMAGE_TOKEN
 
 
+def placeholder_ids(processor) -> list[int]:
+    """Token ids that stand for an image or video in the prompt; a model must never generate them."""
+    tok = getattr(processor, "tokenizer", processor)
+    names = {getattr(processor, a, None) for a in ("image_token", "video_token")} | {DATA_IMAGE_TOKEN}
+    ids = set()
+    for name in names - {None}:
+        tid = tok.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(ids)
+
+
 def strip_image_tokens(processor, question: str) -> str:
     """The question without image placeholders: the data's '<image>' and the model's own token."""
     for token in {DATA_IMAGE_TOKEN, image_token_text(processor)}:

@@ -14,35 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from csr.score.clip import ClipScorer, load_clip  # noqa: E402
-
-WORDS = "a the red blue green small large circle square triangle star near left right top bottom of is there".split()
-
-
-def build(model: str, device: str, batch_size: int) -> ClipScorer:
-    if model == "tiny":
-        from csr.tiny import build_tiny_clip
-
-        folder = Path(tempfile.mkdtemp()) / "clip"
-        build_tiny_clip(folder)
-        return load_clip("open_clip", str(folder), device=device, batch_size=batch_size)
-    return load_clip("open_clip", model, "", device=device, batch_size=batch_size)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from csr.bench.common import build_clip, clip_inputs, clip_loop_scores, sync  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,11 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results.jsonl")
     args = p.parse_args(argv)
 
-    rng = random.Random(0)
-    clip = build(args.model, args.device, args.batch_size)
-    images = [Image.new("RGB", (256, 256), tuple(rng.randrange(256) for _ in range(3))) for _ in range(args.images)]
-    texts = [[" ".join(rng.choice(WORDS) for _ in range(rng.randrange(5, 20))) + "." for _ in range(args.sentences)]
-             for _ in range(args.images)]
+    clip = build_clip(args.model, args.device, args.batch_size)
+    images, texts = clip_inputs(args.images, args.sentences)
     n = args.images * args.sentences
     with torch.no_grad():
         clip.scores_many(images[:1], [texts[0][:2]])  # warm-up
@@ -70,8 +47,7 @@ def main(argv=None) -> int:
         t_batched = time.perf_counter() - start
 
         start = time.perf_counter()
-        loop = [[float(100.0 * clip.text_features([t])[0] @ clip.image_features([im])[0]) for t in ts]
-                for im, ts in zip(images, texts)]
+        loop = clip_loop_scores(clip, images, texts)
         sync(args.device)
         t_loop = time.perf_counter() - start
     max_diff = max(abs(a - b) for ra, rb in zip(batched, loop) for a, b in zip(ra, rb))

@@ -60,11 +60,13 @@ StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups: int,
                          diversity_penalty: float, max_new_tokens: int, stop_ids: list[int],
-                         eos_ids: list[int], pad_id: int, eos_stops: bool = True) -> list[list[Candidate]]:
+                         eos_ids: list[int], pad_id: int, eos_stops: bool = True,
+                         suppress_ids: list[int] = ()) -> list[list[Candidate]]:
     """Run the search for M nodes whose next-token logits are `first_logits` [M, V].
 
     Returns, per node, its G candidates in group order. `step` is called with pad_id for rows
-    that already finished; their logits are ignored.
+    that already finished; their logits are ignored. `suppress_ids` are never chosen (the image
+    placeholder: a generated one would not match any image features when the text is fed back).
     """
     M, V = first_logits.shape
     G = num_groups
@@ -75,6 +77,9 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
     eos = torch.zeros(V, dtype=torch.bool, device=device)
     eos[list(eos_ids)] = True
 
+    blocked = torch.zeros(V, dtype=torch.bool, device=device)
+    if suppress_ids:
+        blocked[[i for i in suppress_ids if 0 <= i < V]] = True
     cands = [[Candidate() for _ in range(G)] for _ in range(M)]
     done = torch.zeros(M, G, dtype=torch.bool, device=device)
     logits = first_logits.unsqueeze(1).expand(M, G, V)
@@ -84,7 +89,7 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
         chosen = torch.full((M, G), pad_id, dtype=torch.long, device=device)
         for g in range(G):
             live = ~done[:, g]
-            scores = logp[:, g] - diversity_penalty * counts
+            scores = (logp[:, g] - diversity_penalty * counts).masked_fill(blocked, float("-inf"))
             tok = scores.argmax(dim=-1)
             tok_score = scores.gather(1, tok[:, None]).squeeze(1)
             tok_logp = logp[:, g].gather(1, tok[:, None]).squeeze(1)

@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import prefix_text
-from csr.models import class_of, is_oom, output_cache, with_cache
+from csr.models import class_of, is_oom, output_cache, placeholder_ids, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class LlavaExpander:
         self.eos_stops = eos_stops  # False: only the period tokens stop a sentence (official code)
         self.continuation = continuation
         self._anchor = None
+        self.suppress_ids = placeholder_ids(processor)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = [eos] if eos is not None else []
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
@@ -177,7 +178,8 @@ class LlavaExpander:
             first_logits, step = self.debias.wrap(first_logits, step, prefix_texts, G)
         cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                     eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops)
+                                     eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops,
+                                     suppress_ids=self.suppress_ids)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
     def _append_tokens(self, enc: dict, extra: list[list[int]]) -> dict:

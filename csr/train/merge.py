@@ -41,14 +41,37 @@ def saved_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def update_retention(w0: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> dict:
+    """How much of `delta` survives merging into `w0` in float32 and saving in `dtype`.
+
+    kept = dtype(float32(w0) + delta) - w0, compared with delta: `retained` is kept's component
+    along delta (<kept, delta> / |delta|^2: 1 = all of it, 0 = rounded away), `norm_ratio`
+    |kept| / |delta| (rounding up to a whole step can push it above 1), `changed_fraction` the
+    share of elements whose saved value differs from w0 saved the same way. Sums for aggregating
+    over layers come along (`dot`, `kept_sq`, `delta_sq`, `changed`, `elements`).
+    """
+    w0, delta = w0.float(), delta.float()
+    saved = (w0 + delta).to(dtype)
+    kept = saved.float() - w0.to(dtype).float()
+    dot, kept_sq, delta_sq = float((kept * delta).sum()), float((kept * kept).sum()), float((delta * delta).sum())
+    changed = int((saved != w0.to(dtype)).sum())
+    return {"retained": dot / delta_sq if delta_sq else 0.0,
+            "norm_ratio": (kept_sq / delta_sq) ** 0.5 if delta_sq else 0.0,
+            "changed_fraction": changed / w0.numel() if w0.numel() else 0.0,
+            "dot": dot, "kept_sq": kept_sq, "delta_sq": delta_sq, "changed": changed, "elements": w0.numel()}
+
+
 def delta_stats(peft_model, out_dtype: torch.dtype) -> dict:
     """How big the LoRA update is, and which fraction of the adapted weights survives `out_dtype`.
 
     Runs before merging: for every LoRA layer, base weight W0 vs W0 + delta, both cast to out_dtype.
+    `retained_fraction`: the share of the update (its component along itself, over all layers)
+    that the saved weights keep (see `update_retention`).
     """
     from peft.tuners.lora import LoraLayer
 
     changed = total = 0
+    dot = delta_sq = 0.0
     max_delta = 0.0
     with torch.no_grad():
         for module in peft_model.modules():
@@ -60,10 +83,12 @@ def delta_stats(peft_model, out_dtype: torch.dtype) -> dict:
                 w0 = module.get_base_layer().weight
                 delta = module.get_delta_weight(name).to(w0.dtype)
                 max_delta = max(max_delta, float(delta.abs().max()))
-                changed += int(((w0 + delta).to(out_dtype) != w0.to(out_dtype)).sum())
-                total += w0.numel()
+                r = update_retention(w0, delta, out_dtype)
+                changed, total = changed + r["changed"], total + r["elements"]
+                dot, delta_sq = dot + r["dot"], delta_sq + r["delta_sq"]
     return {"lora_weights": total, "max_abs_delta": max_delta,
-            "changed_fraction": changed / total if total else 0.0}
+            "changed_fraction": changed / total if total else 0.0,
+            "retained_fraction": dot / delta_sq if delta_sq else 0.0}
 
 
 def _modules_to_save(adapter_dir: Path) -> list[str]:

@@ -368,15 +368,25 @@ def load_policy_for_training(policy_path: str, args, cfg: CSRConfig):
         trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
 
 
-def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args):
-    """Policy + processor + LoRA, wrapped in the DPO trainer. The reference is the adapters-off model."""
+def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args, *, model=None, processor=None):
+    """Policy + processor + LoRA, wrapped in the DPO trainer. The reference is the adapters-off model.
+
+    `model` and `processor`, when given, are used instead of loading `policy_path` (the benchmarks
+    build random-init models in memory rather than write 14 GB to disk and read it back).
+    """
     from transformers import set_seed
 
     from csr.models import class_of, load_processor
 
     set_seed(args.seed)  # LoRA's init happens inside the trainer's constructor, before it seeds
-    model = load_policy_for_training(policy_path, args, cfg)
-    processor = load_processor(policy_path, cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
+    if model is None:
+        model = load_policy_for_training(policy_path, args, cfg)
+    if processor is None:
+        processor = load_processor(policy_path, cfg.model.trust_remote_code, chat_template=cfg.model.chat_template)
+    else:
+        from csr.models import set_chat_template
+
+        set_chat_template(processor, cfg.model.chat_template, getattr(model.config, "model_type", None))
     spec = class_of(model)
     if args.projector_module == "auto":
         args.projector_module = spec.projector
