@@ -116,6 +116,21 @@ class ModelConfig:
                                         "first, so nothing is cropped away.", choices=("processor", "pad"))
 
 
+    def validate(self):
+        device = self.device.strip()
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ConfigError(f"model.device={self.device!r}: use auto, cpu, cuda or cuda:N.")
+        if device.startswith("cuda"):
+            import torch
+
+            index = device.split(":", 1)[1] if ":" in device else "0"
+            if not index.isdigit():
+                raise ConfigError(f"model.device={self.device!r}: use cuda or cuda:N.")
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if int(index) >= count:
+                raise ConfigError(f"model.device={self.device!r}, but this machine has {count} CUDA device(s). "
+                                  f"Use model.device=auto{'' if count else ' (the CPU here)'}.")
+
 @dataclass
 class DataConfig:
     prompts: str = _f("", "Prompt file: official CSR JSON ({id, image, input} with <image> in the "
@@ -127,6 +142,11 @@ class DataConfig:
     allow_absolute_image_paths: bool = _f(False, "Allow image fields that are absolute or leave image_root.")
     max_prompt_chars: int = _f(4000, "Prompts longer than this are skipped (logged): they would not fit the "
                                      "model's context with the image.")
+
+    def validate(self):
+        _require(self.max_prompts is None or self.max_prompts >= 1, "data.max_prompts", self.max_prompts,
+                 "must be >= 1 (or null for all)")
+        _require(self.max_prompt_chars >= 1, "data.max_prompt_chars", self.max_prompt_chars, "must be >= 1")
 
 
 @dataclass
@@ -187,6 +207,7 @@ class GenerateConfig:
                  self.sentence_beam_width, "must be >= 2 with pruning=official (it keeps N//2-1 best + N//2 worst)")
         _require(self.diversity_penalty >= 0, "generate.diversity_penalty", self.diversity_penalty, "must be >= 0")
         _require(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(self.max_response_chars >= 1, "generate.max_response_chars", self.max_response_chars, "must be >= 1")
         _require(self.max_sentences >= 1, "generate.max_sentences", self.max_sentences, "must be >= 1")
         _require(self.node_batch_size >= 0, "generate.node_batch_size", self.node_batch_size, "must be >= 0")
         _require(self.prompt_batch_size >= 1, "generate.prompt_batch_size", self.prompt_batch_size, "must be >= 1")
@@ -402,6 +423,19 @@ def parse_overrides(overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice; keep one.")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CSRConfig:
     """Read a recipe, apply overrides, validate everything. Raises ConfigError naming the bad key."""
     layers: list[tuple[dict, str]] = []
@@ -410,7 +444,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"recipe '{path}' does not exist.")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e}).") from None
         layers.append((raw, str(path)))

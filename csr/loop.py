@@ -119,16 +119,39 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
     summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
                                ["--pairs", str(rd / "pairs")])
-    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge")
+    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", trust_remote_code=cfg.model.trust_remote_code,
+                        allow_pickle_weights=cfg.model.allow_pickle_weights)
     return str(merged), summaries
 
 
-def run(cfg: CSRConfig) -> dict:
-    from csr.launch import check_launch
+def check_before_work(cfg: CSRConfig) -> None:
+    """Everything a recipe can get wrong, refused before any folder is made or model loaded."""
+    from csr.runstate import check_output_dir
 
+    check_output_dir(cfg.run.output_dir, "run.output_dir")
+    if cfg.train:  # the train section is checked now, not when round 1 reaches it
+        from csr.train.stage import build_train_args
+
+        build_train_args(cfg, Path(cfg.run.output_dir) / "round_1" / "train")
+
+
+def run(cfg: CSRConfig, redo_from: str | None = None, redo_round: int = 1) -> dict:
+    """CSR rounds end to end. `redo_from` (a stage name) first moves that stage's outputs and everything
+    after them, from round `redo_round` on, aside into <run>/stale/ so they are made again."""
+    from csr.launch import check_launch
+    from csr.runstate import FolderLock, check_resume, claim_folder, redo_from as move_aside
+
+    check_before_work(cfg)
     accelerate_config = check_launch(cfg)  # refuse a bad launch before any work
-    run_dir = Path(cfg.run.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = claim_folder(cfg.run.output_dir, "run.output_dir")
+    with FolderLock(run_dir):  # one writer per run folder
+        if redo_from:
+            move_aside(run_dir, redo_from, redo_round)
+        check_resume(cfg, run_dir)  # a kept stage made with other settings: refused, never mixed
+        return _run_locked(cfg, run_dir, accelerate_config)
+
+
+def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
     save_run_config(cfg, run_dir)
     if cfg.run.build_world:
         from csr.world.build import ensure_world
@@ -180,7 +203,12 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="recipes/world/default.yaml",
                    help="Recipe YAML (default: the grounded-world recipe that runs on CPU).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.rounds=2.")
+    p.add_argument("--redo-from", metavar="STAGE", choices=("generate", "score", "pairs", "train", "merge"),
+                   help="Move this stage's outputs and everything after them aside (into <run>/stale/) and redo "
+                        "them: the way to resume a run under a changed recipe.")
+    p.add_argument("--redo-round", type=int, default=1, metavar="N",
+                   help="With --redo-from: keep rounds before N as they are (default 1: redo every round).")
     args = p.parse_args(argv)
-    run(load_config(args.config, args.overrides))
+    run(load_config(args.config, args.overrides), args.redo_from, args.redo_round)
     return 0
 

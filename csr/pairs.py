@@ -23,6 +23,7 @@ from csr.config import ConfigError, CSRConfig, PairsConfig, load_config
 from csr.generate.tree import final_paths, join_sentences
 from csr.export import PAIRS_PARQUET, export_pairs_parquet
 from csr.faults import fault_point
+from csr.runstate import StageGuard, lock_if_main_process
 from csr.io import StageSummary, atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
 from csr.vig.reward import path_vig, vig_pair_filter
@@ -119,10 +120,13 @@ def to_csr(pair: dict) -> dict:
 
 def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
-    if is_done(out_dir):
+    guard = StageGuard(out_dir, "pairs", cfg, inputs=(score_dir,))
+    finished = guard.finished()
+    if finished is not None:
         log.info("[pairs] %s is finished; skipping", out_dir)
-        return read_done(out_dir)
+        return finished
     scored = require_done(score_dir, "score") / "scored.jsonl"
+    guard.start()
     summary = StageSummary("pairs")
     pairs = []
     for tree in iter_jsonl(scored):
@@ -146,8 +150,8 @@ def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dic
                          rejected_score_mean=sum(p["rejected_score"] for p in pairs) / len(pairs),
                          margin_mean=sum(margins) / len(margins))
     summary.log()
-    mark_done(out_dir, summary.as_dict())
-    return summary.as_dict()
+    mark_done(out_dir, guard.record(summary.as_dict()))
+    return read_done(out_dir)
 
 
 def main(argv=None) -> int:
@@ -155,5 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--scored", required=True, help="Folder of a finished score stage.")
     p.add_argument("--out", required=True, help="Output folder (pairs.jsonl, pairs_csr.json, DONE.json).")
     args = p.parse_args(argv)
-    run_pairs(load_config(args.config, args.overrides), args.scored, args.out)
+    cfg = load_config(args.config, args.overrides)
+    with lock_if_main_process(args.out):
+        run_pairs(cfg, args.scored, args.out)
     return 0

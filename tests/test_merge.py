@@ -86,16 +86,20 @@ def processor_loads(folder):
     return load_processor(str(folder)) is not None
 
 
-def test_merge_skips_when_done_and_replaces_a_stale_folder(tmp_path, tiny_llava_dir):
+def test_merge_skips_when_done_and_never_overwrites_a_folder_it_did_not_finish(tmp_path, tiny_llava_dir):
     make_adapter(tiny_llava_dir, tmp_path / "adapter", projector=False)
-    stale = tmp_path / "merged"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half written")  # an interrupted earlier merge
-    merge_lora(tiny_llava_dir, tmp_path / "adapter", stale)
-    assert is_done(stale) and load_base(stale) is not None
-    stamp = (stale / "DONE.json").stat().st_mtime_ns
-    merge_lora(tiny_llava_dir, tmp_path / "adapter", stale)  # done: untouched
-    assert (stale / "DONE.json").stat().st_mtime_ns == stamp
+    foreign = tmp_path / "merged"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_bytes(b"a user's file")  # a merge is renamed into place whole,
+    with pytest.raises(MergeError, match="not a finished merge"):  # so this was not written by one
+        merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)
+    assert (foreign / "model.safetensors").read_bytes() == b"a user's file"
+    (foreign / "model.safetensors").unlink()  # an empty folder is fine
+    merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)
+    assert is_done(foreign) and load_base(foreign) is not None
+    stamp = (foreign / "DONE.json").stat().st_mtime_ns
+    merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)  # done: untouched
+    assert (foreign / "DONE.json").stat().st_mtime_ns == stamp
 
 
 def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_llava_dir):

@@ -24,6 +24,7 @@ from csr.data import BadInput, PromptRecord, load_image, load_prompts
 from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
 from csr.faults import fault_point
+from csr.runstate import StageGuard, lock_if_main_process
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, write_jsonl)
 from csr.models import build_chat_prompt, load_policy, prepare_image, sentence_end_ids
@@ -145,10 +146,14 @@ def _wait_for(paths: list[Path], what: str, poll: float = 2.0) -> None:
 
 def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
-    if is_done(out_dir):
+    guard = StageGuard(out_dir, "generate", cfg, inputs=(policy_path,))
+    finished = guard.finished()  # refuses a folder made with other settings
+    if finished is not None:
         log.info("[generate] %s is finished; skipping", out_dir)
-        return read_done(out_dir)
+        return finished
     rank, world, local_rank = dist_info()
+    if rank == 0:
+        guard.start()
     device = cfg.model.device
     if device == "auto" and world > 1:
         import torch
@@ -161,8 +166,8 @@ def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     if world == 1:
         generate_shard(cfg, policy_path, records, out_dir / TREES, summary, device)
         summary.log()
-        mark_done(out_dir, summary.as_dict())
-        return summary.as_dict()
+        mark_done(out_dir, guard.record(summary.as_dict()))
+        return read_done(out_dir)
 
     shard_dir = out_dir / "shards"
     shard_path = shard_dir / f"trees.rank{rank}.jsonl"
@@ -179,7 +184,7 @@ def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
         total = {"stage": "generate", "world_size": world, "trees": merged,
                  "processed": sum(s["processed"] for s in shard_summaries), "skipped": dict(skipped),
                  "skipped_total": sum(skipped.values()), "failed": 0, "shards": shard_summaries}
-        mark_done(out_dir, total)
+        mark_done(out_dir, guard.record(total))
     else:
         _wait_for([out_dir / "DONE.json"], "rank 0 to merge the shards")
     return read_done(out_dir)
@@ -191,5 +196,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="Output folder (trees.jsonl, DONE.json).")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    run_generate(cfg, args.policy or cfg.model.model_name_or_path, args.out)
+    with lock_if_main_process(args.out):
+        run_generate(cfg, args.policy or cfg.model.model_name_or_path, args.out)
     return 0

@@ -29,6 +29,7 @@ from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
 from csr.cleaning import dropped_nodes, is_end_marker
+from csr.runstate import StageGuard, lock_if_main_process
 from csr.score.reward import score_siblings
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,17 @@ def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
 
 def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, policy_path: str | None = None) -> dict:
     out_dir = Path(out_dir)
-    if is_done(out_dir):
+    vig_policy = (policy_path or cfg.model.model_name_or_path) if (cfg.score.vig_weight > 0 or cfg.pairs.vig_filter) else None
+    guard = StageGuard(out_dir, "score", cfg, inputs=(generate_dir, vig_policy))
+    finished = guard.finished()
+    if finished is not None:
         log.info("[score] %s is finished; skipping", out_dir)
-        return read_done(out_dir)
+        return finished
     trees_path = require_done(generate_dir, "generate") / "trees.jsonl"
+    guard.start()
     scored_path = out_dir / SCORED
     repair_jsonl_tail(scored_path)
-    finished = {t["id"] for t in iter_jsonl(scored_path)} if scored_path.exists() else set()
+    finished = {t["id"] for t in iter_jsonl(scored_path)} if scored_path.exists() else set()  # trees already scored
 
     from csr.score.clip import load_clip_from_config
 
@@ -145,8 +150,8 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
             bar.update(len(batch))
     summary.extra["trees"] = len(finished) + summary.processed
     summary.log()
-    mark_done(out_dir, summary.as_dict())
-    return summary.as_dict()
+    mark_done(out_dir, guard.record(summary.as_dict()))
+    return read_done(out_dir)
 
 
 # raw node fields each setting reads, and the stage that writes them
@@ -188,7 +193,9 @@ def run_rescore(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> d
     trees = list(iter_jsonl(source))
     check_raw_scores(trees, cfg, source)
     score_out = out_dir / "score"
-    if not is_done(score_out):
+    guard = StageGuard(score_out, "score", cfg, inputs=(score_dir,))
+    if guard.finished() is None:
+        guard.start()
         summary = StageSummary("score (rescore)")
         for tree in trees:
             calibrate_tree(tree, cfg.score, cfg.pairs)
@@ -198,7 +205,7 @@ def run_rescore(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> d
                              reward_lambda=cfg.score.reward_lambda, calibration=cfg.score.calibration,
                              self_reward=cfg.score.self_reward, cleaning=cfg.pairs.cleaning)
         summary.log()
-        mark_done(score_out, summary.as_dict())
+        mark_done(score_out, guard.record(summary.as_dict()))
     return run_pairs(cfg, score_out, out_dir / "pairs")
 
 
@@ -217,9 +224,11 @@ def main(argv=None) -> int:
     if args.rescore:
         if args.trees:
             p.error("--rescore reads a finished score stage; do not pass --trees with it")
-        print(json.dumps(run_rescore(cfg, args.rescore, args.out), indent=2))
+        with lock_if_main_process(args.out):
+            print(json.dumps(run_rescore(cfg, args.rescore, args.out), indent=2))
         return 0
     if not args.trees:
         p.error("--trees is required (or --rescore SCORE_DIR)")
-    run_score(cfg, args.trees, args.out, args.policy)
+    with lock_if_main_process(args.out):
+        run_score(cfg, args.trees, args.out, args.policy)
     return 0

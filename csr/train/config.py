@@ -114,6 +114,17 @@ class TrainConfig(DPOConfig):
         if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"train.model_dtype={self.model_dtype!r} is not one of auto, float32, "
                              f"bfloat16, float16.")
+        # values a run would only trip over after generate, score and pairs: refused when the recipe loads
+        checks = [("lora_r", self.lora_r >= 1, "must be >= 1"), ("lora_alpha", self.lora_alpha > 0, "must be > 0"),
+                  ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+                  ("learning_rate", self.learning_rate > 0, "must be > 0"), ("beta", self.beta > 0, "must be > 0"),
+                  ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+                  ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
+                  ("num_train_epochs", self.num_train_epochs > 0 or self.max_steps > 0, "must be > 0"),
+                  ("max_length", self.max_length is None or self.max_length >= 1, "must be >= 1 or null")]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"train.{key}={getattr(self, key)!r} {why}.")
         super().__post_init__()
 
     def resolved_model_dtype(self) -> str:

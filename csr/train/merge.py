@@ -110,10 +110,17 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
 
     from csr.models import check_model_class, load_processor
 
+    from csr.runstate import StageGuard
+
     policy_path, adapter_dir, out_dir = str(policy_path), Path(adapter_dir), Path(out_dir)
-    if is_done(out_dir):
+    guard = StageGuard(out_dir, "merge", None, inputs=(policy_path, adapter_dir.parent),
+                       settings={"merge.dtype": dtype})
+    if guard.finished() is not None:
         log.info("merge: %s is done, skipping", out_dir)
         return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):  # a finished merge is renamed into place whole
+        raise MergeError(f"'{out_dir}' exists and is not a finished merge; csr does not overwrite a folder it "
+                         f"did not finish. Remove it or choose another output folder.")
     if dtype not in SAVE_DTYPES:
         raise MergeError(f"dtype={dtype!r} is not one of {list(SAVE_DTYPES)}.")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -157,10 +164,10 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     try:
         merged.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
         load_processor(policy_path, trust_remote_code).save_pretrained(tmp)
-        mark_done(tmp, summary)
+        mark_done(tmp, guard.record(summary))
         fault_point("merge.before_rename")
-        if out_dir.exists():  # a stale, unfinished folder from an interrupted merge
-            shutil.rmtree(out_dir)
+        if out_dir.exists():  # empty (checked above)
+            out_dir.rmdir()
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,11 +191,14 @@ def main(argv: list[str] | None = None) -> int:
                         "auto: the base's own dtype")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     a = p.parse_args(argv)
+    from csr.runstate import lock_if_main_process
+
     try:
         cfg = load_config(a.config, a.overrides)
-        out = merge_lora(a.policy or cfg.model.model_name_or_path, a.adapter, a.out, dtype=a.dtype,
-                         trust_remote_code=cfg.model.trust_remote_code,
-                         allow_pickle_weights=cfg.model.allow_pickle_weights)
+        with lock_if_main_process(Path(a.out).parent):  # the merge renames its folder into place
+            out = merge_lora(a.policy or cfg.model.model_name_or_path, a.adapter, a.out, dtype=a.dtype,
+                             trust_remote_code=cfg.model.trust_remote_code,
+                             allow_pickle_weights=cfg.model.allow_pickle_weights)
     except (ConfigError, MergeError, ModelLoadError) as e:
         print(f"csr merge: {e}", file=sys.stderr)
         return 2

@@ -458,14 +458,20 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
     """
     from transformers.trainer_utils import get_last_checkpoint
 
+    from csr.runstate import StageGuard
+
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
-    if is_done(out_dir):
+    guard = StageGuard(out_dir, "train", cfg, inputs=(pairs_dir, policy_path))
+    finished = guard.finished()  # a checkpoint made with another recipe is refused, not resumed
+    if finished is not None:
         log.info("train: %s is done, skipping", out_dir)
-        return read_done(out_dir)
+        return finished
     args = build_train_args(cfg, out_dir)  # config errors first, before reading data or loading models
     records = read_pairs(pairs_dir)
     dataset = pairs_dataset(records)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        guard.start()
     resume = get_last_checkpoint(str(out_dir))
     if resume:
         log.info("train: resuming from %s", resume)
@@ -503,6 +509,7 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
         "train_loss_reported": result.training_loss,
         **summarize_log_history(trainer.state.log_history),
     }
+    summary = guard.record(summary)
     if trainer.is_world_process_zero():
         atomic_write_json(out_dir / "train_args.json", json.loads(args.to_json_string()))
         mark_done(out_dir, summary)
@@ -528,9 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (adapter/, DONE.json)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.beta=0.2")
     a = p.parse_args(argv)
+    from csr.runstate import lock_if_main_process
+
     try:
         cfg = load_config(a.config, a.overrides)
-        summary = run_train(cfg, a.policy or cfg.model.model_name_or_path, Path(a.pairs), Path(a.out))
+        with lock_if_main_process(a.out):
+            summary = run_train(cfg, a.policy or cfg.model.model_name_or_path, Path(a.pairs), Path(a.out))
     except (ConfigError, TrainInputError, StageInputMissing, ModelLoadError) as e:
         print(f"csr train: {e}", file=sys.stderr)
         return 2

@@ -94,7 +94,9 @@ def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = Non
     """
     from csr.world.train_base import DEFAULT_CLIP, DEFAULT_LLAVA, train_clip, train_llava
 
-    out = Path(out)
+    from csr.runstate import WORLD_ENTRIES, legacy_world, claim_folder
+
+    out = claim_folder(out, "the world folder", WORLD_ENTRIES, legacy_world)  # never a user's folder
     started = time.perf_counter()
     timings = {}
     summary = {}

@@ -1,0 +1,184 @@
+"""A user's data is never lost or mixed (issue 18): csr writes only into folders it owns, one process
+writes a run, a changed recipe never mixes with kept results, and a recipe is checked before work."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from csr.config import ConfigError, load_config
+from csr.io import read_done, read_jsonl
+from csr.loop import run
+from csr.runstate import MARKER, FolderLock, RunLocked, SettingsChanged
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def recipe(tiny_llava_dir, tiny_clip_dir, tmp_path):
+    def make(out=None, *extra):
+        return load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [
+            f"model.model_name_or_path={tiny_llava_dir}", f"score.clip_model={tiny_clip_dir}",
+            f"data.prompts={ROOT / 'data' / 'tiny' / 'prompts.json'}",
+            f"data.image_root={ROOT / 'data' / 'tiny' / 'images'}", "data.max_prompts=2",
+            f"run.output_dir={out if out is not None else tmp_path / 'run'}", "run.rounds=1", *extra])
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders are csr's own
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_users_files_is_refused_untouched(recipe, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: own config\n")
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already holds files csr did not write.*'notes.txt'"):
+        run(recipe(project))
+    assert (project / "config.yaml").read_text() == "my: own config\n" and sorted(os.listdir(project)) == \
+        ["config.yaml", "notes.txt"]
+
+
+@pytest.mark.parametrize("out", ["", ".", "./"])
+def test_the_current_folder_is_never_a_run_folder(recipe, tmp_path, out, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="current folder"):
+        run(recipe(out))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_world_build_never_deletes_a_users_folder(tmp_path):
+    from csr.world.build import ensure_world
+
+    out = tmp_path / "mine"
+    for part in ("train", "test", "models"):
+        (out / part).mkdir(parents=True)
+        (out / part / "data.csv").write_text("precious")
+    with pytest.raises(ConfigError, match="csr did not write"):
+        ensure_world(out, seed=0)
+    assert all((out / part / "data.csv").read_text() == "precious" for part in ("train", "test", "models"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_naming_the_holder(recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    with FolderLock(run_dir):
+        with pytest.raises(RunLocked, match=f"pid {os.getpid()}"):
+            run(recipe())
+    assert not (run_dir / "round_1").exists()
+
+
+def test_a_killed_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    code = ("import os, signal, sys; from csr.runstate import FolderLock; l = FolderLock(sys.argv[1]).__enter__(); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    res = subprocess.run([sys.executable, "-c", code, str(folder)])
+    assert res.returncode == -signal.SIGKILL and (folder / ".csr-lock").is_file()  # the file stays behind...
+    with FolderLock(folder):  # ...but the system released the lock with the process
+        assert (folder / ".csr-lock").read_text() == str(os.getpid())
+
+
+# ---------------------------------------------------------------------------------------------
+# A changed recipe never mixes with kept results
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_changed_recipe_is_refused_then_redone_from_the_stage(recipe, tmp_path):
+    search = "generate.selection=self"  # the search does not use λ, so only score and after depend on it
+    run(recipe(None, search))
+    rd = tmp_path / "run" / "round_1"
+    kept = {s: read_done(rd / s) for s in ("generate", "score", "pairs")}
+    with pytest.raises(SettingsChanged, match=r"round_1/score: score.reward_lambda: 0.9 -> 0.1\n.*--redo-from score"):
+        run(recipe(None, search, "score.reward_lambda=0.1"))
+    assert {s: read_done(rd / s) for s in kept} == kept  # nothing touched
+    run(recipe(None, search, "score.clip_batch_size=3"))  # a memory knob is no result: still finished
+    assert {s: read_done(rd / s) for s in kept} == kept
+    summary = run(recipe(None, search, "score.reward_lambda=0.1"), redo_from="score")
+    assert read_done(rd / "generate") == kept["generate"]  # before the redone stage: kept
+    assert read_done(rd / "score")["settings"]["score.reward_lambda"] == 0.1
+    stale = list((tmp_path / "run" / "stale").glob("*/round_1/score"))
+    assert len(stale) == 1 and read_done(stale[0]) == kept["score"]  # moved aside, not deleted
+    assert summary["rounds"][0]["stages"]["train"]["settings"]  # train redone on the new pairs
+
+
+def test_a_stage_alone_refuses_a_half_finished_folder_made_with_other_settings(recipe, tmp_path):
+    from csr.generate.stage import run_generate
+
+    cfg = recipe()
+    run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")
+    (tmp_path / "gen" / "DONE.json").unlink()  # as if killed before the end
+    changed = recipe(None, "generate.num_candidates=2")
+    with pytest.raises(SettingsChanged, match=r"half-finished with other settings: generate.num_candidates: 3 -> 2"):
+        run_generate(changed, changed.model.model_name_or_path, tmp_path / "gen")
+
+
+@pytest.mark.slow
+def test_kill_then_resume_with_a_changed_key_is_refused_then_redone(tiny_llava_dir, tiny_clip_dir, tmp_path):
+    from test_faults import csr_run, overrides
+
+    args = [*overrides(tiny_llava_dir, tiny_clip_dir, tmp_path / "run"), "generate.selection=self"]
+    out = csr_run(args, "score.tree_written:2")
+    assert out.returncode == -signal.SIGKILL
+    out = csr_run([*args, "score.reward_lambda=0.5"])
+    assert out.returncode == 2 and "score.reward_lambda: 0.9 -> 0.5" in out.stderr and "Traceback" not in out.stderr
+    out = csr_run([*args, "score.reward_lambda=0.5", "--redo-from", "score"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    trees = read_jsonl(tmp_path / "run" / "round_1" / "score" / "scored.jsonl")
+    assert len(trees) == 4 and len({t["id"] for t in trees}) == 4  # whole, no half from the old λ
+    assert read_done(tmp_path / "run" / "round_1" / "score")["settings"]["score.reward_lambda"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lora_r=0", "train.lora_r=0 must be >= 1"),
+    ("train.learning_rate=-1", "train.learning_rate=-1.0 must be > 0"),
+    ("train.beta=-0.5", "train.beta=-0.5 must be > 0"),
+    ("train.per_device_train_batch_size=0", "per_device_train_batch_size=0 must be >= 1"),
+])
+def test_the_train_section_is_checked_before_any_work(recipe, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(recipe(None, override))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.max_prompts=0", "data.max_prompts=0 must be >= 1"),
+    ("data.max_prompts=-2", "data.max_prompts=-2 must be >= 1"),
+    ("generate.max_response_chars=-1", "max_response_chars=-1 must be >= 1"),
+    ("model.device=cuda:7", "model.device='cuda:7', but this machine has"),
+    ("model.device=tpu", "use auto, cpu, cuda or cuda:N"),
+])
+def test_bad_values_are_refused_when_the_recipe_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("score:\n  reward_lambda: 0.2\n  reward_lambda: 0.9\n")
+    with pytest.raises(ConfigError, match=r"line 3: key 'reward_lambda' is given twice"):
+        load_config(path)
+
+
+def test_the_marker_is_written_once_and_adopts_an_older_run(recipe, tmp_path):
+    old = tmp_path / "old"
+    (old / "round_1").mkdir(parents=True)
+    (old / "config.yaml").write_text(json.dumps({"run": {"rounds": 1}}))  # what an older csr left
+    from csr.runstate import claim_folder
+
+    assert claim_folder(old, "run.output_dir") == old and (old / MARKER).is_file()
