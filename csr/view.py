@@ -89,19 +89,26 @@ def read_pairs(run_dir: Path, rounds: list[int]) -> dict[int, dict[str, dict]]:
 def marked_paths(nodes: list[dict], pair: dict | None, path_score_kind: str = "mean") -> tuple[list[int], list[int]]:
     """Node ids of the chosen and of the rejected path of `pair` in this tree ([] when not found).
 
-    The paths are the tree's root-to-final paths through nodes that were not dropped; the chosen is
-    the first whose text and score equal the pair's chosen, the rejected the last (pairs' tie rule).
+    The paths are the tree's root-to-final paths through nodes that were not dropped (a final EOS
+    alone, with no text and no reward, ends its path without adding a sentence); the chosen is the
+    first whose text and score equal the pair's chosen, the rejected the last (pairs' tie rule). The
+    ids include such an end node.
     """
     from csr.generate.tree import final_paths, join_sentences
     from csr.score.reward import path_score
 
     if pair is None:
         return [], []
-    keep = {n["id"] for n in nodes[1:] if not n.get("dropped") and n.get("reward") is not None}
+    keep = {n["id"] for n in nodes[1:] if not n.get("dropped")}
     paths = []
     for ids in final_paths(nodes, keep):
-        text = join_sentences([nodes[i]["text"] for i in ids])
-        paths.append((ids, text, path_score([nodes[i]["reward"] for i in ids], path_score_kind)))
+        last = nodes[ids[-1]]
+        # an EOS alone that ends a path holds no sentence and no reward: the response is the path before it
+        sentences = ids[:-1] if (last.get("reward") is None and not last["text"].strip()) else ids
+        if not sentences or any(nodes[i].get("reward") is None for i in sentences):
+            continue
+        text = join_sentences([nodes[i]["text"] for i in sentences])
+        paths.append((ids, text, path_score([nodes[i]["reward"] for i in sentences], path_score_kind)))
 
     def best(text: str, score, candidates) -> list[int]:
         same = [(ids, s) for ids, t, s in candidates if t == text]
@@ -190,11 +197,13 @@ def _node_html(node: dict, chosen: set[int], rejected: set[int]) -> str:
     if node.get("dropped"):
         classes.append("dropped")
         badges.append(f'<span class="b dropped">dropped: {_e(node["dropped"])}</span>')
-    metrics = (f'R {_num(node.get("reward"))} · self {_num(node.get("self_reward"))} · '
-               f'CLIP {_num(node.get("clip"))}')
+    text, metrics = _e(node.get("text", "")), (f'R {_num(node.get("reward"))} · self {_num(node.get("self_reward"))} · '
+                                               f'CLIP {_num(node.get("clip"))}')
+    if node.get("final") and node.get("reward") is None and not node.get("dropped") and not node["text"].strip():
+        text, metrics = "", "EOS alone: the response ends before it (no sentence, no reward)"
     return (f'<div class="{" ".join(classes)}" id="n{nid}" data-id="{nid}" data-parent="{node["parent"]}">'
             f'<div><span class="b">#{nid}</span>{"".join(badges)}</div>'
-            f'<div class="t">{_e(node.get("text", ""))}</div><div class="m">{metrics}</div></div>')
+            f'<div class="t">{text}</div><div class="m">{metrics}</div></div>')
 
 
 def tree_html(nodes: list[dict], chosen: list[int], rejected: list[int]) -> str:
@@ -233,12 +242,12 @@ def prompt_page(tree: dict, round_: int, pairs_by_round: dict[int, dict | None],
     across = ['<table><tr><th>round</th><th>margin</th><th>chosen</th><th>rejected</th></tr>']
     for r in sorted(pairs_by_round):
         p = pairs_by_round[r]
-        label = f"round {r}" if r == round_ else (
+        label = f"<b>round {r}</b>" if r == round_ else (
             f'<a href="../round_{r}/{name}">round {r}</a>' if r in tree_rounds else f"round {r}")
         if p is None:
-            across.append(f"<tr><td>{label}</td><td>–</td><td colspan=2>no pair</td></tr>")
+            across.append(f'<tr><td class="id">{label}</td><td>–</td><td colspan=2>no pair</td></tr>')
         else:
-            across.append(f'<tr><td>{label}</td><td class="num">{_num(p.get("margin"))}</td>'
+            across.append(f'<tr><td class="id">{label}</td><td class="num">{_num(p.get("margin"))}</td>'
                           f'<td>{_e(p["chosen"][:PREVIEW_CHARS])}</td><td>{_e(p["rejected"][:PREVIEW_CHARS])}</td></tr>')
     across.append("</table>")
     n_final = sum(1 for n in nodes[1:] if n.get("final"))

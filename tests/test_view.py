@@ -21,13 +21,15 @@ def node(i, parent, depth, text, reward, final=False, pruned=False, dropped=None
 
 
 def make_tree(tree_id="p/1 cat", image="red.png"):
-    # paths (mean of rewards): 1-3 = 35, 1-4 = 30, 7-8 = 35 (same text as 1-3), 2-5 = 7.5; 6 is dropped
+    # paths (mean of rewards): 1-3 = 35, 1-4 = 30, 7-8 = 35 (same text as 1-3), 2-5 = 7.5, 2-(end) = 10;
+    # 6 is dropped
     nodes = [{"id": 0, "parent": None, "depth": 0, "text": "", "final": False, "pruned": False},
              node(1, 0, 1, " A red square.", 40.0), node(2, 0, 1, " A cat.", 10.0),
              node(3, 1, 2, " It is big.", 30.0, final=True), node(4, 1, 2, " <b>bold</b></div>", 20.0, final=True),
              node(5, 2, 2, " A dog.", 5.0, final=True), node(6, 2, 2, "", 0.0, final=True, dropped="short_sentence"),
              node(7, 0, 1, " A red square.", 40.0), node(8, 7, 2, " It is big.", 30.0, final=True),
-             node(9, 7, 2, " Pruned here.", 1.0, pruned=True)]
+             node(9, 7, 2, " Pruned here.", 1.0, pruned=True),
+             {**node(10, 2, 2, "", 0.0, final=True), "reward": None}]  # an EOS alone: the response ends at 2
     return {"id": tree_id, "image": image, "prompt": "Describe <this> image.", "nodes": nodes}
 
 
@@ -50,6 +52,8 @@ def test_marked_paths_find_the_pair_in_the_tree():
     # the same text as chosen and as rejected: first path chosen, last rejected
     same = {**pair, "rejected": "A red square. It is big.", "rejected_score": 35.0}
     assert marked_paths(nodes, same) == ([1, 3], [7, 8])
+    # a path ended by an EOS alone: its response is the sentences before it
+    assert marked_paths(nodes, {**pair, "rejected": "A cat.", "rejected_score": 10.0}) == ([1, 3], [2, 10])
     assert marked_paths(nodes, None) == ([], [])
     assert marked_paths(nodes, {**pair, "chosen": "not in the tree"})[0] == []
 
@@ -86,13 +90,13 @@ def test_view_files_rows_and_links(tmp_path):
     assert sorted(p.name for p in (view / "round_1").iterdir()) == ["p0.html", "p1.html", "p2.html"]
     rows = json.loads(re.search(r"=(\[.*\]);", (view / "data" / "round_2.js").read_text()).group(1))
     assert [(r["id"], r["margin"]) for r in rows] == [("p0", 25.5), ("p1", 24.5), ("p2", None)]
-    assert rows[0]["nodes"] == 10 and rows[0]["page"] == "p0.html"
+    assert rows[0]["nodes"] == 11 and rows[0]["page"] == "p0.html"
 
     page = (view / "round_2" / "p1.html").read_text()
     assert '<a href="../round_1/p1.html">round 1</a>' in page  # the same prompt in the other round
     assert 'src="../../../red.png"' in page  # the image, relative to the page (run/view/round_2/)
     assert "&lt;b&gt;bold&lt;/b&gt;&lt;/div&gt;" in page and "<b>bold</b></div>" not in page
-    assert page.count('class="node') == 10
+    assert page.count('class="node') == 11
     assert re.findall(r'class="node [^"]*chosen[^"]*" id="n(\d+)"', page) == ["1", "3"]
     assert re.findall(r'class="node [^"]*rejected[^"]*" id="n(\d+)"', page) == ["2", "5"]
     assert "No pair from this tree" in (view / "round_1" / "p2.html").read_text()
@@ -133,7 +137,7 @@ def test_view_in_a_headless_browser(tmp_path):
     page = run / "view" / "round_2" / "p7.html"
     dom = browse(tmp_path, page.as_uri(), "--dump-dom").stdout
     assert dom.count('class="node') == len(make_tree()["nodes"])  # every node rendered, markup escaped
-    assert 'data-nodes="10"' in dom
+    assert 'data-nodes="11"' in dom
 
     # the index is built by its script from data/round_N.js: sorted by margin, ascending, page 2
     index = (run / "view" / "index.html").as_uri()
