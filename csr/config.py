@@ -69,6 +69,16 @@ class RunConfig:
     build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
                               "first if missing (the default recipe's ground truth; '' = off).")
     report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
+    policy_dtype: str = _f("float32", "Saved dtype of each round's merged model (round_N/merge), the next round's "
+                                      "policy. float32 keeps the whole LoRA update: at the paper's lr 1e-7 a bf16 "
+                                      "save keeps at most 28-45% of it (docs/results/merge-precision.md); auto: the "
+                                      "base's saved dtype.", choices=("float32", "auto", "bfloat16", "float16"))
+    export_dtype: str = _f("auto", "Dtype of round_N/export, each merged model as others load it (`csr push` uploads "
+                                   "it): auto = model.torch_dtype, or the base's saved dtype when that is auto; none = "
+                                   "no export. No copy is written when it equals the policy's dtype (the merge folder "
+                                   "serves).", choices=("auto", "bfloat16", "float16", "float32", "none"))
+    max_shard_size: str = _f("5GB", "Largest safetensors file of a saved model folder; bigger models are sharded "
+                                    "with an index, as on the Hub.")
     num_processes: int = _f(1, "Processes (GPUs) for the generate and train stages; > 1 launches them with "
                                "accelerate (generate sharded, train under run.accelerate_config).")
     accelerate_config: str = _f("zero2", "accelerate config for multi-process stages: a YAML path or a shipped "

@@ -6,7 +6,9 @@
       round_1/score/scored.jsonl      the same trees with calibrated rewards
       round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
       round_1/train/adapter/          the LoRA adapter (checkpoints while training)
-      round_1/merge/                  the merged model folder: next round's policy and reference
+      round_1/merge/                  the merged model folder: next round's policy and reference (float32,
+                                      run.policy_dtype), with its model card README.md
+      round_1/export/                 the same model in the recipe's dtype (run.export_dtype): what others load
       round_2/...
       eval/round_0.json ...           metrics of the base model and of every round
       summary.json                    per-round stage summaries and metrics
@@ -100,7 +102,7 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     from csr.io import is_done, read_done
     from csr.pairs import run_pairs
     from csr.score.stage import run_score
-    from csr.train.merge import merge_lora
+    from csr.train.merge import export_model, merge_lora
     from csr.train.stage import run_train
 
     def heavy(stage: str, out: Path, in_process, extra: list[str]) -> dict:
@@ -119,8 +121,40 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
     summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
                                ["--pairs", str(rd / "pairs")])
-    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge")
+    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", dtype=cfg.run.policy_dtype,
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        allow_pickle_weights=cfg.model.allow_pickle_weights, max_shard_size=cfg.run.max_shard_size)
+    dtype = export_dtype(cfg, merged)
+    if dtype is not None:
+        export_model(merged, rd / EXPORT, dtype, max_shard_size=cfg.run.max_shard_size)
     return str(merged), summaries
+
+
+EXPORT = "export"
+
+
+def export_dtype(cfg: CSRConfig, merged: Path) -> str | None:
+    """The dtype of a round's export (run.export_dtype), None when no copy is needed."""
+    from csr.train.merge import saved_dtype
+
+    want = cfg.run.export_dtype
+    if want == "none":
+        return None
+    if want == "auto":
+        want = cfg.model.torch_dtype
+    if want == "auto":  # the base's saved dtype
+        from transformers import AutoConfig
+
+        want = str(saved_dtype(AutoConfig.from_pretrained(cfg.model.model_name_or_path,
+                                                          trust_remote_code=cfg.model.trust_remote_code)))
+        want = want.replace("torch.", "")
+    merged_dtype = json.loads((Path(merged) / "DONE.json").read_text()).get("dtype")
+    return None if want == merged_dtype else want
+
+
+def model_folders(rd: Path) -> list[Path]:
+    """A finished round's model folders: the merged policy and, when written, its export."""
+    return [p for p in (rd / "merge", rd / EXPORT) if (p / "DONE.json").is_file()]
 
 
 def run(cfg: CSRConfig) -> dict:
@@ -164,6 +198,10 @@ def run(cfg: CSRConfig) -> dict:
         if metrics is not None:
             entry["eval"] = metrics
             tracker.stage(r, "eval", {"scalars": flatten(metrics, "eval")})
+        from csr.card import write_round_card
+
+        for folder in model_folders(rd):  # after the eval, so the card holds the round's metrics
+            write_round_card(run_dir, r, folder)
         summary["rounds"].append(entry)
         atomic_write_json(run_dir / "summary.json", summary)
     tracker.finish(summary)
