@@ -94,7 +94,7 @@ def source_folder(name_or_path: str, patterns=TOKENIZER_FILES) -> Path | None:
 
         return Path(snapshot_download(name_or_path, allow_patterns=list(patterns)))
     except Exception as e:  # offline without a cache, a malformed id: the caller falls back
-        log.warning("no local files for '%s' (%s)", name_or_path, e)
+        log.info("no local files for '%s' (%s)", name_or_path, e)
         return None
 
 
@@ -121,6 +121,8 @@ def save_model_folder(model, tokenizer_source: str, out_dir: Path, summary: dict
         # safetensors (the only format transformers 5 writes), shards of max_shard_size with an index
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if not copy_tokenizer_files(tokenizer_source, tmp):  # no files to copy: re-save what loads
+            log.warning("no tokenizer files to copy from '%s': re-saving its processor with this transformers",
+                        tokenizer_source)
             load_processor(tokenizer_source, trust_remote_code).save_pretrained(tmp)
         mark_done(tmp, summary)
         fault_point("merge.before_rename")
