@@ -68,7 +68,9 @@ class RunConfig:
     eval_pope_dir: str = _f("", "coco-pope: folder holding coco_pope_{random,popular,adversarial}.json.")
     build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
                               "first if missing (the default recipe's ground truth; '' = off).")
-    report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
+    report_to: typing.Union[str, list] = _f("none", "Trackers for training and the round loop: none, wandb, "
+                                                    "tensorboard, or several as a list or comma-separated "
+                                                    "('wandb,tensorboard'); see csr/tracking.py.")
     policy_dtype: str = _f("float32", "Saved dtype of each round's merged model (round_N/merge), the next round's "
                                       "policy. float32 keeps the whole LoRA update: at the paper's lr 1e-7 a bf16 "
                                       "save keeps at most 28-45% of it (docs/results/merge-precision.md); auto: the "
@@ -86,6 +88,12 @@ class RunConfig:
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        from csr.tracking import tracker_names
+
+        try:
+            self.report_to = ",".join(tracker_names(self.report_to)) or "none"
+        except ValueError as e:
+            raise ConfigError(f"run.report_to={self.report_to!r}: {e}.") from None
         names = [n.strip() for n in self.eval_presets.split(",") if n.strip()]
         from csr.eval.presets import PRESETS
 

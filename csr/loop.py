@@ -93,11 +93,15 @@ def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
     return metrics
 
 
-def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | None = None) -> tuple[str, dict]:
+def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | None = None,
+              train_env: dict | None = None) -> tuple[str, dict]:
     """One CSR round from `policy`; returns (the merged model folder, stage summaries).
 
     With an accelerate config, generate and train run as multi-process launches (see csr.launch).
+    `train_env`: environment for the train stage's trackers (TRL's wandb run id, TensorBoard folder).
     """
+    from csr.tracking import environment
+
     from csr.generate.stage import run_generate
     from csr.io import is_done, read_done
     from csr.pairs import run_pairs
@@ -119,8 +123,9 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
                                   lambda: run_generate(cfg, policy, rd / "generate"), [])
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
-    summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
-                               ["--pairs", str(rd / "pairs")])
+    with environment(train_env or {}):
+        summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
+                                   ["--pairs", str(rd / "pairs")])
     merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", dtype=cfg.run.policy_dtype,
                         trust_remote_code=cfg.model.trust_remote_code,
                         allow_pickle_weights=cfg.model.allow_pickle_weights, max_shard_size=cfg.run.max_shard_size)
@@ -183,13 +188,13 @@ def run(cfg: CSRConfig) -> dict:
     base_metrics = evaluate(cfg, policy, run_dir / "eval" / "round_0.json")
     if base_metrics is not None:
         summary["base_eval"] = base_metrics
-        tracker.stage(0, "eval", {"scalars": flatten(base_metrics, "eval")})
+        tracker.stage(0, "eval", {"scalars": flatten(base_metrics)})
     for r in range(1, cfg.run.rounds + 1):
         rd = round_dir(run_dir, r)
         started = time.perf_counter()
         log.info("===== round %d/%d from %s =====", r, cfg.run.rounds, policy)
         torch.manual_seed(cfg.run.seed + r)
-        policy, stages = run_round(cfg, policy, rd, accelerate_config)
+        policy, stages = run_round(cfg, policy, rd, accelerate_config, tracker.train_env(r))
         entry = {"round": r, "model": policy, "stages": stages,
                  "seconds": round(time.perf_counter() - started, 1)}
         tracker.stage(r, "score", score_stage_data(read_jsonl(rd / "score" / "scored.jsonl")))
@@ -197,7 +202,7 @@ def run(cfg: CSRConfig) -> dict:
         metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")
         if metrics is not None:
             entry["eval"] = metrics
-            tracker.stage(r, "eval", {"scalars": flatten(metrics, "eval")})
+            tracker.stage(r, "eval", {"scalars": flatten(metrics)})
         from csr.card import write_round_card
 
         for folder in model_folders(rd):  # after the eval, so the card holds the round's metrics
