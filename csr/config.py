@@ -83,11 +83,27 @@ class RunConfig:
                                     "with an index, as on the Hub.")
     num_processes: int = _f(1, "Processes (GPUs) for the generate and train stages; > 1 launches them with "
                                "accelerate (generate sharded, train under run.accelerate_config).")
+    num_machines: int = _f(1, "Machines (nodes) of a multi-node launch; each runs `csr run` with its own "
+                              "run.machine_rank on a shared run folder (recipes/launch.slurm). num_processes "
+                              "counts the processes of one machine.")
+    machine_rank: int = _f(0, "This machine's rank, 0 to num_machines - 1. Rank 0 runs every stage; the others "
+                              "join the generate and train launches and wait for rank 0's other stages.")
+    main_process_ip: str = _f("", "Address of the rank-0 machine, for a multi-node launch (accelerate's "
+                                  "--main_process_ip).")
+    main_process_port: int = _f(29500, "Port on the rank-0 machine for a multi-node launch (accelerate's "
+                                       "--main_process_port).")
     accelerate_config: str = _f("zero2", "accelerate config for multi-process stages: a YAML path or a shipped "
                                          "name (ddp, zero2, zero2_offload, zero3; paper: DeepSpeed ZeRO-2).")
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        _require(self.num_machines >= 1, "run.num_machines", self.num_machines, "must be at least 1")
+        _require(0 <= self.machine_rank < self.num_machines, "run.machine_rank", self.machine_rank,
+                 f"must be in [0, run.num_machines - 1 = {self.num_machines - 1}]")
+        _require(self.num_machines == 1 or self.main_process_ip, "run.main_process_ip", self.main_process_ip,
+                 "must name the rank-0 machine for a multi-node launch (run.num_machines > 1)")
+        _require(1 <= self.main_process_port <= 65535, "run.main_process_port", self.main_process_port,
+                 "must be a port number")
         from csr.tracking import tracker_names
 
         try:

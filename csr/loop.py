@@ -121,6 +121,8 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     summaries = {}
     summaries["generate"] = heavy("generate", rd / "generate",
                                   lambda: run_generate(cfg, policy, rd / "generate"), [])
+    if cfg.run.machine_rank > 0:  # another machine of a multi-node run: join the launches, wait for the rest
+        return follow_round(cfg, policy, rd, heavy), summaries
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
     with environment(train_env or {}):
@@ -136,6 +138,18 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
 
 
 EXPORT = "export"
+
+
+def follow_round(cfg: CSRConfig, policy: str, rd: Path, heavy) -> str:
+    """A round on a machine of rank > 0: machine 0 scores, pairs and merges; this one joins the train launch."""
+    from csr.launch import wait_for
+
+    wait_for(rd / "pairs", "pairs")
+    from csr.io import read_done
+
+    heavy("train", rd / "train", lambda: read_done(rd / "train"), ["--pairs", str(rd / "pairs")])
+    wait_for(rd / "merge", "merge")
+    return str(rd / "merge")
 
 
 def export_dtype(cfg: CSRConfig, merged: Path) -> str | None:
@@ -168,6 +182,8 @@ def run(cfg: CSRConfig) -> dict:
     accelerate_config = check_launch(cfg)  # refuse a bad launch before any work
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.run.machine_rank > 0:
+        return follow(cfg, run_dir, accelerate_config)
     save_run_config(cfg, run_dir)
     if cfg.run.build_world:
         from csr.world.build import ensure_world
@@ -216,6 +232,18 @@ def run(cfg: CSRConfig) -> dict:
         write_report(run_dir, summary)
     log.info("finished %d rounds; final model: %s", cfg.run.rounds, policy)
     return summary
+
+
+def follow(cfg: CSRConfig, run_dir: Path, accelerate_config: str) -> dict:
+    """`csr run` on a machine of rank > 0: the rounds' generate and train launches, nothing else."""
+    while not (run_dir / "config.yaml").is_file():  # machine 0 writes the resolved recipe the stages read
+        time.sleep(5)
+    policy = cfg.model.model_name_or_path
+    for r in range(1, cfg.run.rounds + 1):
+        log.info("===== round %d/%d (machine %d) =====", r, cfg.run.rounds, cfg.run.machine_rank)
+        policy, _ = run_round(cfg, policy, round_dir(run_dir, r), accelerate_config)
+    log.info("machine %d: finished %d rounds", cfg.run.machine_rank, cfg.run.rounds)
+    return {"run_dir": str(run_dir), "machine_rank": cfg.run.machine_rank, "rounds": cfg.run.rounds}
 
 
 def main(argv=None) -> int:
