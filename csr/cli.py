@@ -36,19 +36,55 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def _usage() -> str:
-    lines = ["usage: csr <command> [options]", "", "commands:"]
+    lines = ["usage: csr [-v] <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} {help}" for name, (_, help) in COMMANDS.items()]
-    lines += ["", "`csr <command> --help` for a command's options."]
+    lines += ["", "options:", "  -h, --help     this list", "  --version      csr's version",
+              "  -v, --verbose  third-party logs and warnings too (open_clip, transformers, datasets, ...)",
+              "", "`csr <command> --help` for a command's options."]
     return "\n".join(lines)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
+    """csr's own log lines at `level`; other libraries' INFO lines, progress bars and FutureWarnings
+    (open_clip logs to the root logger, per batch) only with `verbose`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level if verbose else logging.WARNING)
+    logging.getLogger("csr").setLevel(level)
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose, argv = True, argv[1:]
+    if "--verbose" in argv:
+        verbose, argv = True, [a for a in argv if a != "--verbose"]
+    if argv and argv[0] == "--version":
+        from csr import __version__
+
+        print(f"csr {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -62,18 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, _ = COMMANDS[name]
     module, func = target.split(":")
-    setup_logging()
+    setup_logging(verbose=verbose)
     from csr.config import ConfigError
     from csr.data import BadInput
     from csr.io import StageInputMissing
     from csr.models import ModelLoadError
 
+    prog, sys.argv[0] = sys.argv[0], f"csr {name}"  # argparse names the subcommand in its usage lines
     try:
         return getattr(importlib.import_module(module), func)(rest) or 0
     except (ConfigError, BadInput, StageInputMissing, ModelLoadError, FileNotFoundError) as err:
         # a bad recipe, input or model path: one clear line, no traceback
         print(f"csr {name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv[0] = prog
 
 
 if __name__ == "__main__":

@@ -489,15 +489,45 @@ def _check_modes(cfg: CSRConfig, explicit: dict[str, dict]) -> None:
                                   f"{mode_key}={mode}. Remove {key} or set {mode_key}={needed}.")
 
 
-def describe_keys(section: str) -> str:
-    """Help text for one section: key, default, help (used by `csr config`)."""
+# trl.DPOConfig / TrainingArguments fields a CSR recipe sets; `csr config train` lists these with
+# csr's own TrainConfig fields and keeps the other ~200 behind --all
+TRAIN_COMMON = ("learning_rate", "beta", "loss_type", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+                "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "seed",
+                "report_to", "deepspeed", "save_strategy", "dataloader_num_workers")
+HELP_WIDTH = 100
+
+
+def _own_train_fields() -> set[str]:
+    from csr.train.config import TrainConfig
+
+    return set(TrainConfig.__dict__.get("__annotations__", {})) | set(TRAIN_COMMON)
+
+
+def describe_keys(section: str, all_keys: bool = False) -> str:
+    """Help text for one section: key, default, help, wrapped (used by `csr config`). The train section
+    lists csr's own fields and the TRL fields a CSR recipe sets; `all_keys` lists every DPOConfig field."""
+    import textwrap
+
     if section not in SECTIONS:
         raise ConfigError(f"unknown section '{section}'.{_closest(section, SECTIONS)}")
+    fields = _section_fields(section)
+    hidden = 0
+    if section == "train" and not all_keys:
+        own = _own_train_fields()
+        hidden = len(fields) - len(own & set(fields))
+        fields = {k: v for k, v in fields.items() if k in own}
     lines = []
-    for name, f in _section_fields(section).items():
+    for name, f in fields.items():
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
-        lines.append(f"{section}.{name} = {default!r}\n    {f.metadata.get('help', '')}")
+        shown = repr(default)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{section}.{name} = {shown}")
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        lines += textwrap.wrap(text, HELP_WIDTH, initial_indent="    ", subsequent_indent="    ")
+    if hidden:
+        lines.append(f"(and {hidden} more trl.DPOConfig / TrainingArguments fields: `csr config train --all`)")
     return "\n".join(lines)
 
 
@@ -508,10 +538,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Show the valid recipe keys, or check a recipe.")
     p.add_argument("sections", nargs="*", help=f"Sections to describe (default: all of {list(SECTIONS)}).")
     p.add_argument("--check", metavar="RECIPE", help="Validate a recipe and print it resolved.")
+    p.add_argument("--all", action="store_true", help="train: every trl.DPOConfig / TrainingArguments field, "
+                                                      "not only csr's and the ones a CSR recipe sets.")
     args = p.parse_args(argv)
     if args.check:
         print(yaml.safe_dump(load_config(args.check).to_dict(), sort_keys=False))
         return 0
     for section in args.sections or list(SECTIONS):
-        print(f"[{section}]\n{describe_keys(section)}\n")
+        print(f"[{section}]\n{describe_keys(section, args.all)}\n")
     return 0
