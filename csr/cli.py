@@ -15,11 +15,14 @@ COMMANDS = {
     "pairs": ("csr.pairs:main", "Stage 3: chosen/rejected pairs from scored trees."),
     "train": ("csr.train.stage:main", "Stage 4: LoRA DPO with TRL's DPOTrainer."),
     "merge": ("csr.train.merge:main", "Stage 5: merge the LoRA into a model folder."),
+    "view": ("csr.view:main", "Static HTML of a run's sentence trees and pairs, per prompt and round."),
+    "push": ("csr.push:main", "Upload a round's model (and pairs) to the Hugging Face Hub, with cards."),
     "eval": ("csr.eval.run:main", "POPE, CHAIR: a model folder, the standard protocols, or existing answers."),
     "debias": ("csr.debias.cli:main", "Debiasing: post-hoc calibration, debias sampling, decoding study."),
     "vig": ("csr.vig.cli:main", "Visual Information Gain: score, view, selective SFT, CSR reward term."),
     "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
     "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
+    "plan": ("csr.plan:main", "What a recipe means before a launch: stages, tree size, LoRA, memory per device."),
     "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),
     "sentence-ends": ("csr.models:sentence_ends_main", "Show which tokens end a sentence for a model's tokenizer."),
 }
@@ -34,19 +37,55 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def _usage() -> str:
-    lines = ["usage: csr <command> [options]", "", "commands:"]
+    lines = ["usage: csr [-v] <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} {help}" for name, (_, help) in COMMANDS.items()]
-    lines += ["", "`csr <command> --help` for a command's options."]
+    lines += ["", "options:", "  -h, --help     this list", "  --version      csr's version",
+              "  -v, --verbose  third-party logs and warnings too (open_clip, transformers, datasets, ...)",
+              "", "`csr <command> --help` for a command's options."]
     return "\n".join(lines)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
+    """csr's own log lines at `level`; other libraries' INFO lines, progress bars and FutureWarnings
+    (open_clip logs to the root logger, per batch) only with `verbose`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level if verbose else logging.WARNING)
+    logging.getLogger("csr").setLevel(level)
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose, argv = True, argv[1:]
+    if "--verbose" in argv:
+        verbose, argv = True, [a for a in argv if a != "--verbose"]
+    if argv and argv[0] == "--version":
+        from csr import __version__
+
+        print(f"csr {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -60,18 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, _ = COMMANDS[name]
     module, func = target.split(":")
-    setup_logging()
+    setup_logging(verbose=verbose)
     from csr.config import ConfigError
     from csr.data import BadInput
     from csr.io import StageInputMissing
     from csr.models import ModelLoadError
 
+    prog, sys.argv[0] = sys.argv[0], f"csr {name}"  # argparse names the subcommand in its usage lines
     try:
         return getattr(importlib.import_module(module), func)(rest) or 0
     except (ConfigError, BadInput, StageInputMissing, ModelLoadError, FileNotFoundError) as err:
         # a bad recipe, input or model path: one clear line, no traceback
         print(f"csr {name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        sys.argv[0] = prog
 
 
 if __name__ == "__main__":

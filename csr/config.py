@@ -68,14 +68,48 @@ class RunConfig:
     eval_pope_dir: str = _f("", "coco-pope: folder holding coco_pope_{random,popular,adversarial}.json.")
     build_world: str = _f("", "Build the grounded synthetic world and its base models in this folder "
                               "first if missing (the default recipe's ground truth; '' = off).")
-    report_to: str = _f("none", "Tracker for training and the round loop: none, wandb, tensorboard.")
+    report_to: typing.Union[str, list] = _f("none", "Trackers for training and the round loop: none, wandb, "
+                                                    "tensorboard, or several as a list or comma-separated "
+                                                    "('wandb,tensorboard'); see csr/tracking.py.")
+    policy_dtype: str = _f("float32", "Saved dtype of each round's merged model (round_N/merge), the next round's "
+                                      "policy. float32 keeps the whole LoRA update: at the paper's lr 1e-7 a bf16 "
+                                      "save keeps at most 28-45% of it (docs/results/merge-precision.md); auto: the "
+                                      "base's saved dtype.", choices=("float32", "auto", "bfloat16", "float16"))
+    export_dtype: str = _f("auto", "Dtype of round_N/export, each merged model as others load it (`csr push` uploads "
+                                   "it): auto = model.torch_dtype, or the base's saved dtype when that is auto; none = "
+                                   "no export. No copy is written when it equals the policy's dtype (the merge folder "
+                                   "serves).", choices=("auto", "bfloat16", "float16", "float32", "none"))
+    max_shard_size: str = _f("5GB", "Largest safetensors file of a saved model folder; bigger models are sharded "
+                                    "with an index, as on the Hub.")
     num_processes: int = _f(1, "Processes (GPUs) for the generate and train stages; > 1 launches them with "
                                "accelerate (generate sharded, train under run.accelerate_config).")
+    num_machines: int = _f(1, "Machines (nodes) of a multi-node launch; each runs `csr run` with its own "
+                              "run.machine_rank on a shared run folder (recipes/launch.slurm). num_processes "
+                              "counts the processes of one machine.")
+    machine_rank: int = _f(0, "This machine's rank, 0 to num_machines - 1. Rank 0 runs every stage; the others "
+                              "join the generate and train launches and wait for rank 0's other stages.")
+    main_process_ip: str = _f("", "Address of the rank-0 machine, for a multi-node launch (accelerate's "
+                                  "--main_process_ip).")
+    main_process_port: int = _f(29500, "Port on the rank-0 machine for a multi-node launch (accelerate's "
+                                       "--main_process_port).")
     accelerate_config: str = _f("zero2", "accelerate config for multi-process stages: a YAML path or a shipped "
                                          "name (ddp, zero2, zero2_offload, zero3; paper: DeepSpeed ZeRO-2).")
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        _require(self.num_machines >= 1, "run.num_machines", self.num_machines, "must be at least 1")
+        _require(0 <= self.machine_rank < self.num_machines, "run.machine_rank", self.machine_rank,
+                 f"must be in [0, run.num_machines - 1 = {self.num_machines - 1}]")
+        _require(self.num_machines == 1 or self.main_process_ip, "run.main_process_ip", self.main_process_ip,
+                 "must name the rank-0 machine for a multi-node launch (run.num_machines > 1)")
+        _require(1 <= self.main_process_port <= 65535, "run.main_process_port", self.main_process_port,
+                 "must be a port number")
+        from csr.tracking import tracker_names
+
+        try:
+            self.report_to = ",".join(tracker_names(self.report_to)) or "none"
+        except ValueError as e:
+            raise ConfigError(f"run.report_to={self.report_to!r}: {e}.") from None
         names = [n.strip() for n in self.eval_presets.split(",") if n.strip()]
         from csr.eval.presets import PRESETS
 
@@ -491,15 +525,45 @@ def _check_modes(cfg: CSRConfig, explicit: dict[str, dict]) -> None:
                                   f"{mode_key}={mode}. Remove {key} or set {mode_key}={needed}.")
 
 
-def describe_keys(section: str) -> str:
-    """Help text for one section: key, default, help (used by `csr config`)."""
+# trl.DPOConfig / TrainingArguments fields a CSR recipe sets; `csr config train` lists these with
+# csr's own TrainConfig fields and keeps the other ~200 behind --all
+TRAIN_COMMON = ("learning_rate", "beta", "loss_type", "lr_scheduler_type", "warmup_steps", "num_train_epochs",
+                "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "optim", "seed",
+                "report_to", "deepspeed", "save_strategy", "dataloader_num_workers")
+HELP_WIDTH = 100
+
+
+def _own_train_fields() -> set[str]:
+    from csr.train.config import TrainConfig
+
+    return set(TrainConfig.__dict__.get("__annotations__", {})) | set(TRAIN_COMMON)
+
+
+def describe_keys(section: str, all_keys: bool = False) -> str:
+    """Help text for one section: key, default, help, wrapped (used by `csr config`). The train section
+    lists csr's own fields and the TRL fields a CSR recipe sets; `all_keys` lists every DPOConfig field."""
+    import textwrap
+
     if section not in SECTIONS:
         raise ConfigError(f"unknown section '{section}'.{_closest(section, SECTIONS)}")
+    fields = _section_fields(section)
+    hidden = 0
+    if section == "train" and not all_keys:
+        own = _own_train_fields()
+        hidden = len(fields) - len(own & set(fields))
+        fields = {k: v for k, v in fields.items() if k in own}
     lines = []
-    for name, f in _section_fields(section).items():
+    for name, f in fields.items():
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
-        lines.append(f"{section}.{name} = {default!r}\n    {f.metadata.get('help', '')}")
+        shown = repr(default)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{section}.{name} = {shown}")
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        lines += textwrap.wrap(text, HELP_WIDTH, initial_indent="    ", subsequent_indent="    ")
+    if hidden:
+        lines.append(f"(and {hidden} more trl.DPOConfig / TrainingArguments fields: `csr config train --all`)")
     return "\n".join(lines)
 
 
@@ -510,10 +574,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Show the valid recipe keys, or check a recipe.")
     p.add_argument("sections", nargs="*", help=f"Sections to describe (default: all of {list(SECTIONS)}).")
     p.add_argument("--check", metavar="RECIPE", help="Validate a recipe and print it resolved.")
+    p.add_argument("--all", action="store_true", help="train: every trl.DPOConfig / TrainingArguments field, "
+                                                      "not only csr's and the ones a CSR recipe sets.")
     args = p.parse_args(argv)
     if args.check:
         print(yaml.safe_dump(load_config(args.check).to_dict(), sort_keys=False))
         return 0
     for section in args.sections or list(SECTIONS):
-        print(f"[{section}]\n{describe_keys(section)}\n")
+        print(f"[{section}]\n{describe_keys(section, args.all)}\n")
     return 0

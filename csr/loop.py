@@ -6,7 +6,9 @@
       round_1/score/scored.jsonl      the same trees with calibrated rewards
       round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
       round_1/train/adapter/          the LoRA adapter (checkpoints while training)
-      round_1/merge/                  the merged model folder: next round's policy and reference
+      round_1/merge/                  the merged model folder: next round's policy and reference (float32,
+                                      run.policy_dtype), with its model card README.md
+      round_1/export/                 the same model in the recipe's dtype (run.export_dtype): what others load
       round_2/...
       eval/round_0.json ...           metrics of the base model and of every round
       summary.json                    per-round stage summaries and metrics
@@ -91,16 +93,20 @@ def evaluate(cfg: CSRConfig, model_path: str, out_file: Path) -> dict | None:
     return metrics
 
 
-def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | None = None) -> tuple[str, dict]:
+def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | None = None,
+              train_env: dict | None = None) -> tuple[str, dict]:
     """One CSR round from `policy`; returns (the merged model folder, stage summaries).
 
     With an accelerate config, generate and train run as multi-process launches (see csr.launch).
+    `train_env`: environment for the train stage's trackers (TRL's wandb run id, TensorBoard folder).
     """
+    from csr.tracking import environment
+
     from csr.generate.stage import run_generate
     from csr.io import is_done, read_done
     from csr.pairs import run_pairs
     from csr.score.stage import run_score
-    from csr.train.merge import merge_lora
+    from csr.train.merge import export_model, merge_lora
     from csr.train.stage import run_train
 
     def heavy(stage: str, out: Path, in_process, extra: list[str]) -> dict:
@@ -115,13 +121,59 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
     summaries = {}
     summaries["generate"] = heavy("generate", rd / "generate",
                                   lambda: run_generate(cfg, policy, rd / "generate"), [])
+    if cfg.run.machine_rank > 0:  # another machine of a multi-node run: join the launches, wait for the rest
+        return follow_round(cfg, policy, rd, heavy), summaries
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
-    summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
-                               ["--pairs", str(rd / "pairs")])
-    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", trust_remote_code=cfg.model.trust_remote_code,
-                        allow_pickle_weights=cfg.model.allow_pickle_weights)
+    with environment(train_env or {}):
+        summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
+                                   ["--pairs", str(rd / "pairs")])
+    merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", dtype=cfg.run.policy_dtype,
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        allow_pickle_weights=cfg.model.allow_pickle_weights, max_shard_size=cfg.run.max_shard_size)
+    dtype = export_dtype(cfg, merged)
+    if dtype is not None:
+        export_model(merged, rd / EXPORT, dtype, max_shard_size=cfg.run.max_shard_size)
     return str(merged), summaries
+
+
+EXPORT = "export"
+
+
+def follow_round(cfg: CSRConfig, policy: str, rd: Path, heavy) -> str:
+    """A round on a machine of rank > 0: machine 0 scores, pairs and merges; this one joins the train launch."""
+    from csr.launch import wait_for
+
+    wait_for(rd / "pairs", "pairs")
+    from csr.io import read_done
+
+    heavy("train", rd / "train", lambda: read_done(rd / "train"), ["--pairs", str(rd / "pairs")])
+    wait_for(rd / "merge", "merge")
+    return str(rd / "merge")
+
+
+def export_dtype(cfg: CSRConfig, merged: Path) -> str | None:
+    """The dtype of a round's export (run.export_dtype), None when no copy is needed."""
+    from csr.train.merge import saved_dtype
+
+    want = cfg.run.export_dtype
+    if want == "none":
+        return None
+    if want == "auto":
+        want = cfg.model.torch_dtype
+    if want == "auto":  # the base's saved dtype
+        from transformers import AutoConfig
+
+        want = str(saved_dtype(AutoConfig.from_pretrained(cfg.model.model_name_or_path,
+                                                          trust_remote_code=cfg.model.trust_remote_code)))
+        want = want.replace("torch.", "")
+    merged_dtype = json.loads((Path(merged) / "DONE.json").read_text()).get("dtype")
+    return None if want == merged_dtype else want
+
+
+def model_folders(rd: Path) -> list[Path]:
+    """A finished round's model folders: the merged policy and, when written, its export."""
+    return [p for p in (rd / "merge", rd / EXPORT) if (p / "DONE.json").is_file()]
 
 
 def check_before_work(cfg: CSRConfig) -> None:
@@ -143,6 +195,10 @@ def run(cfg: CSRConfig, redo_from: str | None = None, redo_round: int = 1) -> di
 
     check_before_work(cfg)
     accelerate_config = check_launch(cfg)  # refuse a bad launch before any work
+    if cfg.run.machine_rank > 0:  # another machine of a multi-node run: machine 0 owns and locks the folder
+        run_dir = Path(cfg.run.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return follow(cfg, run_dir, accelerate_config)
     run_dir = claim_folder(cfg.run.output_dir, "run.output_dir")
     with FolderLock(run_dir):  # one writer per run folder
         if redo_from:
@@ -172,13 +228,13 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
     base_metrics = evaluate(cfg, policy, run_dir / "eval" / "round_0.json")
     if base_metrics is not None:
         summary["base_eval"] = base_metrics
-        tracker.stage(0, "eval", {"scalars": flatten(base_metrics, "eval")})
+        tracker.stage(0, "eval", {"scalars": flatten(base_metrics)})
     for r in range(1, cfg.run.rounds + 1):
         rd = round_dir(run_dir, r)
         started = time.perf_counter()
         log.info("===== round %d/%d from %s =====", r, cfg.run.rounds, policy)
         torch.manual_seed(cfg.run.seed + r)
-        policy, stages = run_round(cfg, policy, rd, accelerate_config)
+        policy, stages = run_round(cfg, policy, rd, accelerate_config, tracker.train_env(r))
         entry = {"round": r, "model": policy, "stages": stages,
                  "seconds": round(time.perf_counter() - started, 1)}
         tracker.stage(r, "score", score_stage_data(read_jsonl(rd / "score" / "scored.jsonl")))
@@ -186,7 +242,11 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
         metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")
         if metrics is not None:
             entry["eval"] = metrics
-            tracker.stage(r, "eval", {"scalars": flatten(metrics, "eval")})
+            tracker.stage(r, "eval", {"scalars": flatten(metrics)})
+        from csr.card import write_round_card
+
+        for folder in model_folders(rd):  # after the eval, so the card holds the round's metrics
+            write_round_card(run_dir, r, folder)
         summary["rounds"].append(entry)
         atomic_write_json(run_dir / "summary.json", summary)
     tracker.finish(summary)
@@ -196,6 +256,18 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
         write_report(run_dir, summary)
     log.info("finished %d rounds; final model: %s", cfg.run.rounds, policy)
     return summary
+
+
+def follow(cfg: CSRConfig, run_dir: Path, accelerate_config: str) -> dict:
+    """`csr run` on a machine of rank > 0: the rounds' generate and train launches, nothing else."""
+    while not (run_dir / "config.yaml").is_file():  # machine 0 writes the resolved recipe the stages read
+        time.sleep(5)
+    policy = cfg.model.model_name_or_path
+    for r in range(1, cfg.run.rounds + 1):
+        log.info("===== round %d/%d (machine %d) =====", r, cfg.run.rounds, cfg.run.machine_rank)
+        policy, _ = run_round(cfg, policy, round_dir(run_dir, r), accelerate_config)
+    log.info("machine %d: finished %d rounds", cfg.run.machine_rank, cfg.run.rounds)
+    return {"run_dir": str(run_dir), "machine_rank": cfg.run.machine_rank, "rounds": cfg.run.rounds}
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ STAGES = ("generate", "score", "pairs", "train", "merge")
 
 # What csr itself writes in a run folder (a run made before the marker existed is recognised by these).
 RUN_ENTRIES = re.compile(r"^(config\.yaml|summary\.json|report\.md|metrics\.png|eval|round_\d+|wandb|tensorboard|"
-                         r"stale|\.csr-.*|\..*\.tmp.*)$")
+                         r"tracking\.json|view|stale|\.csr-.*|\..*\.tmp.*)$")
 WORLD_ENTRIES = re.compile(r"^(train|test|models|vocab\.json|DONE\.json|\.csr-.*|\..*\.tmp.*)$")
 
 
@@ -213,7 +213,7 @@ def stage_settings(cfg: CSRConfig, stage: str) -> dict:
     elif stage == "train":
         parts = {"model": model, "train": _section(cfg, "train"), "run": {"seed": cfg.run.seed}}
     elif stage == "merge":
-        return {"merge.dtype": "float32"}  # what `csr run` merges in (csr.train.merge.merge_lora's default)
+        return {"merge.dtype": cfg.run.policy_dtype}  # what `csr run` merges the next round's policy in
     else:
         raise ValueError(f"unknown stage {stage!r}")
     parts["model"] = {k: v for k, v in parts.get("model", {}).items() if k != "model_name_or_path"}

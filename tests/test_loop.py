@@ -4,6 +4,7 @@ a rerun skips finished work, and a longer rerun continues from the last finished
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from csr.config import load_config
@@ -48,3 +49,24 @@ def test_two_rounds_end_to_end_then_resume(tiny_recipe, tmp_path, tiny_llava_dir
     w2 = weights(summary["rounds"][1]["model"])
     assert any(not (w1[k] == w2[k]).all() for k in lm)  # round 2's model differs from round 1's
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_round_exports_its_model_in_the_recipe_dtype_with_a_card(tiny_recipe, tmp_path, tiny_llava_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from csr.card import front_matter
+
+    run(tiny_recipe("run.rounds=1", "run.export_dtype=bfloat16", "run.max_shard_size=300KB"))
+    rd = tmp_path / "run" / "round_1"
+    assert read_done(rd / "merge")["dtype"] == "float32"  # the next round's policy keeps the whole update
+    export = rd / "export"
+    assert (export / "model.safetensors.index.json").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(export, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (export / name).read_bytes() == (Path(tiny_llava_dir) / name).read_bytes()
+    for folder in (rd / "merge", export):
+        card = (folder / "README.md").read_text()
+        assert front_matter(card)["base_model"] == str(tiny_llava_dir) and "round 1" in card.lower()
+        assert (folder / "csr_config.yaml").is_file()
+    assert "saved in bfloat16" in (export / "README.md").read_text()

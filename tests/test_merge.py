@@ -91,7 +91,7 @@ def test_merge_skips_when_done_and_never_overwrites_a_folder_it_did_not_finish(t
     foreign = tmp_path / "merged"
     foreign.mkdir()
     (foreign / "model.safetensors").write_bytes(b"a user's file")  # a merge is renamed into place whole,
-    with pytest.raises(MergeError, match="not a finished merge"):  # so this was not written by one
+    with pytest.raises(MergeError, match="not a finished model folder"):  # so this was not written by one
         merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)
     assert (foreign / "model.safetensors").read_bytes() == b"a user's file"
     (foreign / "model.safetensors").unlink()  # an empty folder is fine
@@ -148,3 +148,58 @@ def test_merge_of_a_trained_adapter_with_projector(tmp_path, tiny_llava_dir, ima
     base = dict(load_base(tiny_llava_dir).model.multi_modal_projector.named_parameters())
     for name, value in proj.items():
         assert torch.equal(merged[name], value) and not torch.equal(base[name], value)
+
+
+def test_merged_and_exported_folders_are_sharded_with_the_base_tokenizer_files(tmp_path, tiny_llava_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from csr.train.merge import TOKENIZER_FILES, export_model
+
+    make_adapter(tiny_llava_dir, tmp_path / "adapter", projector=False)
+    merged = merge_lora(tiny_llava_dir, tmp_path / "adapter", tmp_path / "merged", max_shard_size="300KB")
+    exported = export_model(merged, tmp_path / "export", "bfloat16", max_shard_size="300KB")
+    base_files = [n for n in TOKENIZER_FILES if (tiny_llava_dir / n).is_file()]
+    assert "tokenizer.json" in base_files and "tokenizer_config.json" in base_files
+    for folder, dtype in ((merged, torch.float32), (exported, torch.bfloat16)):
+        # the Hub's layout: shards no bigger than the limit, an index naming every tensor's shard
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 1 and all((folder / s).stat().st_size <= 300_000 + 50_000 for s in shards)
+        assert not (folder / "model.safetensors").exists()
+        for name in base_files:  # byte for byte, not re-saved by this transformers
+            assert (folder / name).read_bytes() == (tiny_llava_dir / name).read_bytes(), name
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {dtype}
+        assert processor_loads(folder)
+    reference = load_base(merged).state_dict()
+    for name, value in AutoModelForImageTextToText.from_pretrained(exported, dtype="auto").state_dict().items():
+        assert torch.equal(value, reference[name].to(torch.bfloat16)), name
+    assert read_done(exported)["dtype"] == "bfloat16"
+
+
+def test_model_card_of_a_round(tmp_path, tiny_llava_dir):
+    import yaml
+
+    from csr.card import CONFIG_NAME, front_matter, write_round_card
+    from csr.io import atomic_write_json, mark_done
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: llama2\ntags: [x]\n---\n# a base\n")
+    run = tmp_path / "run"
+    recipe = {"model": {"model_name_or_path": str(base)}, "generate": {"num_candidates": 5, "sentence_beam_width": 5},
+              "score": {"reward_lambda": 0.9, "clip_model": "ViT-L-14-336"}}
+    (run / "round_2" / "merge").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe))
+    mark_done(run / "round_2" / "pairs", {"pairs": 1234, "margin_mean": 2.5})
+    mark_done(run / "round_2" / "train", {"steps": 155, "learning_rate": 1e-7, "beta": 0.1, "lora": {"r": 128, "alpha": 256}})
+    mark_done(run / "round_2" / "merge", {"dtype": "float32", "policy": str(run / "round_1" / "merge")})
+    atomic_write_json(run / "eval" / "round_2.json", {"model": "x", "pope": {"all": {"f1": 0.8512}}, "chair": {"chair_i": 0.044}})
+    card = write_round_card(run, 2, run / "round_2" / "merge").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == str(base) and meta["license"] == "llama2" and "csr" in meta["tags"]
+    assert "after 2 rounds" in card and f"[`{CONFIG_NAME}`]({CONFIG_NAME})" in card
+    assert "1234 pairs" in card and "r 128, alpha 256, learning rate 1e-07" in card and "155 steps" in card
+    assert "| pope/all/f1 | 0.8512 |" in card and "| chair/chair_i | 0.044 |" in card
+    assert "saved in float32" in card and "arXiv:2405.14622" in card
+    assert yaml.safe_load((run / "round_2" / "merge" / CONFIG_NAME).read_text()) == recipe

@@ -78,6 +78,9 @@ def generate_answers(model, processor, image_paths: list, questions: list[str], 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     answers: list[str] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(questions), desc=desc, unit="answer")
     try:
         with torch.no_grad():
             for start in range(0, len(questions), batch_size):
@@ -92,8 +95,9 @@ def generate_answers(model, processor, image_paths: list, questions: list[str], 
                 answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
                 if hit_limit is not None:
                     hit_limit += [new.shape[1] >= max_new_tokens and not eos.intersection(row.tolist()) for row in new]
-                log.debug("[%s] %d/%d", desc, len(answers), len(questions))
+                bar.update(len(qs))
     finally:
+        bar.close()
         tok.padding_side = old_side
     return answers
 

@@ -2,10 +2,17 @@
 
 The merge runs in float32 and, by default, saves float32: a DPO update at lr 1e-7 is often smaller
 than half a bf16 step of the weight it changes, so merging into (or saving as) the base's bf16/fp16
-weights can round much of it away. `dtype="auto"` saves in the base's own dtype instead; the
-summary then says which fraction of the adapted weights actually changed.
+weights can round much of it away (`scripts/bf16_retention.py`: at the paper's settings a bf16 save
+keeps at most 28-45% of the update, docs/results/merge-precision.md). `dtype="auto"` saves in the
+base's own dtype instead; the summary then says which fraction of the adapted weights changed.
+`export_model` writes a copy in the recipe's dtype for others to use (`csr push` uploads it).
 
-The folder is written beside `out_dir` under a temporary name, marked done inside, and renamed into
+Model folders are written as the Hub's are: safetensors shards of at most `max_shard_size` (5GB)
+with an index, and the policy's tokenizer, processor and chat-template files copied byte for byte
+(not re-saved: transformers 5 writes a tokenizer format that transformers 4.x cannot read), so a
+merged folder loads wherever its base loads.
+
+A folder is written beside `out_dir` under a temporary name, marked done inside, and renamed into
 place, so a half-written folder is never taken as a finished model.
 """
 
@@ -27,6 +34,12 @@ from csr.io import is_done, mark_done, read_done
 log = logging.getLogger(__name__)
 
 SAVE_DTYPES = ("float32", "auto", "bfloat16", "float16")
+MAX_SHARD_SIZE = "5GB"
+# what a model folder holds beside its weights and config that loading it as a processor needs
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "spiece.model", "preprocessor_config.json",
+                   "processor_config.json", "video_preprocessor_config.json", "chat_template.json",
+                   "chat_template.jinja")
 
 
 class MergeError(ValueError):
@@ -96,9 +109,90 @@ def _modules_to_save(adapter_dir: Path) -> list[str]:
     return list(cfg.get("modules_to_save") or [])
 
 
+def source_folder(name_or_path: str, patterns=TOKENIZER_FILES) -> Path | None:
+    """A model's local folder: the path itself, or the Hub cache's snapshot of a hub id (None if neither)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=list(patterns)))
+    except Exception as e:  # offline without a cache, a malformed id: the caller falls back
+        log.info("no local files for '%s' (%s)", name_or_path, e)
+        return None
+
+
+def copy_tokenizer_files(src: str | Path, dst: Path) -> list[str]:
+    """Copy the tokenizer / processor / chat-template files of `src` byte for byte; returns their names."""
+    folder = source_folder(str(src))
+    copied = []
+    for name in TOKENIZER_FILES if folder is not None else ():
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def refuse_unfinished(out_dir: Path) -> None:
+    """A model folder is renamed into place whole, with its DONE.json: a non-empty one without it is not csr's."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_done(out_dir):
+        raise MergeError(f"'{out_dir}' exists and is not a finished model folder; csr does not overwrite a folder "
+                         f"it did not finish. Remove it or choose another output folder.")
+
+
+def save_model_folder(model, tokenizer_source: str, out_dir: Path, summary: dict, *,
+                      max_shard_size: str = MAX_SHARD_SIZE, trust_remote_code: bool = False) -> Path:
+    """`model` (weights + config) and `tokenizer_source`'s tokenizer files into `out_dir`, atomically, marked done."""
+    from csr.models import load_processor
+
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed merge
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        # safetensors (the only format transformers 5 writes), shards of max_shard_size with an index
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if not copy_tokenizer_files(tokenizer_source, tmp):  # no files to copy: re-save what loads
+            log.warning("no tokenizer files to copy from '%s': re-saving its processor with this transformers",
+                        tokenizer_source)
+            load_processor(tokenizer_source, trust_remote_code).save_pretrained(tmp)
+        mark_done(tmp, summary)
+        fault_point("merge.before_rename")
+        if out_dir.exists():  # only ever empty here: a finished folder is renamed into place whole
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_model(merged_dir: str | Path, out_dir: str | Path, dtype: str, *,
+                 max_shard_size: str = MAX_SHARD_SIZE) -> Path:
+    """A copy of a merged folder in `dtype` (the recipe's), sharded, for others to load or push.
+
+    Skips when `out_dir` is done. The round-to-round policy stays the merged folder itself.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if is_done(out_dir):
+        log.info("export: %s is done, skipping", out_dir)
+        return out_dir
+    refuse_unfinished(out_dir)
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise MergeError(f"export dtype={dtype!r} is not one of bfloat16, float16, float32.")
+    model = AutoModelForImageTextToText.from_pretrained(str(merged_dir), dtype=getattr(torch, dtype))
+    model.config.dtype = getattr(torch, dtype)
+    summary = {"stage": "export", "from": str(merged_dir), "dtype": dtype, "max_shard_size": max_shard_size}
+    save_model_folder(model, str(merged_dir), out_dir, summary, max_shard_size=max_shard_size)
+    log.info("export: %s -> %s (%s)", merged_dir, out_dir, dtype)
+    return out_dir
+
+
 def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
                dtype: str = "float32", trust_remote_code: bool = False,
-               allow_pickle_weights: bool = False) -> Path:
+               allow_pickle_weights: bool = False, max_shard_size: str = MAX_SHARD_SIZE) -> Path:
     """Merge `adapter_dir` (a PEFT LoRA, possibly with a trained projector) into `policy_path`.
 
     Writes a plain model folder (safetensors + processor) to `out_dir` and returns it. Skips when
@@ -108,7 +202,7 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from csr.models import check_model_class, load_processor
+    from csr.models import check_model_class
 
     from csr.runstate import StageGuard
 
@@ -118,9 +212,7 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     if guard.finished() is not None:
         log.info("merge: %s is done, skipping", out_dir)
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):  # a finished merge is renamed into place whole
-        raise MergeError(f"'{out_dir}' exists and is not a finished merge; csr does not overwrite a folder it "
-                         f"did not finish. Remove it or choose another output folder.")
+    refuse_unfinished(out_dir)
     if dtype not in SAVE_DTYPES:
         raise MergeError(f"dtype={dtype!r} is not one of {list(SAVE_DTYPES)}.")
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -158,20 +250,8 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
         "modules_to_save": _modules_to_save(adapter_dir),
         **stats,
     }
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed merge
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
-        merged.save_pretrained(tmp)  # safetensors (the only format transformers 5 writes)
-        load_processor(policy_path, trust_remote_code).save_pretrained(tmp)
-        mark_done(tmp, guard.record(summary))
-        fault_point("merge.before_rename")
-        if out_dir.exists():  # empty (checked above)
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_model_folder(merged, policy_path, out_dir, guard.record(summary), max_shard_size=max_shard_size,
+                      trust_remote_code=trust_remote_code)
     log.info("merge: %s + %s -> %s (%s, %.1f%% of adapted weights changed)", policy_path, adapter_dir,
              out_dir, summary["dtype"], 100 * stats["changed_fraction"])
     return out_dir
@@ -189,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=SAVE_DTYPES,
                    help="saved dtype; float32 (default) keeps small DPO updates that bf16 would round away; "
                         "auto: the base's own dtype")
+    p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help="largest safetensors file (the Hub's layout)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     a = p.parse_args(argv)
     from csr.runstate import lock_if_main_process
@@ -198,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         with lock_if_main_process(Path(a.out).parent):  # the merge renames its folder into place
             out = merge_lora(a.policy or cfg.model.model_name_or_path, a.adapter, a.out, dtype=a.dtype,
                              trust_remote_code=cfg.model.trust_remote_code,
-                             allow_pickle_weights=cfg.model.allow_pickle_weights)
+                             allow_pickle_weights=cfg.model.allow_pickle_weights, max_shard_size=a.max_shard_size)
     except (ConfigError, MergeError, ModelLoadError) as e:
         print(f"csr merge: {e}", file=sys.stderr)
         return 2

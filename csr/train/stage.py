@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -94,12 +95,15 @@ def build_train_args(cfg: CSRConfig, out_dir: Path, *, cuda_available: bool | No
     run.seed and run.report_to fill `seed` / `report_to` unless the train section sets them; the
     output folder is the stage's; without CUDA, training runs on the CPU in float32.
     """
+    from csr.tracking import tracker_names
     from csr.train.config import TrainConfig
 
     values = dict(cfg.train)  # already type-checked by csr.config (YAML's `no` is "no" there)
     values["output_dir"] = str(out_dir)
     values.setdefault("seed", cfg.run.seed)
-    values.setdefault("report_to", cfg.run.report_to)
+    values.setdefault("report_to", tracker_names(cfg.run.report_to) or "none")
+    if re.fullmatch(r"round_\d+", out_dir.parent.name):  # a round of a run: its wandb run is round{N}-train
+        values.setdefault("run_name", out_dir.parent.name.replace("_", "") + "-train")
     if values.get("deepspeed") is not None:
         values["deepspeed"] = resolve_deepspeed(values["deepspeed"])
         ds = _deepspeed_dict(values["deepspeed"]) or {}
