@@ -81,6 +81,10 @@ class RunConfig:
                                    "serves).", choices=("auto", "bfloat16", "float16", "float32", "none"))
     max_shard_size: str = _f("5GB", "Largest safetensors file of a saved model folder; bigger models are sharded "
                                     "with an index, as on the Hub.")
+    num_threads: int = _f(0, "torch CPU threads for the run (0: torch's default, one per core). On a CPU the "
+                             "results depend on the thread count; the world recipe sets 1 so that its numbers "
+                             "are the same on any machine (one thread is also the fastest for tiny models on a "
+                             "shared machine).")
     num_processes: int = _f(1, "Processes (GPUs) for the generate and train stages; > 1 launches them with "
                                "accelerate (generate sharded, train under run.accelerate_config).")
     num_machines: int = _f(1, "Machines (nodes) of a multi-node launch; each runs `csr run` with its own "
@@ -97,6 +101,7 @@ class RunConfig:
 
     def validate(self):
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be at least 1")
+        _require(self.num_threads >= 0, "run.num_threads", self.num_threads, "must be >= 0")
         _require(self.num_machines >= 1, "run.num_machines", self.num_machines, "must be at least 1")
         _require(0 <= self.machine_rank < self.num_machines, "run.machine_rank", self.machine_rank,
                  f"must be in [0, run.num_machines - 1 = {self.num_machines - 1}]")

@@ -195,6 +195,8 @@ def run(cfg: CSRConfig, redo_from: str | None = None, redo_round: int = 1) -> di
 
     check_before_work(cfg)
     accelerate_config = check_launch(cfg)  # refuse a bad launch before any work
+    if cfg.run.num_threads:  # the same numbers on any CPU (see run.num_threads)
+        torch.set_num_threads(cfg.run.num_threads)
     if cfg.run.machine_rank > 0:  # another machine of a multi-node run: machine 0 owns and locks the folder
         run_dir = Path(cfg.run.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,13 @@ def main(argv=None) -> int:
     p.add_argument("--llava-steps", type=int, help="LLaVA SFT steps (default: csr.world.train_base's).")
     p.add_argument("--eval", action="store_true", help="evaluate the base LLaVA on test/ (POPE, CHAIR)")
     p.add_argument("--force", action="store_true", help="rebuild every part even when it is done")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1, as `csr run`'s world recipe: the base models depend on it)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     world_config = None
     overrides = {k: v for k, v in {"n_train": args.n_train, "n_test": args.n_test, "n_prompts": args.n_prompts,
                                    "cooccur_bias": args.bias, "small_fraction": args.small_fraction,
