@@ -1,6 +1,5 @@
-"""scripts/world_diagnostics.py on a hand-made world whose answers are known."""
+"""csr.world.diagnostics (scripts/world_diagnostics.py) on a hand-made world whose answers are known."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,10 +7,7 @@ import pytest
 
 from csr.io import write_jsonl
 
-_SPEC = importlib.util.spec_from_file_location(
-    "world_diagnostics", Path(__file__).resolve().parents[1] / "scripts" / "world_diagnostics.py")
-diag = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(diag)
+import csr.world.diagnostics as diag
 
 
 @pytest.fixture
