@@ -583,7 +583,11 @@ def main(argv=None) -> int:
                                                       "not only csr's and the ones a CSR recipe sets.")
     args = p.parse_args(argv)
     if args.check:
-        print(yaml.safe_dump(load_config(args.check).to_dict(), sort_keys=False))
+        cfg = load_config(args.check)
+        from csr.loop import check_before_work
+
+        check_before_work(cfg)  # the train section too, as `csr run` checks it before any work
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     for section in args.sections or list(SECTIONS):
         print(f"[{section}]\n{describe_keys(section, args.all)}\n")

@@ -182,3 +182,12 @@ def test_the_marker_is_written_once_and_adopts_an_older_run(recipe, tmp_path):
     from csr.runstate import claim_folder
 
     assert claim_folder(old, "run.output_dir") == old and (old / MARKER).is_file()
+
+
+def test_config_check_runs_the_checks_csr_run_runs(tmp_path, capsys):
+    from csr.cli import main as csr_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lora_r: 0\n")
+    assert csr_main(["config", "--check", str(bad)]) == 2
+    assert "train.lora_r=0 must be >= 1" in capsys.readouterr().err
