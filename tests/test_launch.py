@@ -27,6 +27,7 @@ def test_bad_launches_are_refused_before_work(tmp_path):
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-4:] == ["csr.cli", "train", "--out", "x"]
 
 
+@pytest.mark.slow  # subprocesses: ~15-25 s
 def test_cli_reports_a_bad_launch_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "csr.cli", "run", "--config", str(ROOT / "recipes/tiny/csr.yaml"),
                           "run.num_processes=4096", f"run.output_dir={tmp_path}"], capture_output=True, text=True)

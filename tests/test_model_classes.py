@@ -174,6 +174,7 @@ def test_unsupported_class_is_refused_naming_the_supported_ones(unsupported_dir)
         load_policy(str(unsupported_dir), device="cpu")
 
 
+@pytest.mark.slow  # subprocesses: ~15-25 s
 def test_csr_run_refuses_an_unsupported_class_before_any_work(unsupported_dir, tiny_clip_dir, images_dir, tmp_path):
     cfg = round_cfg(unsupported_dir, tiny_clip_dir, images_dir, tmp_path)
     from csr.loop import run

@@ -143,6 +143,7 @@ def test_stage_inputs_and_model_paths_are_checked(tmp_path, tiny_clip_dir):
     check_model_source("llava-hf/llava-1.5-7b-hf")  # a hub id is left to from_pretrained
 
 
+@pytest.mark.slow  # subprocesses: ~15-25 s
 def test_generate_shards_across_two_processes(tiny_llava_dir, tiny_clip_dir, tmp_path):
     """Two ranks (as `accelerate launch --num_processes 2` sets RANK/WORLD_SIZE) split the prompts,
     write a shard each, and rank 0 merges them in prompt order: equal to a single-process run."""
