@@ -104,6 +104,30 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def in_halving_chunks(items: list, size: int, run, what: str, knob: str) -> tuple[list, int]:
+    """`run(chunk)` over chunks of `size` items (0: all at once), results concatenated in order.
+
+    On out-of-memory the chunk is halved and retried (logged, naming the setting `knob` to lower),
+    down to one item; returns the results and the size that worked, so a caller can keep it.
+    """
+    size = size or len(items) or 1
+    out, start = [], 0
+    while start < len(items):
+        chunk = items[start:start + size]
+        try:
+            out.append(run(chunk))
+        except RuntimeError as err:
+            if not is_oom(err) or size == 1:
+                raise
+            size = max(1, size // 2)
+            log.warning("out of memory on %d %s; retrying with %s=%d", len(chunk), what, knob, size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start += len(chunk)
+    return out, size
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -92,4 +92,4 @@ def test_clip_out_of_memory_halves_the_batch(tiny_clip_dir, caplog):
     feats = clip.text_features([f"sentence {i}." for i in range(5)])
     assert feats.shape[0] == 5 and clip.batch_size == 2
     assert sizes == [5, 4, 2, 2, 1]
-    assert "retrying with batch size" in caplog.text
+    assert "retrying with score.clip_batch_size" in caplog.text

@@ -69,7 +69,7 @@ def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, ca
     out = fast.expand_many(cache, [(0, []), (0, ["A cat."]), (0, ["A dog."])])
     assert len(out) == 3 and all(len(c) == 2 for c in out)
     assert sizes == [3, 2, 1, 1, 1] and fast.node_batch_size == 1  # 3 fail, 2 fail, then one at a time
-    assert "retrying with node_batch_size" in caplog.text
+    assert "retrying with generate.node_batch_size=1" in caplog.text
 
 
 def test_debias_candidate_mode_in_both_expanders(policy):

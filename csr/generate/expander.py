@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import prefix_text
-from csr.models import class_of, is_oom, output_cache, placeholder_ids, with_cache
+from csr.models import class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -230,24 +230,10 @@ class LlavaExpander:
         return out, attention, offsets
 
     def _in_chunks(self, items: list, run) -> list:
-        """Apply `run` to chunks of `node_batch_size` items; halve the chunk on out-of-memory."""
-        size = self.node_batch_size or len(items)
-        out, start = [], 0
-        while start < len(items):
-            chunk = items[start:start + size]
-            try:
-                out.extend(run(chunk))
-            except RuntimeError as err:
-                if not is_oom(err) or size == 1:
-                    raise
-                size = max(1, size // 2)
-                self.node_batch_size = size
-                log.warning("out of memory on %d nodes; retrying with node_batch_size=%d", len(chunk), size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start += len(chunk)
-        return out
+        """Apply `run` to chunks of `node_batch_size` items; out of memory halves it (kept for later calls)."""
+        parts, self.node_batch_size = in_halving_chunks(items, self.node_batch_size, run, "nodes",
+                                                         "generate.node_batch_size")
+        return [children for part in parts for children in part]
 
     # -- the reference path ----------------------------------------------------------------------
 

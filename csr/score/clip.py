@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from csr.models import ModelLoadError, check_model_source, is_oom, resolve_device
+from csr.models import ModelLoadError, check_model_source, in_halving_chunks, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +29,11 @@ class ClipScorer:
         self.device, self.batch_size = device, batch_size
 
     def _batched(self, items: list, encode) -> torch.Tensor:
-        """Normalised features of `items` in batches; out of memory halves the batch and retries."""
-        feats, start = [], 0
-        while start < len(items):
-            chunk = items[start:start + self.batch_size]
-            try:
-                feats.append(torch.nn.functional.normalize(encode(chunk).float(), dim=-1))
-            except RuntimeError as err:
-                if not is_oom(err) or self.batch_size == 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                log.warning("CLIP out of memory on %d items; retrying with batch size %d", len(chunk), self.batch_size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start += len(chunk)
-        return torch.cat(feats)
+        """Normalised features of `items` in batches; out of memory halves the batch (kept for later calls)."""
+        parts, self.batch_size = in_halving_chunks(
+            items, self.batch_size, lambda chunk: torch.nn.functional.normalize(encode(chunk).float(), dim=-1),
+            "CLIP inputs", "score.clip_batch_size")
+        return torch.cat(parts)
 
     @torch.no_grad()
     def image_features(self, images: list) -> torch.Tensor:
