@@ -233,6 +233,11 @@ class GenerateConfig:
     debias_beta: float = _f(0.1, "β, the adaptive plausibility cutoff, of debias candidate generation (paper: 0.1).")
     debias_content_free: str = _f("none", "Content-free input for debias candidates: none (image removed), "
                                           "unk (an <unk> placeholder), mean (of both).", choices=("none", "unk", "mean"))
+    debias_recipe: str = _f("", "A named debias-sampling recipe (csr.debias.recipes) whose α, β and content-free "
+                                "input replace debias_alpha, debias_beta and debias_content_free: toolkit (α 1, β 0.1, "
+                                "no image) or authors (the authors' code: α 1, β 0.1, the mean of the no-image and "
+                                "<unk> branches). Empty: the three fields as set. The search itself stays the CSR "
+                                "diverse group beam search (the authors sample; here the sentence search decodes).")
     implementation: str = _f("cached", "cached: each tree's image and prompt encoded once and their key/value "
                                        "cache reused by every node; reference: the official per-node "
                                        "re-encoding (same results, for checking and benchmarks).",
@@ -250,6 +255,19 @@ class GenerateConfig:
         _require(self.max_sentences >= 1, "generate.max_sentences", self.max_sentences, "must be >= 1")
         _require(self.node_batch_size >= 0, "generate.node_batch_size", self.node_batch_size, "must be >= 0")
         _require(self.prompt_batch_size >= 1, "generate.prompt_batch_size", self.prompt_batch_size, "must be >= 1")
+        from csr.debias.recipes import SAMPLING_RECIPES
+
+        _require(self.debias_recipe in ("",) + tuple(SAMPLING_RECIPES), "generate.debias_recipe", self.debias_recipe,
+                 f"is not a recipe; choose from {', '.join(SAMPLING_RECIPES)} (or leave it empty)")
+
+    def debias_settings(self) -> dict:
+        """α, β and the content-free input of debias candidates: the named recipe's, else the fields."""
+        if self.debias_recipe:
+            from csr.debias.recipes import sampling_recipe
+
+            r = sampling_recipe(self.debias_recipe)
+            return {"alpha": r.alpha, "beta": r.beta, "cf_mode": r.cf}
+        return {"alpha": self.debias_alpha, "beta": self.debias_beta, "cf_mode": self.debias_content_free}
 
 
 @dataclass

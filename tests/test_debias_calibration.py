@@ -279,7 +279,9 @@ def test_cli_calibrate(tiny_llava_dir, tmp_path, images_dir):
     assert main(["calibrate", "--model", str(tiny_llava_dir), "--pope", str(pope), "--cf", "none,blank",
                  "--mode", "bias", "--dataset-mean", "--out", str(out), "--device", "cpu"]) == 0
     res = json.loads((out / "metrics.json").read_text())
-    assert res["settings"] == {"cf": ["none", "blank"], "mode": "bias", "per_sample": False}
+    assert res["settings"] == {"cf": ["none", "blank"], "mode": "bias", "per_sample": False, "combine": "mean",
+                               "epsilon": 0.0}
+    assert res["recipe"] == "toolkit" and res["label_token"] == "variants summed"
     assert {"uncalibrated", "calibrated", "greedy_generation", "grid"} <= set(res)
     lines = (out / "label_probs.jsonl").read_text().splitlines()
     assert len(lines) == 4 and set(json.loads(lines[0])["p_cf"]) == {"none", "blank"}

@@ -6,7 +6,8 @@
   its own KV cache (`debiased_generate`, `DebiasedCandidates` for the CSR generator).
 - `csr.debias.study`: the decoding study (temperature, top-p, top-k, greedy, beam) with each
   metric's spread and a plot.
-- `csr.debias.cli`: `csr debias calibrate | sample | study`.
+- `csr.debias.recipes`: the named settings, `toolkit` (default) and `authors` (the authors' code).
+- `csr.debias.cli`: `csr debias calibrate | sample | study` (`--recipe`).
 
 Submodules import torch / transformers; import them directly.
 """

@@ -16,12 +16,22 @@ The same question is scored under *content-free* inputs (`CONTENT_FREE_INPUTS`):
 - ``blank``: a plain white image of the real image's size;
 - ``noise``: a uniform RGB noise image of the real image's size (seeded).
 
-Their renormalised label scores are averaged with equal weights into ``p_cf``, per question
-(default) or once for the whole dataset (the mean of the per-question ``p_cf``). Then
+Their renormalised label scores are averaged with equal weights into ``p_cf`` (``combine=mean``,
+the toolkit's), or their raw label scores are summed and renormalised (``combine=sum``, the
+authors' code), per question (default) or once for the whole dataset (the mean of the per-question
+``p_cf``); an optional ``epsilon`` is then added (the authors: 1e-4). Then
 
 - ``diag`` (default): ``W = diag(p_cf)^-1, b = 0``: ``q ∝ p / p_cf``, renormalised;
-- ``bias``: ``W = I, b = -p_cf``: ``q = softmax(p - p_cf)`` (Zhao et al.'s softmax; its arg-max
-  is the arg-max of ``p - p_cf``).
+- ``bias``: ``q = softmax(p - p_cf)``, Zhao et al.'s offset form (its arg-max is the arg-max of
+  ``p - p_cf``). This is not the authors' ``W = I, b = -p_cf`` as their code runs it: there
+  ``p - p_cf`` is divided by its own sum, which is near zero (both rows sum to 1), so its sign
+  flips from question to question and so do the decisions; the softmax form has no such division.
+
+How a label is scored from the first-token probabilities: by default (the toolkit's) the summed
+probability of the first tokens of its case and spacing variants (`label_token_groups`); with
+``label_top_k = k`` (the authors': 10) the probability of the highest-ranked token among the top k
+whose lower-cased, stripped text is the label, 0 when none is (`top_k_label_probs`). Named
+settings: `csr.debias.recipes`.
 
 The answer is ``argmax q``. With no image every label should score the same; dividing by (or
 subtracting) what the model says with no image removes its language prior.
@@ -47,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_FREE_INPUTS = ("none", "unk", "blank", "noise")
 MODES = ("diag", "bias")
+COMBINES = ("mean", "sum")
 EPS = 1e-12
 
 # Named label sets; anything else given as a comma-separated list is a custom label set.
@@ -144,34 +155,80 @@ def normalise(p) -> np.ndarray:
     return np.where(s > 0, p / np.where(s > 0, s, 1.0), 1.0 / k)
 
 
-def content_free_estimate(tables, per_sample: bool = True) -> np.ndarray:
-    """``p_cf``: the equal-weight mean of the renormalised label scores of each content-free input.
+def content_free_estimate(tables, per_sample: bool = True, combine: str = "mean", epsilon: float = 0.0) -> np.ndarray:
+    """``p_cf`` from the label scores of one or more content-free inputs.
 
     `tables` is a list (or a dict name -> table) of [N, K] label scores, one per content-free
-    input. Per sample (default): one ``p_cf`` row per question, [N, K]. Dataset mean: the mean
-    of those rows, repeated for every question.
+    input. combine='mean' (the toolkit's): the equal-weight mean of each input's renormalised
+    rows. combine='sum' (the authors' code): the raw rows summed, then renormalised (an input
+    with more label mass weighs more). `epsilon` is added afterwards (the authors: 1e-4, so that
+    a label absent from every content-free top-k does not divide by zero). Per sample (default):
+    one ``p_cf`` row per question, [N, K]. Dataset mean: the mean of those rows, repeated for
+    every question.
     """
     if isinstance(tables, dict):
         tables = list(tables.values())
-    tables = [normalise(t) for t in tables]
+    if combine not in COMBINES:
+        raise ValueError(f"unknown content-free combination {combine!r}: choose from {COMBINES}")
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    tables = [np.asarray(t, dtype=np.float64) for t in tables]
     if not tables:
         raise ValueError("content_free_estimate needs at least one content-free input")
     shapes = {t.shape for t in tables}
     if len(shapes) != 1:
         raise ValueError(f"content-free tables differ in shape: {sorted(shapes)}")
-    p_cf = np.mean(np.stack(tables), axis=0)
+    if combine == "mean":
+        p_cf = np.mean(np.stack([normalise(t) for t in tables]), axis=0)
+    else:
+        p_cf = normalise(np.sum(np.stack(tables), axis=0))
     if p_cf.ndim == 1:
         p_cf = p_cf[None]
+    p_cf = p_cf + epsilon
     if not per_sample:
         p_cf = np.broadcast_to(p_cf.mean(axis=0, keepdims=True), p_cf.shape).copy()
     return p_cf
 
 
+def label_token_index(tokenizer, labels: Sequence[str]) -> dict[int, int]:
+    """{token id: label index} for every vocabulary token whose decoded text, lower-cased and stripped,
+    is a label (lower-cased): the tokens the authors' top-k rule can read a label from."""
+    want = {lab.strip().lower(): k for k, lab in enumerate(labels)}
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    return {i: want[t.lower().strip()] for i, t in enumerate(texts) if t.lower().strip() in want}
+
+
+def top_k_label_probs(probs, token_label: dict[int, int], n_labels: int, k: int = 10) -> np.ndarray:
+    """[N, K] label probabilities by the authors' rule: among the k most probable first tokens, in
+    rank order, a label takes the probability of the first token whose text is that label
+    (`token_label`: token id -> label index); a label with no such token in the top k scores 0.
+    Variants are not summed ('Yes' and ' yes' are one string; only the higher-ranked counts)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim == 1:
+        probs = probs[None]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, probs.shape[1])
+    out = np.zeros((probs.shape[0], n_labels))
+    # stable rank order: higher probability first, ties by lower token id
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    for r in range(probs.shape[0]):
+        seen = set()
+        for t in order[r]:
+            lab = token_label.get(int(t))
+            if lab is not None and lab not in seen:
+                out[r, lab] = probs[r, t]
+                seen.add(lab)
+    return out
+
+
 def calibrate(p, p_cf, mode: str = "diag") -> np.ndarray:
     """Calibrated label probabilities q [N, K] (p and p_cf are renormalised first).
 
-    diag: W = diag(p_cf)^-1, b = 0 -> q ∝ p / p_cf, renormalised.
-    bias: W = I, b = -p_cf -> q = softmax(p - p_cf).
+    diag: W = diag(p_cf)^-1, b = 0 -> q ∝ p / p_cf, renormalised (the paper's and the authors').
+    bias: q = softmax(p - p_cf), Zhao et al.'s offset form. The authors' code writes this mode as
+    W = I, b = -p_cf and then divides p - p_cf by its sum, which is near zero: not reproduced.
     `p_cf` is [N, K] (per sample) or [K] (one for all rows).
     """
     p = normalise(p)
@@ -292,11 +349,13 @@ def next_token_logits(model, enc: dict):
 
 def first_token_label_probs(model, processor, questions: Sequence[str], groups: Sequence[Sequence[int]], *,
                             images: Sequence | None = None, cf: str | None = None, batch_size: int = 16,
-                            seed: int = 0) -> np.ndarray:
+                            seed: int = 0, reader=None) -> np.ndarray:
     """[N, K] unnormalised label masses from the first answer token.
 
     cf=None: the real `images` (paths or PIL images); cf='none'/'unk': text only, no pixel values;
     cf='blank'/'noise': a content-free image of each real image's size (noise seeded by `seed`).
+    `reader` maps next-token probabilities [B, V] to label scores [B, K]; default
+    `label_scores(probs, groups)`.
     """
     import torch
 
@@ -319,7 +378,7 @@ def first_token_label_probs(model, processor, questions: Sequence[str], groups: 
                     ims = [content_free_image(cf, im.size, rng) for im in ims]
                 enc = _encode(processor, model, prompts, ims)
             probs = torch.softmax(next_token_logits(model, enc), dim=-1).cpu().double().numpy()
-            rows.append(label_scores(probs, groups))
+            rows.append(reader(probs) if reader is not None else label_scores(probs, groups))
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, len(groups)))
 
 
@@ -343,31 +402,50 @@ class ClosedSetScores:
 
 def score_closed_set(model, processor, images: Sequence, questions: Sequence[str], labels: Sequence[str], *,
                      cf_inputs: Iterable[str] = CONTENT_FREE_INPUTS, batch_size: int = 16, seed: int = 0,
-                     merge_variants: bool = True) -> ClosedSetScores:
-    """Label masses for the real (image, question) pairs and for every content-free input."""
+                     merge_variants: bool = True, label_top_k: int = 0) -> ClosedSetScores:
+    """Label masses for the real (image, question) pairs and for every content-free input.
+
+    label_top_k = 0: each label's first tokens (`label_token_groups`, variants merged or not);
+    k > 0: the authors' rule, the exact label token among the top k (`top_k_label_probs`).
+    """
     labels = list(labels)
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    groups = label_token_groups(processor.tokenizer, labels, merge_variants)
+    if label_top_k < 0:
+        raise ValueError(f"label_top_k must be >= 0, got {label_top_k}")
+    reader = None
+    if label_top_k:
+        index = label_token_index(processor.tokenizer, labels)
+        groups = [sorted(t for t, k in index.items() if k == j) for j in range(len(labels))]
+        missing = [lab for lab, g in zip(labels, groups) if not g]
+        if missing:
+            raise ValueError(f"labels {missing} are no single token of this vocabulary: the top-k exact-token rule "
+                             f"cannot score them (use label_top_k=0, the summed first tokens)")
+        reader = lambda probs: top_k_label_probs(probs, index, len(labels), label_top_k)  # noqa: E731
+    else:
+        groups = label_token_groups(processor.tokenizer, labels, merge_variants)
     model.eval()
-    p_raw = first_token_label_probs(model, processor, questions, groups, images=images, batch_size=batch_size)
+    p_raw = first_token_label_probs(model, processor, questions, groups, images=images, batch_size=batch_size,
+                                    reader=reader)
     scores = ClosedSetScores(labels, groups, p_raw)
     for cf in cf_inputs:
         scores.p_cf_raw[cf] = first_token_label_probs(model, processor, questions, groups, images=images, cf=cf,
-                                                      batch_size=batch_size, seed=seed)
+                                                      batch_size=batch_size, seed=seed, reader=reader)
         log.info("content-free '%s': mean p_cf %s", cf,
                  dict(zip(labels, np.round(normalise(scores.p_cf_raw[cf]).mean(axis=0), 3).tolist())))
     return scores
 
 
 def calibrated_predictions(scores: ClosedSetScores, *, cf_inputs: Iterable[str] | None = None,
-                           mode: str = "diag", per_sample: bool = True) -> dict:
+                           mode: str = "diag", per_sample: bool = True, combine: str = "mean",
+                           epsilon: float = 0.0) -> dict:
     """{"q", "p_cf", "pred", "pred_uncalibrated"} for a subset of the scored content-free inputs."""
     names = list(cf_inputs) if cf_inputs is not None else list(scores.p_cf_raw)
     missing = [n for n in names if n not in scores.p_cf_raw]
     if missing:
         raise ValueError(f"content-free inputs {missing} were not scored (have {list(scores.p_cf_raw)})")
-    p_cf = content_free_estimate([scores.p_cf_raw[n] for n in names], per_sample=per_sample)
+    p_cf = content_free_estimate([scores.p_cf_raw[n] for n in names], per_sample=per_sample, combine=combine,
+                                 epsilon=epsilon)
     q = calibrate(scores.p_raw, p_cf, mode)
     return {"q": q, "p_cf": p_cf, "pred": predict(q, scores.labels),
             "pred_uncalibrated": predict(scores.p, scores.labels)}
@@ -470,15 +548,18 @@ def closed_set_metrics(data: ClosedSet, preds: Sequence[str]) -> dict:
 
 
 def evaluate_calibration(scores: ClosedSetScores, data: ClosedSet, *, cf_inputs: Sequence[str],
-                         mode: str = "diag", per_sample: bool = True, grid: bool = True) -> dict:
+                         mode: str = "diag", per_sample: bool = True, grid: bool = True, combine: str = "mean",
+                         epsilon: float = 0.0) -> dict:
     """Metrics before (first-token arg-max) and after calibration with the chosen settings; with
     `grid`, also every single content-free input and all of them, under both modes and both p_cf
-    estimates."""
-    chosen = calibrated_predictions(scores, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample)
+    estimates (with the chosen `combine` and `epsilon`)."""
+    cal = {"combine": combine, "epsilon": epsilon}
+    chosen = calibrated_predictions(scores, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample, **cal)
     out = {"labels": scores.labels,
            "label_tokens": {lab: g for lab, g in zip(scores.labels, scores.groups)},
            "label_mass_mean": float(scores.label_mass.mean()) if len(scores.label_mass) else 0.0,
-           "settings": {"cf": list(cf_inputs), "mode": mode, "per_sample": per_sample},
+           "settings": {"cf": list(cf_inputs), "mode": mode, "per_sample": per_sample, **cal},
+           "rows_without_label_mass": int((scores.label_mass <= 0).sum()),
            "uncalibrated": closed_set_metrics(data, chosen["pred_uncalibrated"]),
            "calibrated": closed_set_metrics(data, chosen["pred"]),
            "p_cf_mean": dict(zip(scores.labels, chosen["p_cf"].mean(axis=0).round(4).tolist()))}
@@ -488,7 +569,7 @@ def evaluate_calibration(scores: ClosedSetScores, data: ClosedSet, *, cf_inputs:
         for subset in subsets:
             for m in MODES:
                 for ps in (True, False):
-                    r = calibrated_predictions(scores, cf_inputs=subset, mode=m, per_sample=ps)
+                    r = calibrated_predictions(scores, cf_inputs=subset, mode=m, per_sample=ps, **cal)
                     name = f"{'+'.join(subset)}|{m}|{'per-sample' if ps else 'dataset-mean'}"
                     rows[name] = closed_set_metrics(data, r["pred"])["all"]
         out["grid"] = rows
@@ -499,7 +580,8 @@ def calibrate_file(model, processor, path: str | Path, kind: str = "pope", *, ou
                    image_root: str | Path | None = None, labels: str | Sequence[str] | None = None,
                    suffix: str | None = None, limit: int | None = None,
                    cf_inputs: Sequence[str] = CONTENT_FREE_INPUTS, mode: str = "diag", per_sample: bool = True,
-                   batch_size: int = 16, seed: int = 0, merge_variants: bool = True, grid: bool = True) -> dict:
+                   batch_size: int = 16, seed: int = 0, merge_variants: bool = True, grid: bool = True,
+                   combine: str = "mean", epsilon: float = 0.0, label_top_k: int = 0) -> dict:
     """Calibrated closed-set evaluation of a POPE (kind='pope') or multiple-choice (kind='mc') file.
 
     The one-call API behind ``csr debias calibrate`` (and for ``csr eval`` with calibration on):
@@ -515,11 +597,16 @@ def calibrate_file(model, processor, path: str | Path, kind: str = "pope", *, ou
         raise ValueError(f"content-free inputs must be a non-empty subset of {CONTENT_FREE_INPUTS}, got {cf_inputs}")
     data = load_closed_set(path, kind, image_root=image_root, labels=labels, suffix=suffix, limit=limit)
     scores = score_closed_set(model, processor, data.images, data.questions, data.labels, cf_inputs=cf_inputs,
-                              batch_size=batch_size, seed=seed, merge_variants=merge_variants)
+                              batch_size=batch_size, seed=seed, merge_variants=merge_variants, label_top_k=label_top_k)
     result = {"file": str(path), "kind": kind, "n": len(data.questions),
-              **evaluate_calibration(scores, data, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample, grid=grid)}
+              "label_token": f"exact among top {label_top_k}" if label_top_k else
+              ("variants summed" if merge_variants else "first token of the label as given"),
+              "suffix": suffix or "",
+              **evaluate_calibration(scores, data, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample, grid=grid,
+                                     combine=combine, epsilon=epsilon)}
     if out_dir is not None:
-        chosen = calibrated_predictions(scores, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample)
+        chosen = calibrated_predictions(scores, cf_inputs=cf_inputs, mode=mode, per_sample=per_sample,
+                                        combine=combine, epsilon=epsilon)
         p, labs = scores.p, data.labels
 
         def row(x):

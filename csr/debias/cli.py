@@ -1,13 +1,14 @@
 """`csr debias`: post-hoc calibration, debias sampling and the decoding study (docs/method.md §2).
 
-    csr debias calibrate --model DIR (--pope FILE | --mc FILE) --out DIR
-                         [--cf none,unk,blank,noise] [--mode diag|bias] [--per-sample|--dataset-mean]
-    csr debias sample    --model DIR (--chair FILE | --pope FILE) --out DIR
-                         [--alpha 1.0] [--beta 0.1] [--cf none|unk|mean] [--do-sample ...]
+    csr debias calibrate --model DIR (--pope FILE | --mc FILE) --out DIR [--recipe toolkit|authors]
+                         [--cf none,unk,blank,noise] [--mode diag|bias] [--per-sample|--dataset-mean] ...
+    csr debias sample    --model DIR (--chair FILE | --pope FILE) --out DIR [--recipe toolkit|authors]
+                         [--alpha 1.0] [--beta 0.1] [--cf none|unk|mean] [--do-sample|--greedy ...]
     csr debias study     --model DIR (--pope FILE | --chair FILE) --out DIR [--seeds 0,1,2] [--debias]
 
-Defaults are the paper's (Zhang et al. 2024): calibration with W = diag(p_cf)^-1 and a per-sample
-p_cf averaged over the content-free inputs; debias sampling with α = 1, β = 0.1.
+Calibration is the paper's W = diag(p_cf)^-1 with a per-question p_cf; debias sampling uses α = 1,
+β = 0.1. `--recipe` names the other settings (csr.debias.recipes): `toolkit` (default) or `authors`
+(the authors' code as it runs). A flag given explicitly overrides the recipe's value.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder.")
 
 
+def _recipe_help(table: dict) -> str:
+    return "; ".join(f"{name}: {r.reproduces}" for name, r in table.items())
+
+
 def _float_list(text: str) -> list:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -52,23 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
                                   "category?}; options (list or {letter: text}) are appended as 'A. ...' lines.")
     c.add_argument("--labels", help="label set: yesno, letters (A-D), abcde or a comma list "
                                     "(default: yesno for --pope, the options' letters or A-D for --mc).")
-    c.add_argument("--cf", default="none,unk,blank,noise",
-                   help="content-free inputs to average into p_cf, any subset of none (placeholder removed), "
+    from csr.debias.recipes import CALIBRATION_RECIPES, SAMPLING_RECIPES
+
+    c.add_argument("--recipe", default="toolkit",
+                   help="named settings, overridden by any flag given explicitly: " + _recipe_help(CALIBRATION_RECIPES)
+                        + " (default toolkit).")
+    c.add_argument("--cf", default=None,
+                   help="content-free inputs for p_cf, any subset of none (placeholder removed), "
                         "unk (placeholder -> <unk>), blank (white image), noise (uniform noise image) "
-                        "(default: all four, equal weights).")
-    c.add_argument("--mode", default="diag", choices=("diag", "bias"),
-                   help="diag: W = diag(p_cf)^-1, b = 0 (paper's default); bias: W = I, b = -p_cf.")
+                        "(toolkit: all four; authors: none,unk).")
+    c.add_argument("--cf-combine", default=None, choices=("mean", "sum"),
+                   help="mean: equal-weight mean of each input's renormalised label scores (toolkit); sum: raw "
+                        "label scores summed, then renormalised (authors' code).")
+    c.add_argument("--cf-epsilon", type=float, default=None,
+                   help="added to p_cf after it is formed (toolkit: 0; authors' code: 1e-4).")
+    c.add_argument("--label-top-k", type=int, default=None,
+                   help="0: a label's score sums its first tokens (toolkit); k: the probability of the exact label "
+                        "token among the top k first tokens, variants not summed (authors' code: 10).")
+    c.add_argument("--mode", default=None, choices=("diag", "bias"),
+                   help="diag: W = diag(p_cf)^-1, b = 0 (paper's and authors' default); bias: softmax(p - p_cf), "
+                        "Zhao et al.'s offset form (the authors' code's W = I, b = -p_cf divides by a sum near "
+                        "zero and is not reproduced).")
     pm = c.add_mutually_exclusive_group()
-    pm.add_argument("--per-sample", dest="per_sample", action="store_true", default=True,
-                    help="one p_cf per question (paper's default).")
-    pm.add_argument("--dataset-mean", dest="per_sample", action="store_false",
+    pm.add_argument("--per-sample", dest="per_sample", action="store_const", const=True, default=None,
+                    help="one p_cf per question (paper's default, both recipes).")
+    pm.add_argument("--dataset-mean", dest="per_sample", action="store_const", const=False,
                     help="one p_cf for the whole file: the mean of the per-question p_cf.")
-    c.add_argument("--suffix", help="text appended to each question (POPE default: none; multiple choice "
-                                    "with options: LLaVA's \"Answer with the option's letter from the given "
-                                    "choices directly.\").")
-    c.add_argument("--no-merge-variants", dest="merge_variants", action="store_false",
-                   help="score each label by its own first token only (default: case and leading-space "
-                        "variants merged by summing their first-token probabilities).")
+    c.add_argument("--suffix", default=None,
+                   help="text appended to each question (POPE: toolkit none, authors \"Please answer this "
+                        "question with one word.\"; multiple choice with options: LLaVA's \"Answer with the "
+                        "option's letter from the given choices directly.\").")
+    c.add_argument("--no-merge-variants", dest="merge_variants", action="store_const", const=False, default=None,
+                   help="with --label-top-k 0: score each label by its own first token only (toolkit: case and "
+                        "leading-space variants merged by summing their first-token probabilities).")
     c.add_argument("--no-greedy-baseline", dest="greedy_baseline", action="store_false",
                    help="skip the greedy generation baseline (POPE only: `csr eval`'s answers parsed with "
                         "LLaVA's rule; default: run it).")
@@ -84,22 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chair", help="CHAIR JSONL {id, image, objects, prompt?}.")
     s.add_argument("--synonyms", help="CHAIR synonym table (default: synonyms.json beside --chair).")
     s.add_argument("--pope", help="POPE-format JSONL (answers generated with debias sampling, LLaVA's parse rule).")
-    s.add_argument("--alpha", type=float, default=1.0, help="contrast strength alpha (paper's default 1.0).")
-    s.add_argument("--beta", type=float, default=0.1, help="adaptive plausibility beta in [0, 1] "
-                                                           "(paper's default 0.1; 0 switches the cutoff off).")
-    s.add_argument("--cf", default="none", choices=("none", "unk", "mean"),
-                   help="content-free branch: none (image placeholder removed; default), unk (placeholder "
-                        "-> <unk>), mean (the mean of both branches' logits).")
-    s.add_argument("--do-sample", action="store_true", help="sample (default: greedy arg-max).")
-    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0).")
-    s.add_argument("--top-k", type=int, default=0, help="top-k when sampling (default 0: off).")
-    s.add_argument("--top-p", type=float, default=1.0, help="top-p when sampling (default 1.0: off).")
+    s.add_argument("--recipe", default="toolkit",
+                   help="named settings, overridden by any flag given explicitly: " + _recipe_help(SAMPLING_RECIPES)
+                        + " (default toolkit).")
+    s.add_argument("--alpha", type=float, default=None, help="contrast strength alpha (paper's default 1.0, both "
+                                                             "recipes).")
+    s.add_argument("--beta", type=float, default=None, help="adaptive plausibility beta in [0, 1] for captions "
+                                                            "(paper's default 0.1; 0 switches the cutoff off).")
+    s.add_argument("--pope-beta", type=float, default=None,
+                   help="beta for POPE answers (toolkit 0.1; authors' POPE scripts 0.2).")
+    s.add_argument("--pope-suffix", default=None,
+                   help="text appended to each POPE question (toolkit none; authors \"Please answer this question "
+                        "with one word.\").")
+    s.add_argument("--cf", default=None, choices=("none", "unk", "mean"),
+                   help="content-free branch: none (image placeholder removed; toolkit), unk (placeholder "
+                        "-> <unk>), mean (the mean of both branches' logits; authors).")
+    dm = s.add_mutually_exclusive_group()
+    dm.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
+                    help="sample (authors' code).")
+    dm.add_argument("--greedy", dest="do_sample", action="store_const", const=False,
+                    help="greedy arg-max (toolkit's default).")
+    s.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0).")
+    s.add_argument("--top-k", type=int, default=None, help="top-k when sampling (default 0: off).")
+    s.add_argument("--top-p", type=float, default=None, help="top-p when sampling (default 1.0: off).")
     s.add_argument("--max-new-tokens", type=int, default=96, help="caption length limit (default 96, as csr eval).")
     s.add_argument("--pope-max-new-tokens", type=int, default=8, help="POPE answer length limit (default 8).")
     s.add_argument("--caption-prompt", help="override the CHAIR records' prompt "
                                             "(default: the record's, else 'Describe this image in detail.').")
     s.add_argument("--no-baseline", dest="baseline", action="store_false",
-                   help="skip the baseline (the same decoding with alpha = 0, beta = 0; default: run it).")
+                   help="skip the baselines (the same decoding with alpha = 0, beta = 0, and when sampling also "
+                        "greedy; default: run them).")
 
     st = sub.add_parser("study", help="decoding sweep: greedy, beam, temperature, top-p, top-k; each metric's "
                                       "spread and a plot.")
@@ -128,29 +163,58 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_calibrate(args) -> dict:
-    from csr.debias.calibration import CONTENT_FREE_INPUTS, calibrate_file
-    from csr.io import atomic_write_json
-    from csr.models import load_policy
+def _pick(explicit, recipe_value):
+    return recipe_value if explicit is None else explicit
 
-    cf = [x.strip() for x in args.cf.split(",") if x.strip()]
+
+def calibration_settings(args) -> dict:
+    """The calibration settings: the recipe's, with every explicitly given flag overriding it."""
+    from csr.debias.calibration import CONTENT_FREE_INPUTS
+    from csr.debias.recipes import calibration_recipe
+
+    try:
+        r = calibration_recipe(args.recipe)
+    except ValueError as e:
+        raise SystemExit(f"csr debias calibrate: {e}")
+    cf = list(r.cf) if args.cf is None else [x.strip() for x in args.cf.split(",") if x.strip()]
     if not cf or any(x not in CONTENT_FREE_INPUTS for x in cf):
         raise SystemExit(f"csr debias calibrate: --cf takes a subset of {','.join(CONTENT_FREE_INPUTS)}, "
                          f"got {args.cf!r}")
+    top_k = _pick(args.label_top_k, r.label_top_k)
+    if top_k < 0:
+        raise SystemExit(f"csr debias calibrate: --label-top-k must be >= 0, got {top_k}")
+    eps = _pick(args.cf_epsilon, r.epsilon)
+    if eps < 0:
+        raise SystemExit(f"csr debias calibrate: --cf-epsilon must be >= 0, got {eps}")
+    suffix = args.suffix
+    if suffix is None and args.pope:
+        suffix = r.pope_suffix or None
+    return {"recipe": args.recipe, "cf_inputs": cf, "combine": _pick(args.cf_combine, r.combine), "epsilon": eps,
+            "label_top_k": top_k, "merge_variants": _pick(args.merge_variants, r.merge_variants),
+            "mode": _pick(args.mode, r.mode), "per_sample": _pick(args.per_sample, r.per_sample), "suffix": suffix}
+
+
+def cmd_calibrate(args) -> dict:
+    from csr.debias.calibration import calibrate_file
+    from csr.io import atomic_write_json
+    from csr.models import load_policy
+
+    st = calibration_settings(args)
     kind, path = ("pope", args.pope) if args.pope else ("mc", args.mc)
     model, processor = load_policy(args.model, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code)
     result = calibrate_file(model, processor, path, kind, out_dir=args.out, image_root=args.image_root,
-                            labels=args.labels, suffix=args.suffix, limit=args.limit, cf_inputs=cf, mode=args.mode,
-                            per_sample=args.per_sample, batch_size=args.batch_size, seed=args.seed,
-                            merge_variants=args.merge_variants, grid=args.grid)
-    result = {"model": args.model, **result}
+                            labels=args.labels, suffix=st["suffix"], limit=args.limit, cf_inputs=st["cf_inputs"],
+                            mode=st["mode"], per_sample=st["per_sample"], batch_size=args.batch_size, seed=args.seed,
+                            merge_variants=st["merge_variants"], grid=args.grid, combine=st["combine"],
+                            epsilon=st["epsilon"], label_top_k=st["label_top_k"])
+    result = {"model": args.model, "recipe": st["recipe"], **result}
     if kind == "pope" and args.greedy_baseline:
         from csr.debias.calibration import load_closed_set
         from csr.eval.pope import score_pope
         from csr.eval.run import generate_answers
 
-        data = load_closed_set(path, kind, image_root=args.image_root, labels=args.labels, suffix=args.suffix,
+        data = load_closed_set(path, kind, image_root=args.image_root, labels=args.labels, suffix=st["suffix"],
                                limit=args.limit)
 
         texts = generate_answers(model, processor, data.images, data.questions, max_new_tokens=8,
@@ -170,6 +234,25 @@ def _score(task: str, recs, texts, table=None) -> dict:
     return chair_metrics(texts, [r["objects"] for r in recs], table)
 
 
+def sampling_settings(args) -> dict:
+    """The debias-sampling settings: the recipe's, with every explicitly given flag overriding it."""
+    from csr.debias.recipes import sampling_recipe
+
+    try:
+        r = sampling_recipe(args.recipe)
+    except ValueError as e:
+        raise SystemExit(f"csr debias sample: {e}")
+    st = {"recipe": args.recipe, "alpha": _pick(args.alpha, r.alpha), "beta": _pick(args.beta, r.beta),
+          "pope_beta": _pick(args.pope_beta, r.pope_beta), "pope_suffix": _pick(args.pope_suffix, r.pope_suffix),
+          "cf": _pick(args.cf, r.cf), "do_sample": _pick(args.do_sample, r.do_sample),
+          "temperature": _pick(args.temperature, r.temperature), "top_k": _pick(args.top_k, r.top_k),
+          "top_p": _pick(args.top_p, r.top_p), "seed": args.seed}
+    for key in ("beta", "pope_beta"):
+        if not 0.0 <= st[key] <= 1.0:
+            raise SystemExit(f"csr debias sample: --{key.replace('_', '-')} must lie in [0, 1], got {st[key]}")
+    return st
+
+
 def cmd_sample(args) -> dict:
     from csr.debias.sampling import debiased_generate
     from csr.eval.chair import caption_report, load_synonyms
@@ -180,12 +263,12 @@ def cmd_sample(args) -> dict:
 
     if not args.chair and not args.pope:
         raise SystemExit("csr debias sample: give --chair and/or --pope")
+    st = sampling_settings(args)
     model, processor = load_policy(args.model, dtype=args.dtype, device=args.device,
                                    trust_remote_code=args.trust_remote_code)
     out = Path(args.out)
-    decoding = {"do_sample": args.do_sample, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed}
-    result = {"model": args.model, "settings": {"alpha": args.alpha, "beta": args.beta, "cf": args.cf, **decoding}}
+    decoding = {k: st[k] for k in ("do_sample", "temperature", "top_k", "top_p")}
+    result = {"model": args.model, "settings": st}
     for task, path in (("chair", args.chair), ("pope", args.pope)):
         if not path:
             continue
@@ -200,17 +283,22 @@ def cmd_sample(args) -> dict:
                 raise FileNotFoundError(f"CHAIR needs a synonym table: '{syn}' does not exist (pass --synonyms)")
             table = load_synonyms(syn)
             questions = [args.caption_prompt or r.get("prompt") or DEFAULT_CAPTION_PROMPT for r in recs]
-            mnt = args.max_new_tokens
+            mnt, beta = args.max_new_tokens, st["beta"]
         else:
-            questions = [r["text"] for r in recs]
-            mnt = args.pope_max_new_tokens
-        runs = [("debiased", args.alpha, args.beta)] + ([("baseline", 0.0, 0.0)] if args.baseline else [])
+            sfx = st["pope_suffix"]
+            questions = [(r["text"] + (" " + sfx if sfx else "")).strip() for r in recs]
+            mnt, beta = args.pope_max_new_tokens, st["pope_beta"]
+        # the debiased run, the same decoding without the content-free branch, and (when sampling) greedy
+        runs = [("debiased", st["alpha"], beta, decoding)]
+        if args.baseline:
+            runs.append(("baseline", 0.0, 0.0, decoding))
+            if decoding["do_sample"]:
+                runs.append(("greedy", 0.0, 0.0, {**decoding, "do_sample": False}))
         result[task] = {}
-        for name, alpha, beta in runs:
-            texts = debiased_generate(model, processor, images, questions, alpha=alpha, beta=beta,
-                                      max_new_tokens=mnt, cf_mode=args.cf, batch_size=args.batch_size,
-                                      do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, seed=args.seed)
+        for name, alpha, b, dec in runs:
+            texts = debiased_generate(model, processor, images, questions, alpha=alpha, beta=b,
+                                      max_new_tokens=mnt, cf_mode=st["cf"], batch_size=args.batch_size,
+                                      seed=args.seed, **dec)
             result[task][name] = _score(task, recs, texts, table)
             if task == "chair":
                 write_jsonl(out / f"chair_captions_{name}.jsonl", [

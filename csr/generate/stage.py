@@ -94,8 +94,7 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     if g.candidate_mode == "debias":
         from csr.debias.sampling import DebiasedCandidates
 
-        debias = DebiasedCandidates(model, processor, alpha=g.debias_alpha, beta=g.debias_beta,
-                                    cf_mode=g.debias_content_free)
+        debias = DebiasedCandidates(model, processor, **g.debias_settings())
     cls = CachedLlavaExpander if g.implementation == "cached" else LlavaExpander
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),

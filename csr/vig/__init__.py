@@ -9,7 +9,8 @@ with I_cf a content-free image: a Gaussian-blurred copy of I (the paper's), no i
 
 - `csr.vig.score`: the pure core (VIG from log-probs, selection thresholds, label masks) and the
   model glue (batched teacher-forced log-probs under the real and the content-free input, aligned
-  token for token with what TRL's SFTTrainer supervises); `csr vig score`.
+  token for token with what TRL's SFTTrainer supervises; every assistant turn of a multi-turn
+  conversation; text-only samples kept without a VIG); `csr vig score`.
 - `csr.vig.train`: VIG-selective SFT through TRL's SFTTrainer (LoRA or full); `csr vig train`.
 - `csr.vig.view`: a histogram of sample VIG and a per-token heat map (HTML or terminal); `csr vig view`.
 - `csr.vig.reward`: VIG as a CSR reward term and a preference-pair filter.
@@ -20,6 +21,7 @@ from csr.vig.score import (  # noqa: F401
     TAU_MODES,
     VIGOptions,
     apply_token_masks,
+    plan_records_selection,
     plan_selection,
     sample_vig,
     select_samples,
@@ -28,5 +30,6 @@ from csr.vig.score import (  # noqa: F401
     vig_from_logprobs,
 )
 
-__all__ = ["CONTENT_FREE", "TAU_MODES", "VIGOptions", "apply_token_masks", "plan_selection", "sample_vig",
+__all__ = ["CONTENT_FREE", "TAU_MODES", "VIGOptions", "apply_token_masks", "plan_records_selection", "plan_selection",
+           "sample_vig",
            "select_samples", "selection_threshold", "token_keep_mask", "vig_from_logprobs"]

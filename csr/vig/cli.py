@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES
+from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES, TEXT_ONLY_MODES, TURN_MODES
 
 
 def _color(text: str) -> tuple:
@@ -36,7 +36,8 @@ def _add_vig_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--content-free", choices=CONTENT_FREE, default="blur",
                    help="I_cf: blur (paper: Gaussian-blurred copy), none (no image), blank (plain image).")
     g.add_argument("--blur-radius", type=float, default=0.1,
-                   help="Gaussian blur radius (sigma); see --blur-units (default 0.1 of the shorter side).")
+                   help="Gaussian blur radius (sigma); see --blur-units (default 0.1 of the shorter side: the "
+                        "toolkit's choice, the paper does not state its blur strength).")
     g.add_argument("--blur-units", choices=BLUR_UNITS, default="fraction",
                    help="fraction: of the image's shorter side; pixels: of the original image.")
     g.add_argument("--blank-color", type=_color, default=(255, 255, 255), help="Colour of the blank image (R,G,B).")
@@ -76,7 +77,7 @@ def _score(a) -> int:
     from csr.vig.score import run_vig_score
 
     summary = run_vig_score(a.model, a.data, a.out, _options(a), image_root=a.image_root, limit=a.limit,
-                            device=a.device, dtype=a.dtype)
+                            device=a.device, dtype=a.dtype, turns=a.turns, text_only=a.text_only)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="Output folder (vig.jsonl, vig_histogram.png, DONE.json).")
     s.add_argument("--image-root", default=None, help="Folder image paths are relative to (default: the data file's).")
     s.add_argument("--limit", type=int, default=None, help="Score the first N records only.")
+    s.add_argument("--turns", choices=TURN_MODES, default="all",
+                   help="all: every assistant turn of a multi-turn conversation is scored (paper; LLaVA-665K is "
+                        "multi-turn); first: the first human/assistant pair only.")
+    s.add_argument("--text-only", choices=TEXT_ONLY_MODES, default="keep",
+                   help="keep: a record with no image is a text-only sample, no VIG, kept unmasked by `train` "
+                        "(paper); skip: such records are skipped (counted).")
     _add_vig_options(s)
     s.set_defaults(func=_score)
 

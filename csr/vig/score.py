@@ -21,9 +21,24 @@ LLaVA-1.5's chat template renders no `<s>`, so TRL's sequences start without the
 on plain calls, `PrependBOS` puts it back (label -100), in scoring and in training alike, so both
 stay aligned with each other and with inference. `add_bos=never` is TRL's collation unchanged.
 
+Conversations (docs/method.md §3: LLaVA-665K is multi-turn, and text-only samples stay in)
+-----------------------------------------------------------------------------------------
+A record may hold several human/assistant turns (LLaVA's ``conversations``). With ``turns=all``
+(the paper's reading, default) every assistant turn is an answer: VIG_t is computed on the tokens
+of all of them, in order, each in the context of the turns before it, and the sample VIG is their
+mean; ``turns=first`` reads the first human/assistant pair only (the toolkit's earlier behaviour).
+Single-turn records with an image are collated by TRL's own collator, as above; multi-turn and
+text-only records by `ConversationCollator`, which cuts the chat-template rendering at every
+assistant turn and labels exactly the assistant segments (for a single-turn record it gives TRL's
+tokens and labels, checked by a test). A record without an image is kept as a *text-only* sample
+(``text_only=keep``, the paper's: no VIG, kept and supervised in full by selective training) or
+skipped (``text_only=skip``). A record without any assistant turn is skipped; a trailing human turn
+with no answer is dropped. All of these are counted in the stage summary.
+
 Content-free input I_cf (`VIGOptions.content_free`)
 ---------------------------------------------------
-- ``blur`` (the paper's): a Gaussian-blurred copy of I. `blur_radius` is PIL's Gaussian radius
+- ``blur`` (the paper's): a Gaussian-blurred copy of I. The paper does not state its blur strength;
+  the default radius (0.1 of the shorter side) is the toolkit's choice. `blur_radius` is PIL's Gaussian radius
   (the standard deviation) in pixels of the original image (`blur_units=pixels`), or as a fraction of
   the image's shorter side (`blur_units=fraction`, the default: the same blur whatever the source
   resolution; 0.1 of a 336-px LLaVA-1.5 input is a 34-px sigma).
@@ -62,6 +77,9 @@ CONTENT_FREE = ("blur", "none", "blank")
 TAU_MODES = ("keep_boundary", "percentile")
 BLUR_UNITS = ("fraction", "pixels")
 BOS_MODES = ("auto", "always", "never")
+TURN_MODES = ("all", "first")
+TEXT_ONLY_MODES = ("keep", "skip")
+TURNS_KEY = "vig_turns"
 SCORES_FILE = "vig.jsonl"
 HISTOGRAM_FILE = "vig_histogram.png"
 IGNORE_INDEX = -100
@@ -157,6 +175,7 @@ class Selection:
     kept: list[bool]
     masks: list[list[bool] | None]          # per kept sample: keep flag per answer token; None if dropped
     token_counts: list[int] = field(default_factory=list)
+    text_only: list[bool] = field(default_factory=list)   # samples with no image (kept, never masked)
 
     def stats(self) -> dict:
         total = sum(self.token_counts)
@@ -171,6 +190,8 @@ class Selection:
             "share_tokens_supervised": supervised / total if total else 0.0,
             "share_tokens_supervised_in_kept": supervised / in_kept if in_kept else 0.0,
             "kept_samples_without_supervised_tokens": sum(1 for m in self.masks if m is not None and not any(m)),
+            "text_only_samples": sum(self.text_only),
+            "text_only_tokens": sum(n for n, t in zip(self.token_counts, self.text_only) if t),
         }
 
 
@@ -196,6 +217,28 @@ def plan_selection(token_vigs: Sequence[Sequence[float]], keep_percent: float = 
             masks.append(token_keep_mask(toks, tau) if token_mask else [True] * len(toks))
     return Selection(tau=tau, keep_percent=keep_percent, tau_mode=tau_mode, token_mask=token_mask,
                      kept=kept, masks=masks, token_counts=[len(t) for t in token_vigs])
+
+
+def plan_records_selection(records: Sequence[dict], keep_percent: float = 70.0, tau_mode: str = "keep_boundary",
+                           token_mask: bool = True) -> Selection:
+    """`plan_selection` over scored records (`csr vig score` output), text-only samples included.
+
+    Records with a VIG are ranked and masked as `plan_selection` does; text-only records (``vig``
+    None: no image, so no VIG) are kept with every answer token supervised, outside the ranking and
+    outside τ (the paper keeps them unmasked).
+    """
+    scored = [i for i, r in enumerate(records) if r.get("vig") is not None]
+    inner = plan_selection([records[i]["vig_tokens"] for i in scored], keep_percent, tau_mode, token_mask,
+                           sample_vigs=[records[i]["vig"] for i in scored]) if scored else None
+    n = len(records)
+    kept: list[bool] = [True] * n
+    masks: list[list[bool] | None] = [[True] * int(r["n_tokens"]) for r in records]
+    for j, i in enumerate(scored):
+        kept[i], masks[i] = inner.kept[j], inner.masks[j]
+    return Selection(tau=inner.tau if inner else math.inf, keep_percent=keep_percent, tau_mode=tau_mode,
+                     token_mask=token_mask, kept=kept, masks=masks,
+                     token_counts=[int(r["n_tokens"]) for r in records],
+                     text_only=[r.get("vig") is None for r in records])
 
 
 def apply_token_masks(labels: torch.Tensor, masks: Sequence[Sequence[bool] | None],
@@ -311,9 +354,133 @@ def sft_example(prompt: str, answer: str, image=None) -> dict:
             "images": [image] if image is not None else []}
 
 
+def record_turns(rec: dict) -> list[dict]:
+    """A record's turns [{prompt, answer}, ...]: its `turns`, else its one prompt and answer."""
+    return rec.get("turns") or [{"prompt": rec["prompt"], "answer": rec["answer"]}]
+
+
+def vig_example(turns: Sequence[dict], image=None) -> dict:
+    """A scoring / training example for any record: TRL's prompt-completion columns of the first turn
+    (what TRL's collator reads for a single-turn record with an image) plus every turn under
+    `TURNS_KEY` (what `ConversationCollator` reads)."""
+    ex = sft_example(turns[0]["prompt"], turns[0]["answer"], image)
+    ex[TURNS_KEY] = [{"prompt": t["prompt"], "answer": t["answer"]} for t in turns]
+    return ex
+
+
+def conversation_messages(turns: Sequence[dict], with_image: bool) -> list[dict]:
+    """Chat messages of a conversation; the image (if any) goes first in the first user turn."""
+    msgs = []
+    for k, t in enumerate(turns):
+        content = ([{"type": "image"}] if with_image and k == 0 else []) + [{"type": "text", "text": t["prompt"]}]
+        msgs.append({"role": "user", "content": content})
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": t["answer"]}]})
+    return msgs
+
+
+def conversation_segments(processor, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    """The chat-template rendering of a conversation cut into (text, is_answer) segments.
+
+    Before assistant turn i: the rendering of messages[:i] with the generation prompt; the answer is
+    what the rendering of messages[:i + 1] adds to it (as TRL splits prompt and completion). The
+    template must render each prefix as a prefix of the next (LLaVA's and Vicuna's do).
+    """
+    segs, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = processor.apply_chat_template(list(messages[:i]), add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(list(messages[:i + 1]), tokenize=False)
+        if not head.startswith(done) or not full.startswith(head):
+            raise ValueError("the chat template does not render a conversation's turns as prefixes of each other; "
+                             "multi-turn VIG needs one that does (use turns=first)")
+        segs += [(head[len(done):], False), (full[len(head):], True)]
+        done = full
+    return segs
+
+
+class ConversationCollator:
+    """Multi-turn and text-only examples (`TURNS_KEY` + ``images``) into model inputs and labels.
+
+    Each example's rendering is cut by `conversation_segments`; the first segment goes through the
+    processor with the image (placeholder expanded, pixel values), the others through the tokenizer
+    alone, all without special tokens (as TRL tokenises prompt and completion). Labels are the tokens
+    of the assistant segments, -100 elsewhere; rows are right-padded and cut at `max_length`.
+    """
+
+    PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor = processor
+        self.max_length = max_length
+
+    def _example(self, ex: dict):
+        images = ex.get("images") or []
+        image = images[0] if images else None
+        segs = conversation_segments(self.processor, conversation_messages(ex[TURNS_KEY], image is not None))
+        tok = self.processor.tokenizer
+        ids, labels, extra = [], [], {}
+        for k, (text, is_answer) in enumerate(segs):
+            if k == 0 and image is not None:
+                enc = self.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
+                bad = [key for key in self.PER_TOKEN_KEYS if key in enc]
+                if bad:
+                    raise NotImplementedError(f"multi-turn / text-only VIG collation does not handle {bad} (this "
+                                              f"model's processor); use turns=first and text_only=skip")
+                part = enc["input_ids"][0].tolist()
+                extra = {key: v for key, v in enc.items() if key not in ("input_ids", "attention_mask")}
+            else:
+                part = tok(text, add_special_tokens=False)["input_ids"]
+            ids += part
+            labels += part if is_answer else [IGNORE_INDEX] * len(part)
+        if self.max_length is not None:
+            ids, labels = ids[:self.max_length], labels[:self.max_length]
+        return ids, labels, extra
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [self._example(ex) for ex in examples]
+        tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        length = max(len(ids) for ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, lab, _) in enumerate(rows):
+            input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+            attention[b, :len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        extras = [e for _, _, e in rows if e]
+        for key in (extras[0] if extras else {}):
+            batch[key] = torch.cat([e[key] for e in extras], dim=0)
+        batch["labels"] = labels
+        return batch
+
+
+class VIGCollator:
+    """TRL's vision collator for batches of single-turn examples that all have an image (or all have
+    none), exactly as SFTTrainer collates them; `ConversationCollator` for any batch holding a
+    multi-turn example or mixing examples with and without an image."""
+
+    def __init__(self, trl_collator, conversation: ConversationCollator):
+        self.trl = trl_collator
+        self.conversation = conversation
+
+    def __call__(self, examples: list[dict]) -> dict:
+        single = all(len(ex.get(TURNS_KEY) or [None]) == 1 for ex in examples)
+        has_image = [bool(ex.get("images")) for ex in examples]
+        if single and (all(has_image) or not any(has_image)):
+            return self.trl([{k: v for k, v in ex.items() if k != TURNS_KEY} for ex in examples])
+        missing = [i for i, ex in enumerate(examples) if not ex.get(TURNS_KEY)]
+        if missing:
+            raise ValueError(f"examples {missing} lack '{TURNS_KEY}': build them with csr.vig.score.vig_example")
+        return self.conversation(examples)
+
+
 def sft_collator(processor, max_length: int | None = None, pad_to_multiple_of: int | None = None,
                  add_bos: str = "auto"):
-    """TRL's vision collator as SFTTrainer builds it for prompt-completion data (loss on the completion).
+    """TRL's vision collator as SFTTrainer builds it for prompt-completion data (loss on the completion),
+    with `ConversationCollator` for multi-turn and text-only examples (`VIGCollator`).
 
     add_bos: "auto" (default) prepends BOS when the tokenizer adds one on plain calls (LLaVA's does)
     and the chat template does not render it, so that training, VIG scoring and generation see the
@@ -321,8 +488,9 @@ def sft_collator(processor, max_length: int | None = None, pad_to_multiple_of: i
     """
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    inner = DataCollatorForVisionLanguageModeling(processor=processor, max_length=max_length,
-                                                  completion_only_loss=True, pad_to_multiple_of=pad_to_multiple_of)
+    trl_inner = DataCollatorForVisionLanguageModeling(processor=processor, max_length=max_length,
+                                                      completion_only_loss=True, pad_to_multiple_of=pad_to_multiple_of)
+    inner = VIGCollator(trl_inner, ConversationCollator(processor, max_length))
     tok = processor.tokenizer
     if add_bos not in BOS_MODES:
         raise ValueError(f"add_bos={add_bos!r} is not one of {BOS_MODES}")
@@ -377,11 +545,20 @@ def _answer_logprobs(model, collator, examples: list[dict]) -> tuple[list[list[f
     return lps, ids
 
 
-def score_batch(model, processor, items: Sequence[dict], options: VIGOptions, collator=None) -> list[dict]:
-    """VIG of a batch of {image: PIL, prompt, answer}: token ids, log-probs under both inputs, VIG."""
+def answer_token_ids(processor, items: Sequence[dict], options: VIGOptions, collator=None) -> list[list[int]]:
+    """The answer tokens of text-only items {turns | prompt, answer} (no image, so no VIG): collated only."""
     collator = collator or sft_collator(processor, options.max_length, add_bos=options.add_bos)
-    real = [sft_example(it["prompt"], it["answer"], it["image"]) for it in items]
-    cf = [sft_example(it["prompt"], it["answer"], content_free_image(it["image"], options)) for it in items]
+    batch = collator([vig_example(record_turns(it), None) for it in items])
+    mask = batch["labels"] != IGNORE_INDEX
+    return [row[m].tolist() for row, m in zip(batch["input_ids"], mask)]
+
+
+def score_batch(model, processor, items: Sequence[dict], options: VIGOptions, collator=None) -> list[dict]:
+    """VIG of a batch of {image: PIL, prompt, answer} or {image, turns: [{prompt, answer}, ...]}: token
+    ids, log-probs under both inputs, VIG (over the tokens of every assistant turn)."""
+    collator = collator or sft_collator(processor, options.max_length, add_bos=options.add_bos)
+    real = [vig_example(record_turns(it), it["image"]) for it in items]
+    cf = [vig_example(record_turns(it), content_free_image(it["image"], options)) for it in items]
     lp_real, ids_real = _answer_logprobs(model, collator, real)
     lp_cf, ids_cf = _answer_logprobs(model, collator, cf)
     tok = processor.tokenizer
@@ -399,6 +576,18 @@ def score_batch(model, processor, items: Sequence[dict], options: VIGOptions, co
     return out
 
 
+def _score_chunk(model, processor, chunk, options, collator) -> list[dict]:
+    """`score_batch` on the items with an image; text-only items get their answer tokens and no VIG."""
+    with_image = [it for it in chunk if it.get("image") is not None]
+    text_only = [it for it in chunk if it.get("image") is None]
+    scored = iter(score_batch(model, processor, with_image, options, collator) if with_image else [])
+    tok = processor.tokenizer
+    plain = iter([{"n_tokens": len(ids), "vig": None, "vig_tokens": None, "text_only": True, "token_ids": ids,
+                   "tokens": [tok.decode([i]) for i in ids]}
+                  for ids in (answer_token_ids(processor, text_only, options, collator) if text_only else [])])
+    return [next(plain) if it.get("image") is None else next(scored) for it in chunk]
+
+
 def score_items(model, processor, items: Sequence[dict], options: VIGOptions, progress=None) -> list[dict]:
     """`score_batch` over many items in batches of `options.batch_size`; out of memory halves the batch."""
     from csr.models import is_oom
@@ -410,7 +599,7 @@ def score_items(model, processor, items: Sequence[dict], options: VIGOptions, pr
     while i < len(items):
         chunk = items[i:i + size]
         try:
-            out.extend(score_batch(model, processor, chunk, options, collator))
+            out.extend(_score_chunk(model, processor, chunk, options, collator))
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e) or size == 1:
                 raise
@@ -444,22 +633,65 @@ def _message_text(messages) -> str:
     return "".join(parts)
 
 
-def parse_record(raw: dict, index: int) -> dict:
-    """{id, image, prompt, answer} from one input record; raises BadInput with a reason.
+HUMAN_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+def _conversation_turns(convs: list, notes: list) -> list[dict]:
+    """[{prompt, answer}] from LLaVA's alternating human/gpt list; irregularities noted in `notes`."""
+    turns, pending = [], None
+    for c in convs:
+        if not isinstance(c, dict):
+            notes.append("malformed_turn_dropped")
+            continue
+        role = c.get("from", c.get("role"))
+        value = c.get("value", c.get("content"))
+        if isinstance(value, list):
+            value = _message_text([c])
+        if role in HUMAN_ROLES:
+            if pending is not None:           # two human turns in a row: one question
+                notes.append("consecutive_human_turns_joined")
+                pending = pending + "\n" + (value or "")
+            else:
+                pending = value or ""
+        elif role in ASSISTANT_ROLES:
+            if pending is None:
+                notes.append("assistant_turn_without_question_dropped")
+            elif not isinstance(value, str) or not value.strip():
+                notes.append("empty_assistant_turn_dropped")
+                pending = None
+            else:
+                turns.append({"prompt": pending, "answer": value})
+                pending = None
+        else:
+            notes.append("turn_with_unknown_role_dropped")
+    if pending is not None:
+        notes.append("trailing_human_turn_dropped")
+    return turns
+
+
+def parse_record(raw: dict, index: int, turns: str = "all", text_only: str = "keep") -> dict:
+    """{id, image, prompt, answer[, turns, text_only, notes]} from one input record; raises BadInput with a reason.
 
     Accepted: {image, prompt|input|question, answer|response|output|completion} (the world's
-    train/sft.jsonl), LLaVA's {image, conversations: [{from: human}, {from: gpt}]}, and TRL's
-    conversational prompt/completion with `images`.
+    train/sft.jsonl), LLaVA's {image, conversations: [{from: human}, {from: gpt}, ...]} and TRL's
+    conversational prompt/completion with `images`. `turns`: all (every human/assistant pair of a
+    conversation; the paper's) or first. `text_only`: keep (a record with no image is a text-only
+    sample, image None; the paper's) or skip (BadInput no_image). `prompt` / `answer` are the first
+    turn's; `turns` is present when there is more than one; `notes` lists dropped or joined turns.
     """
     from csr.data import IMAGE_TOKEN, BadInput
 
+    if turns not in TURN_MODES:
+        raise ValueError(f"turns={turns!r} is not one of {TURN_MODES}")
+    if text_only not in TEXT_ONLY_MODES:
+        raise ValueError(f"text_only={text_only!r} is not one of {TEXT_ONLY_MODES}")
     rid = str(raw.get("id", index))
-    prompt = answer = None
+    notes: list[str] = []
     if isinstance(raw.get("conversations"), list):
-        human = next((c for c in raw["conversations"] if c.get("from") in ("human", "user")), None)
-        gpt = next((c for c in raw["conversations"] if c.get("from") in ("gpt", "assistant")), None)
-        prompt, answer = (human or {}).get("value"), (gpt or {}).get("value")
+        pairs = _conversation_turns(raw["conversations"], notes)
     else:
+        prompt = answer = None
         for k in PROMPT_KEYS:
             if k in raw:
                 prompt = raw[k]
@@ -472,21 +704,47 @@ def parse_record(raw: dict, index: int) -> dict:
             prompt = _message_text(prompt)
         if isinstance(answer, list):
             answer = _message_text(answer)
-    if not isinstance(prompt, str) or not prompt.replace(IMAGE_TOKEN, "").strip():
-        raise BadInput("no_prompt", f"record '{rid}' has no prompt ({'/'.join(PROMPT_KEYS)} or conversations).")
-    if not isinstance(answer, str) or not answer.strip():
-        raise BadInput("no_answer", f"record '{rid}' has no answer ({'/'.join(ANSWER_KEYS)} or conversations).")
+        if not isinstance(prompt, str) or not prompt.replace(IMAGE_TOKEN, "").strip():
+            raise BadInput("no_prompt", f"record '{rid}' has no prompt ({'/'.join(PROMPT_KEYS)} or conversations).")
+        if not isinstance(answer, str) or not answer.strip():
+            raise BadInput("no_answer", f"record '{rid}' has no answer ({'/'.join(ANSWER_KEYS)} or conversations).")
+        pairs = [{"prompt": prompt, "answer": answer}]
+    pairs = [{"prompt": (t["prompt"] or "").replace(IMAGE_TOKEN, "").strip(), "answer": t["answer"].strip()}
+             for t in pairs]
+    if pairs and not pairs[0]["prompt"]:
+        raise BadInput("no_prompt", f"record '{rid}' has no question before its first answer.")
+    if not pairs:
+        raise BadInput("no_answer", f"record '{rid}' has no assistant turn.")
+    if turns == "first" and len(pairs) > 1:
+        notes.append(f"later_turns_not_read:{len(pairs) - 1}")
+        pairs = pairs[:1]
     image = raw.get("image")
     if image is None and isinstance(raw.get("images"), list) and raw["images"]:
         image = raw["images"][0]
     if not isinstance(image, str) or not image:
-        raise BadInput("no_image", f"record '{rid}' has no image path.")
-    return {"id": rid, "image": image, "prompt": prompt.replace(IMAGE_TOKEN, "").strip(), "answer": answer.strip()}
+        if text_only == "skip":
+            raise BadInput("no_image", f"record '{rid}' has no image path.")
+        image = None
+    rec = {"id": rid, "image": image, "prompt": pairs[0]["prompt"], "answer": pairs[0]["answer"]}
+    if len(pairs) > 1:
+        rec["turns"] = pairs
+    if image is None:
+        rec["text_only"] = True
+    if notes:
+        rec["notes"] = notes
+    return rec
 
 
 def read_records(path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-                 summary=None) -> list[dict]:
-    """Records of a JSON list or JSONL file; images resolved against `image_root`, else the file's folder."""
+                 summary=None, turns: str = "all", text_only: str = "keep") -> list[dict]:
+    """Records of a JSON list or JSONL file; images resolved against `image_root`, else the file's folder.
+
+    With a `summary` (`csr.io.StageSummary`), skipped records are counted by reason and
+    `summary.extra["records"]` counts text-only samples, multi-turn samples, turns read, and turns
+    dropped or joined (by reason).
+    """
+    from collections import Counter
+
     from csr.data import BadInput, _read_raw
 
     path = Path(path)
@@ -494,9 +752,10 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
         raise FileNotFoundError(f"data file '{path}' does not exist.")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
     out, seen = [], set()
+    counts: Counter = Counter()
     for i, raw in enumerate(_read_raw(path)):
         try:
-            rec = parse_record(raw, i)
+            rec = parse_record(raw, i, turns=turns, text_only=text_only)
             if rec["id"] in seen:
                 raise BadInput("duplicate_id", f"id '{rec['id']}' appears more than once; later copy skipped.")
         except BadInput as e:
@@ -505,15 +764,23 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
             else:
                 log.warning("skipped record %d: %s", i, e)
             continue
-        img = Path(rec["image"])
-        rec["image"] = str(img if img.is_absolute() else root / img)
+        if rec["image"] is not None:
+            img = Path(rec["image"])
+            rec["image"] = str(img if img.is_absolute() else root / img)
         for k in ("kind", "category"):
             if k in raw and isinstance(raw[k], (str, int, float)):
                 rec[k] = raw[k]
+        for note in rec.pop("notes", []):
+            counts[note] += 1
+        counts["text_only_kept"] += int(rec.get("text_only", False))
+        counts["multi_turn"] += int("turns" in rec)
+        counts["turns_read"] += len(record_turns(rec))
         seen.add(rec["id"])
         out.append(rec)
         if limit is not None and len(out) >= limit:
             break
+    if summary is not None:
+        summary.extra["records"] = {"turns": turns, "text_only": text_only, **dict(counts)}
     return out
 
 
@@ -529,7 +796,8 @@ def _batched(seq, size):
 
 def run_vig_score(model_path: str, data_path: str | Path, out_dir: str | Path, options: VIGOptions, *,
                   image_root: str | None = None, limit: int | None = None, device: str = "auto",
-                  dtype: str = "auto", model=None, processor=None) -> dict:
+                  dtype: str = "auto", model=None, processor=None, turns: str = "all",
+                  text_only: str = "keep") -> dict:
     """Score a dataset into `<out_dir>/vig.jsonl` (resumable), with a histogram and DONE.json."""
     from tqdm.auto import tqdm
 
@@ -544,7 +812,7 @@ def run_vig_score(model_path: str, data_path: str | Path, out_dir: str | Path, o
         return read_done(out_dir)
     t0 = time.time()
     summary = StageSummary("vig score")
-    records = read_records(data_path, image_root, limit, summary)
+    records = read_records(data_path, image_root, limit, summary, turns=turns, text_only=text_only)
     scores_path = out_dir / SCORES_FILE
     repair_jsonl_tail(scores_path)
     finished = {r["id"] for r in iter_jsonl(scores_path)} if scores_path.exists() else set()
@@ -558,7 +826,8 @@ def run_vig_score(model_path: str, data_path: str | Path, out_dir: str | Path, o
             items = []
             for rec in batch:
                 try:
-                    items.append({**rec, "image_path": rec["image"], "image": load_image(rec["image"])})
+                    items.append({**rec, "image_path": rec["image"],
+                                  "image": load_image(rec["image"]) if rec["image"] is not None else None})
                 except BadInput as e:
                     summary.skip(e.reason, f"record {rec['id']} ({e})")
             scored = score_items(model, processor, items, options, progress=bar.update)
@@ -566,7 +835,7 @@ def run_vig_score(model_path: str, data_path: str | Path, out_dir: str | Path, o
                 rec = {k: v for k, v in it.items() if k not in ("image", "image_path")}
                 sink.write({"id": rec.pop("id"), "image": it["image_path"], **rec, **s})
                 summary.processed += 1
-    all_records = list(iter_jsonl(scores_path))
+    all_records = [r for r in iter_jsonl(scores_path) if r.get("vig") is not None]   # text-only: no VIG
     stats = summarize_vigs([r["vig"] for r in all_records], [r["vig_tokens"] for r in all_records])
     hist = None
     if all_records:

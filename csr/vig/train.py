@@ -8,7 +8,15 @@ by the model that is trained here). The selection (`csr.vig.score.plan_selection
   in the input); τ per `tau_mode` (default keep_boundary: the smallest kept sample VIG; see
   `csr.vig.score` for the two readings of "τ = the p-th percentile").
 
-`selection=none` is plain SFT on every sample and token, the baseline.
+`selection=none` is plain SFT on every sample and token, the baseline. Text-only samples (no image,
+so no VIG) are kept and supervised in full by both (the paper's rule); multi-turn samples carry
+every assistant turn, masked token by token like single-turn ones.
+
+Schedule (docs/method.md §3): the paper keeps the vanilla recipe's schedule, the same number of
+*epochs* for both arms, so every kept sample is seen equally often in either arm; the VIG arm then
+runs fewer steps. Set `num_train_epochs` and leave `max_steps` unset (-1); with `max_steps` the two
+arms see their samples different numbers of times (a warning says so). DONE.json records the
+passes over each kept sample (`training.passes_per_kept_sample`).
 
 How the mask reaches the loss without patching TRL: the dataset is TRL's prompt-completion
 conversational format plus a `vig_keep` column (one 0/1 per answer token). `VIGMaskingCollator`
@@ -38,7 +46,8 @@ import torch
 from trl import SFTConfig
 
 from csr.train.config import LM_LINEAR_REGEX
-from csr.vig.score import IGNORE_INDEX, TAU_MODES, apply_token_masks, plan_selection, read_scores, sft_example
+from csr.vig.score import (IGNORE_INDEX, TAU_MODES, apply_token_masks, plan_records_selection, read_scores,
+                           record_turns, vig_example)
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +218,13 @@ def _trainer_class():
 
 
 def training_rows(records: list[dict], selection) -> list[dict]:
-    """Kept samples as TRL prompt-completion rows with their image path and `vig_keep` mask."""
+    """Kept samples as training rows: TRL prompt-completion columns, every turn (`vig_example`), the
+    image path (none for a text-only sample) and the `vig_keep` mask over all answer tokens."""
     rows = []
     for rec, keep, mask in zip(records, selection.kept, selection.masks):
         if not keep:
             continue
-        ex = sft_example(rec["prompt"], rec["answer"], image=rec["image"])
+        ex = vig_example(record_turns(rec), image=rec.get("image"))
         ex[MASK_KEY] = [int(x) for x in mask]
         rows.append(ex)
     return rows
@@ -232,13 +242,11 @@ def rows_dataset(rows: list[dict]):
 
 
 def select_from_scores(records: list[dict], args: SelectiveSFTConfig):
-    """The Selection the config asks for (plain SFT keeps every sample and token)."""
-    token_vigs = [r["vig_tokens"] for r in records]
-    sample_vigs = [r["vig"] for r in records]
+    """The Selection the config asks for (plain SFT keeps every sample and token; text-only samples are
+    kept unmasked either way)."""
     if args.selection == "none":
-        return plan_selection(token_vigs, 100.0, args.tau_mode, token_mask=False, sample_vigs=sample_vigs)
-    return plan_selection(token_vigs, args.keep_percent, args.tau_mode, token_mask=args.token_mask,
-                          sample_vigs=sample_vigs)
+        return plan_records_selection(records, 100.0, args.tau_mode, token_mask=False)
+    return plan_records_selection(records, args.keep_percent, args.tau_mode, token_mask=args.token_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
     records = read_scores(scores)
     if not records:
         raise ValueError(f"{scores} holds no scored samples")
-    missing = [r["image"] for r in records if not Path(r["image"]).is_file()]
+    missing = [r["image"] for r in records if r.get("image") is not None and not Path(r["image"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} images of the scores are missing, e.g. {missing[0]}")
     selection = select_from_scores(records, args)
@@ -341,12 +349,18 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
     write_jsonl(out_dir / "selection.jsonl",
                 [{"id": r["id"], "vig": r["vig"], "kept": k, "mask": m}
                  for r, k, m in zip(records, selection.kept, selection.masks)])
+    if args.max_steps is not None and args.max_steps > 0:
+        log.warning("[vig train] max_steps=%d: the schedule is by steps, so arms with different numbers of kept "
+                    "samples see each sample a different number of times; the paper keeps the same epochs "
+                    "(set num_train_epochs and max_steps=-1)", args.max_steps)
     trainer = build_trainer(model_path, rows_dataset(rows), args, trust_remote_code=trust_remote_code)
     result = trainer.train()
     paths = _save(trainer, args, out_dir)
     summary = {
         "stage": "vig train", "start_model": str(model_path), "scores": str(scores), "selection": stats,
         "training": {**trainer.seen(), "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+                     "schedule": "steps" if (args.max_steps or 0) > 0 else "epochs",
+                     "passes_per_kept_sample": trainer.seen()["examples_seen"] / len(rows),
                      "train_loss_reported": result.training_loss, **_history_summary(trainer.state.log_history)},
         "use_lora": args.use_lora, "learning_rate": args.learning_rate, "seed": args.seed,
         **paths, "seconds": round(time.time() - t0, 2),

@@ -2,6 +2,7 @@
 
     csr world --out data/world [--seed 0 --n-train 3000 --n-test 200 --n-prompts 256]
               [--bias 0.9 --small-fraction 0.0 --caption-noise 0.6] [--clip-steps N --llava-steps N] [--eval] [--force]
+    csr world align --world data/world [--out DIR] [--lm-steps N --align-steps N ...] [--eval]
 
     <out>/                 world data (csr.world.generate), finished when <out>/DONE.json exists
     <out>/models/clip/     the world CLIP (open_clip folder: open_clip_config.json + safetensors)
@@ -14,6 +15,10 @@ built with (and `WORLD_VERSION`); a part finished with other settings, or by an 
 this code, is rebuilt (with a warning), and so is everything built on it. Called without a world
 config, `ensure_world` keeps whatever world of the same seed is there. The default recipe
 (recipes/world/default.yaml) calls `ensure_world` before its first round.
+
+`csr world align` builds the alignment-only LLaVA (`csr.world.train_base.train_aligned_llava`) of a
+finished world into `--out` (default <world>/models/llava-aligned), the starting point of the VIG
+comparison (docs/results/vig.md); it reads the world and its CLIP and writes nothing else.
 
 For a recipe: ``model.model_name_or_path: <out>/models/llava``, ``data.prompts:
 <out>/train/prompts.jsonl``, ``data.image_root: <out>/train``, ``score.clip_model: <out>/models/clip``,
@@ -135,8 +140,64 @@ def ensure_world(out: str | Path, *, seed: int = 0, clip_steps: int | None = Non
     return summary
 
 
+def build_aligned(world: str | Path, out: str | Path | None = None, *, seed: int = 0, evaluate: bool = False,
+                  force: bool = False, **train) -> dict:
+    """The alignment-only LLaVA of a finished world in `out` (cached by its settings, like the world's parts)."""
+    from csr.world.train_base import DEFAULT_ALIGNED, train_aligned_llava
+
+    world = Path(world)
+    for part in (world, world / "models" / "clip"):
+        if not is_done(part):
+            raise FileNotFoundError(f"'{part}' is not a finished world part (no DONE.json): build it with "
+                                    f"`csr world --out {world}`")
+    out = Path(out) if out else world / "models" / "llava-aligned"
+    kw = {**DEFAULT_ALIGNED, **{k: v for k, v in train.items() if v is not None}, "seed": seed}
+    settings = {"world": read_done(world).get("settings"), "clip": read_done(world / "models" / "clip").get("settings"),
+                "train": kw}
+    summary = {"aligned": _build_into(out, settings, lambda tmp: train_aligned_llava(world, world / "models" / "clip",
+                                                                                      tmp, **kw), force)}
+    if evaluate:
+        eval_dir = out / "eval"
+        if (eval_dir / "metrics.json").is_file():
+            summary["eval"] = json.loads((eval_dir / "metrics.json").read_text())
+        else:
+            from csr.eval.run import evaluate_model
+
+            summary["eval"] = evaluate_model(str(out), world / "test" / "pope.jsonl", world / "test" / "chair.jsonl",
+                                             out_dir=eval_dir)
+    return summary
+
+
+def main_align(argv=None) -> int:
+    from csr.world.train_base import DEFAULT_ALIGNED as D
+
+    p = argparse.ArgumentParser(prog="csr world align",
+                                description="Build the alignment-only LLaVA of a finished world (language-model "
+                                            "stage, then the projector alone on captions).")
+    p.add_argument("--world", required=True, help="A finished world folder (`csr world --out DIR`); only read.")
+    p.add_argument("--out", help="Output model folder (default <world>/models/llava-aligned).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the model's init and batches (default 0).")
+    p.add_argument("--lm-steps", type=int, help=f"language-model stage steps (default {D['lm_steps']}).")
+    p.add_argument("--align-steps", type=int, help=f"projector alignment steps (default {D['align_steps']}).")
+    p.add_argument("--batch-size", type=int, help=f"batch size of both stages (default {D['batch_size']}).")
+    p.add_argument("--lm-lr", type=float, help=f"peak learning rate of the language-model stage (default {D['lm_lr']}).")
+    p.add_argument("--align-lr", type=float, help=f"peak learning rate of the alignment stage (default {D['align_lr']}).")
+    p.add_argument("--eval", action="store_true", help="evaluate it on the world's test split (POPE, CHAIR).")
+    p.add_argument("--force", action="store_true", help="rebuild even when it is done with the same settings")
+    a = p.parse_args(argv)
+    summary = build_aligned(a.world, a.out, seed=a.seed, evaluate=a.eval, force=a.force, lm_steps=a.lm_steps,
+                            align_steps=a.align_steps, batch_size=a.batch_size, lm_lr=a.lm_lr, align_lr=a.align_lr)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "settings"} if isinstance(v, dict) else v
+                      for k, v in summary.items()}, indent=2, default=str)[:4000])
+    return 0
+
+
 def main(argv=None) -> int:
     from csr.world.generate import WorldConfig
+
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "align":
+        return main_align(argv[1:])
 
     d = WorldConfig()
     p = argparse.ArgumentParser(prog="csr world",

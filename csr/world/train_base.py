@@ -16,6 +16,15 @@
   the captions and yes/no questions of the training split (loss on the answer tokens only; the
   vision tower stays frozen, as in LLaVA). Saved with save_pretrained like any LLaVA folder.
 
+- An *alignment-only* LLaVA (`train_aligned_llava`), the world's counterpart of LLaVA-1.5 after
+  projector alignment and before instruction tuning, where the VIG paper scores its data and from
+  which it instruction-tunes (docs/method.md §3). LLaVA starts from a pretrained chat language
+  model (Vicuna); the world has none, so stage 1 trains the tiny Llama as one: the world's
+  conversations as text with the image removed (`csr.debias.calibration.content_free_prompt`,
+  'none'), loss on the answers; the projector and vision tower do not train. Stage 2 is LLaVA's
+  alignment: the caption records with their images, the projector alone trained (language model
+  and vision tower frozen).
+
 The defaults (`DEFAULT_CLIP`, `DEFAULT_LLAVA`) give a base LLaVA that reads most shapes but names
 absent co-occurrence partners of present shapes, mostly where an object is small (see
 `csr.world.generate`; docs/results/world.md). Defaults were tuned for seed 0.
@@ -43,6 +52,9 @@ WORLD_CLIP_NAME = "csr-world-clip"
 DEFAULT_CLIP = {"steps": 2400, "batch_size": 256, "lr": 3e-3}
 DEFAULT_LLAVA = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "hidden_size": 128, "num_layers": 2,
                  "vocab_size": 400}
+# The alignment-only checkpoint (`train_aligned_llava`): language-model stage, then projector alignment.
+DEFAULT_ALIGNED = {"lm_steps": 1000, "align_steps": 600, "batch_size": 32, "lm_lr": 1e-3, "align_lr": 1e-3,
+                   "hidden_size": 128, "num_layers": 2, "vocab_size": 400}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +236,38 @@ def open_clip_visual_to_hf(visual, quick_gelu: bool = False):
 # ---------------------------------------------------------------------------------------------
 
 
+def _answer_loss_steps(model, examples: list, pixels, params: list, *, steps: int, batch_size: int, lr: float,
+                       rng: random.Random, pad: int, name: str) -> list[float]:
+    """`steps` AdamW steps on random batches of (prompt ids, answer ids, image index | None), loss on the
+    answer tokens; a batch of text-only examples (index None) runs without pixel values."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        batch = rng.sample(examples, min(batch_size, len(examples)))
+        length = max(len(a) + len(b) for a, b, _ in batch)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for j, (a, b, _) in enumerate(batch):
+            ids[j, :len(a) + len(b)] = torch.tensor(a + b)
+            labels[j, len(a):len(a) + len(b)] = torch.tensor(b)
+            mask[j, :len(a) + len(b)] = 1
+        index = [i for _, _, i in batch]
+        image_inputs = {} if index[0] is None else {"pixel_values": pixels[index]}
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, **image_inputs)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(out.loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.3f", name, step + 1, steps, out.loss.item())
+    return losses
+
+
 def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *,
                 steps: int = DEFAULT_LLAVA["steps"], batch_size: int = DEFAULT_LLAVA["batch_size"],
                 lr: float = DEFAULT_LLAVA["lr"], seed: int = 0, hidden_size: int = DEFAULT_LLAVA["hidden_size"],
@@ -271,34 +315,100 @@ def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(train_vision)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pad = tok.pad_token_id
-    model.train()
-    losses = []
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
-        batch = rng.sample(examples, min(batch_size, len(examples)))
-        length = max(len(a) + len(b) for a, b, _ in batch)
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        labels = torch.full((len(batch), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for j, (a, b, _) in enumerate(batch):
-            ids[j, :len(a) + len(b)] = torch.tensor(a + b)
-            labels[j, len(a):len(a) + len(b)] = torch.tensor(b)
-            mask[j, :len(a) + len(b)] = 1
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[[i for _, _, i in batch]],
-                    labels=labels)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(out.loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            log.info("llava step %d/%d loss %.3f", step + 1, steps, out.loss.item())
+    losses = _answer_loss_steps(model, examples, pixels, params, steps=steps, batch_size=batch_size, lr=lr,
+                                rng=rng, pad=tok.pad_token_id, name="llava")
     model.eval()
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "records": len(records),
             "hidden_size": hidden_size, "num_layers": num_layers, "train_vision": train_vision,
             "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - t0, 1)}
+
+
+def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *,
+                        lm_steps: int = DEFAULT_ALIGNED["lm_steps"], align_steps: int = DEFAULT_ALIGNED["align_steps"],
+                        batch_size: int = DEFAULT_ALIGNED["batch_size"], lm_lr: float = DEFAULT_ALIGNED["lm_lr"],
+                        align_lr: float = DEFAULT_ALIGNED["align_lr"], seed: int = 0,
+                        hidden_size: int = DEFAULT_ALIGNED["hidden_size"],
+                        num_layers: int = DEFAULT_ALIGNED["num_layers"],
+                        vocab_size: int = DEFAULT_ALIGNED["vocab_size"], max_records: int | None = None) -> dict:
+    """The alignment-only LLaVA of the world (see the module docstring); saved to `out_dir`.
+
+    Stage 1 (language model): every record of train/sft.jsonl as text only, the image placeholder
+    removed from the chat prompt; the language model and its embeddings train, loss on the answer.
+    Stage 2 (alignment): the caption records (kind 'caption') with their images; only the projector
+    trains. The vision tower (the world CLIP's) never trains. Same tokenizer and sizes as
+    `train_llava`, so instruction tuning from it is comparable with the world's base LLaVA.
+    """
+    from PIL import Image
+
+    from csr.debias.calibration import content_free_prompt
+    from csr.models import build_chat_prompt
+    from csr.tiny import build_tiny_llava
+
+    world = Path(world_dir)
+    t0 = time.time()
+    rng = random.Random(seed)
+    records = read_jsonl(world / "train" / "sft.jsonl")[:max_records]
+    captions = [r for r in records if r.get("kind") == "caption"]
+    if not captions:
+        raise ValueError(f"{world / 'train' / 'sft.jsonl'} has no caption records (kind 'caption') to align on")
+    clip, _, _ = load_open_clip_folder(clip_dir)
+    vision = open_clip_visual_to_hf(clip.visual)
+    corpus = sorted({f"USER: <image>\n{r['prompt']} ASSISTANT: {r['answer']}</s>" for r in records})
+    model, processor = build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
+                                        num_layers=num_layers, vision_model=vision, seed=seed)
+    tok = processor.tokenizer
+
+    def answer_ids(r):
+        return tok(" " + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    # stage 1: the language model on the conversations as text (no image)
+    text_prompt = {p: processor(text=[content_free_prompt(build_chat_prompt(processor, p), processor, "none")],
+                                return_tensors="pt")["input_ids"][0].tolist()
+                   for p in sorted({r["prompt"] for r in records})}
+    text_examples = [(text_prompt[r["prompt"]], answer_ids(r), None) for r in records]
+    inner = model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lm_params = list(inner.language_model.parameters()) + list(model.lm_head.parameters())
+    for p in lm_params:
+        p.requires_grad_(True)
+    lm_params = list(dict.fromkeys(lm_params))  # tied embeddings appear once
+    lm_losses = _answer_loss_steps(model, text_examples, None, lm_params, steps=lm_steps, batch_size=batch_size,
+                                   lr=lm_lr, rng=rng, pad=tok.pad_token_id, name="aligned/lm")
+
+    # stage 2: the projector alone on captions with their images
+    paths = sorted({r["image"] for r in captions})
+    img_index = {p: i for i, p in enumerate(paths)}
+    pil = []
+    for p in paths:
+        with Image.open(world / "train" / p) as im:
+            pil.append(im.convert("RGB"))
+    pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
+                        for i in range(0, len(pil), 512)])
+    image_prompt = {p: processor(text=[build_chat_prompt(processor, p)], images=[pil[0]],
+                                 return_tensors="pt")["input_ids"][0].tolist()
+                    for p in sorted({r["prompt"] for r in captions})}
+    caption_examples = [(image_prompt[r["prompt"]], answer_ids(r), img_index[r["image"]]) for r in captions]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj_params = list(inner.multi_modal_projector.parameters())
+    for p in proj_params:
+        p.requires_grad_(True)
+    align_losses = _answer_loss_steps(model, caption_examples, pixels, proj_params, steps=align_steps,
+                                      batch_size=batch_size, lr=align_lr, rng=rng, pad=tok.pad_token_id,
+                                      name="aligned/projector")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+    def tail(xs):
+        return sum(xs[-20:]) / len(xs[-20:]) if xs else None
+
+    return {"lm_steps": lm_steps, "align_steps": align_steps, "batch_size": batch_size, "lm_lr": lm_lr,
+            "align_lr": align_lr, "records": len(records), "caption_records": len(captions),
+            "hidden_size": hidden_size, "num_layers": num_layers, "lm_final_loss": tail(lm_losses),
+            "align_final_loss": tail(align_losses), "seconds": round(time.time() - t0, 1)}
