@@ -590,28 +590,19 @@ def _score_chunk(model, processor, chunk, options, collator) -> list[dict]:
 
 def score_items(model, processor, items: Sequence[dict], options: VIGOptions, progress=None) -> list[dict]:
     """`score_batch` over many items in batches of `options.batch_size`; out of memory halves the batch."""
-    from csr.models import is_oom
+    from csr.models import in_halving_chunks
 
     options.validate()
     collator = sft_collator(processor, options.max_length, add_bos=options.add_bos)
-    out: list[dict] = []
-    size, i = options.batch_size, 0
-    while i < len(items):
-        chunk = items[i:i + size]
-        try:
-            out.extend(_score_chunk(model, processor, chunk, options, collator))
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            if not is_oom(e) or size == 1:
-                raise
-            size = max(1, size // 2)
-            log.warning("vig: out of memory; batch size halved to %d", size)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        i += len(chunk)
+
+    def run(chunk):
+        scored = _score_chunk(model, processor, chunk, options, collator)
         if progress is not None:
             progress(len(chunk))
-    return out
+        return scored
+
+    parts, _ = in_halving_chunks(list(items), options.batch_size, run, "VIG items", "batch_size")
+    return [record for part in parts for record in part]
 
 
 # ---------------------------------------------------------------------------------------------
