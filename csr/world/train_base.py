@@ -268,6 +268,19 @@ def _answer_loss_steps(model, examples: list, pixels, params: list, *, steps: in
     return losses
 
 
+def _train_images(world: Path, paths: list[str], processor) -> tuple[list, torch.Tensor]:
+    """The world's training images (RGB) and their pixel values through the saved processor, in `paths` order."""
+    from PIL import Image
+
+    pil = []
+    for p in paths:
+        with Image.open(world / "train" / p) as im:
+            pil.append(im.convert("RGB"))
+    pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
+                        for i in range(0, len(pil), 512)])
+    return pil, pixels
+
+
 def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path, *,
                 steps: int = DEFAULT_LLAVA["steps"], batch_size: int = DEFAULT_LLAVA["batch_size"],
                 lr: float = DEFAULT_LLAVA["lr"], seed: int = 0, hidden_size: int = DEFAULT_LLAVA["hidden_size"],
@@ -295,12 +308,7 @@ def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path
     # images once, through the saved processor (exactly what evaluation will feed)
     paths = sorted({r["image"] for r in records})
     img_index = {p: i for i, p in enumerate(paths)}
-    pil = []
-    for p in paths:
-        with Image.open(world / "train" / p) as im:
-            pil.append(im.convert("RGB"))
-    pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
-                        for i in range(0, len(pil), 512)])
+    pil, pixels = _train_images(world, paths, processor)
 
     # prompt ids (image tokens expanded by the processor) once per distinct prompt
     prompt_ids = {}
@@ -381,12 +389,7 @@ def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: st
     # stage 2: the projector alone on captions with their images
     paths = sorted({r["image"] for r in captions})
     img_index = {p: i for i, p in enumerate(paths)}
-    pil = []
-    for p in paths:
-        with Image.open(world / "train" / p) as im:
-            pil.append(im.convert("RGB"))
-    pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
-                        for i in range(0, len(pil), 512)])
+    pil, pixels = _train_images(world, paths, processor)
     image_prompt = {p: processor(text=[build_chat_prompt(processor, p)], images=[pil[0]],
                                  return_tensors="pt")["input_ids"][0].tolist()
                     for p in sorted({r["prompt"] for r in captions})}
