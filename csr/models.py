@@ -411,6 +411,16 @@ def build_chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def close_answer(text: str, processor) -> str:
+    """An assistant turn as rendered by the chat template, closed by EOS when the template does not
+    close it itself (llava-hf's LLaVA-1.5 template renders `text + ' '`): training then learns where an
+    answer stops. A template that renders EOS (vicuna_v1, Qwen's `<|im_end|>`) is left as it is."""
+    eos = getattr(getattr(processor, "tokenizer", processor), "eos_token", None)
+    if eos and not text.rstrip().endswith(eos):
+        return text.rstrip() + eos
+    return text
+
+
 def tokenizer_adds_bos(tokenizer) -> bool:
     """Whether plain tokenisation (add_special_tokens=True, as generation and `csr eval` use) starts with BOS."""
     bos = tokenizer.bos_token_id

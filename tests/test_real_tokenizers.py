@@ -290,3 +290,26 @@ def test_sentence_ends_printout(qwen_tokenizer):
     text = describe_sentence_ends(qwen_tokenizer)
     assert "official: 13 '.'" in text
     assert "'.\\n'    -> '.\\n'* ' Next'" in text  # a paragraph break ends a sentence only with punctuation
+
+
+@pytest.mark.parametrize("which", ["toy_sp_llava_dir", "real_llava_dir"])
+def test_sft_answers_end_with_eos_on_a_template_that_renders_none(which, request):
+    """VIG-selective SFT (and VIG scoring, which collates alike): every answer turn, single or
+    multi-turn, ends with EOS although llava-hf's template renders none."""
+    from PIL import Image
+
+    from csr.models import load_processor
+    from csr.vig.score import IGNORE_INDEX, sft_collator, vig_example
+
+    processor = load_processor(str(request.getfixturevalue(which)))
+    eos = processor.tokenizer.eos_token_id
+    image = Image.new("RGB", (40, 40), (10, 200, 10))
+    collate = sft_collator(processor)
+    single = collate([vig_example([{"prompt": "Describe.", "answer": "A green square."}], image)])
+    supervised = single["input_ids"][0][single["labels"][0] != IGNORE_INDEX].tolist()
+    assert supervised[-1] == eos and supervised.count(eos) == 1
+    turns = [{"prompt": "Describe.", "answer": "A green square."}, {"prompt": "Colour?", "answer": "Green."}]
+    multi = collate([vig_example(turns, image)])
+    labels = multi["labels"][0].tolist()
+    ends = [i for i, (a, b) in enumerate(zip(labels, labels[1:] + [IGNORE_INDEX])) if a != IGNORE_INDEX and b == IGNORE_INDEX]
+    assert len(ends) == 2 and all(labels[i] == eos for i in ends)  # each answer closes with EOS

@@ -166,7 +166,8 @@ def render_pair(example: dict, processor) -> dict:
     template renders an assistant turn as `text + ' '` with no EOS, so DPO would never see where an
     answer stops. A template that already renders EOS (vicuna_v1, Qwen's `<|im_end|>`) is left as is.
     """
-    eos = getattr(getattr(processor, "tokenizer", processor), "eos_token", None)
+    from csr.models import close_answer
+
     prompt = processor.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
     out = {"prompt": prompt}
     for side in ("chosen", "rejected"):
@@ -177,9 +178,7 @@ def render_pair(example: dict, processor) -> dict:
                                   f"cannot cut the completion out of it. Use model.chat_template=vicuna_v1 or "
                                   f"fix the template.")
         completion = full[len(prompt):]
-        if example.get(f"{side}_ends_with_eos") and eos and not completion.rstrip().endswith(eos):
-            completion = completion.rstrip() + eos
-        out[side] = completion
+        out[side] = close_answer(completion, processor) if example.get(f"{side}_ends_with_eos") else completion
     return out
 
 

@@ -69,7 +69,7 @@ from typing import Sequence
 
 import torch
 
-from csr.models import PrependBOS, tokenizer_adds_bos  # noqa: F401  (re-exported)
+from csr.models import PrependBOS, close_answer, tokenizer_adds_bos  # noqa: F401  (PrependBOS re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,8 @@ def conversation_segments(processor, messages: Sequence[dict]) -> list[tuple[str
         if not head.startswith(done) or not full.startswith(head):
             raise ValueError("the chat template does not render a conversation's turns as prefixes of each other; "
                              "multi-turn VIG needs one that does (use turns=first)")
-        segs += [(head[len(done):], False), (full[len(head):], True)]
+        # every answer of the data is whole: closed by EOS whatever the template renders
+        segs += [(head[len(done):], False), (close_answer(full[len(head):], processor), True)]
         done = full
     return segs
 
@@ -466,11 +467,24 @@ class VIGCollator:
         self.trl = trl_collator
         self.conversation = conversation
 
+    def _closed(self, ex: dict) -> dict:
+        """A conversational prompt-completion example rendered as TRL renders it, its answer closed by
+        EOS (`csr.models.close_answer`); TRL collates the plain text the same way."""
+        from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
+
+        ex = {k: v for k, v in ex.items() if k != TURNS_KEY}
+        if not is_conversational(ex):
+            return ex
+        messages = {"prompt": prepare_multimodal_messages(ex["prompt"], images=ex.get("images")),
+                    "completion": prepare_multimodal_messages(ex["completion"])}
+        text = apply_chat_template(messages, self.trl.processor)
+        return {**ex, "prompt": text["prompt"], "completion": close_answer(text["completion"], self.trl.processor)}
+
     def __call__(self, examples: list[dict]) -> dict:
         single = all(len(ex.get(TURNS_KEY) or [None]) == 1 for ex in examples)
         has_image = [bool(ex.get("images")) for ex in examples]
         if single and (all(has_image) or not any(has_image)):
-            return self.trl([{k: v for k, v in ex.items() if k != TURNS_KEY} for ex in examples])
+            return self.trl([self._closed(ex) for ex in examples])
         missing = [i for i, ex in enumerate(examples) if not ex.get(TURNS_KEY)]
         if missing:
             raise ValueError(f"examples {missing} lack '{TURNS_KEY}': build them with csr.vig.score.vig_example")
