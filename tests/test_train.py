@@ -233,3 +233,22 @@ def test_dpo_batches_start_with_bos_like_generation(tiny_llava_dir, tmp_path):
     prompt_len = len(generation)
     assert batch["input_ids"][0, :prompt_len].tolist() == list(generation)  # same prefix as generation
     assert batch["completion_mask"][0, :prompt_len].sum() == 0
+
+
+def test_a_resumed_train_stage_writes_each_tensorboard_point_once(tmp_path, tiny_llava_dir, images_dir, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pairs = make_pairs(tmp_path / "pairs", images_dir)
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tb))
+    cfg = make_cfg(max_steps=3, save_strategy="steps", save_steps=2, save_total_limit=3, keep_checkpoints=True,
+                   logging_steps=1, report_to=["tensorboard"])
+    run_train(cfg, str(tiny_llava_dir), pairs, out)
+    (out / "DONE.json").unlink()  # as if killed after step 3 had been logged, with checkpoint-2 saved
+    shutil.rmtree(out / "checkpoint-3", ignore_errors=True)
+    summary = run_train(cfg, str(tiny_llava_dir), pairs, out)
+    assert summary["resumed_from"].endswith("checkpoint-2")
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    loss_tag = next(t for t in events.Tags()["scalars"] if t.endswith("loss") and "train" in t)
+    assert [e.step for e in events.Scalars(loss_tag)] == [1, 2, 3]  # step 3 logged twice, kept once

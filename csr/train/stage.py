@@ -436,6 +436,24 @@ def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args, *, mode
 # ---------------------------------------------------------------------------------------------
 
 
+def resume_tensorboard(trainer, checkpoint_step: int) -> None:
+    """On a resume, TensorBoard hides what the killed run logged after its checkpoint (`purge_step`):
+    the resumed run logs those steps again, and each point must be written once."""
+    from transformers.integrations import TensorBoardCallback
+
+    old = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if old is None:
+        return
+
+    class _PurgingTensorBoard(TensorBoardCallback):
+        def _init_summary_writer(self, args):
+            if self._SummaryWriter is not None:
+                self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=checkpoint_step + 1)
+
+    trainer.remove_callback(old)
+    trainer.add_callback(_PurgingTensorBoard())
+
+
 def _save_adapter(trainer, out_dir: Path) -> Path:
     """Save the adapter to a temp folder, then rename it into place (main process)."""
     final = out_dir / ADAPTER_DIR
@@ -480,6 +498,8 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
         log.info("train: resuming from %s", resume)
 
     trainer = build_trainer(cfg, policy_path, dataset, args)
+    if resume:
+        resume_tensorboard(trainer, int(Path(resume).name.split("-")[-1]))
     frozen_before = frozen_fingerprint(trainer.model)
     result = trainer.train(resume_from_checkpoint=resume)
     adapter = _save_adapter(trainer, out_dir)
