@@ -191,3 +191,30 @@ def test_config_check_runs_the_checks_csr_run_runs(tmp_path, capsys):
     bad.write_text("train:\n  lora_r: 0\n")
     assert csr_main(["config", "--check", str(bad)]) == 2
     assert "train.lora_r=0 must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# One bad record never blocks a stage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_record_the_tokenizer_refuses_is_skipped_not_the_batch(recipe, tmp_path):
+    from csr.generate.stage import run_generate
+    from csr.io import StageInputMissing
+
+    records = json.loads((ROOT / "data" / "tiny" / "prompts.json").read_text())
+    records[1]["input"] = "Describe \ud800 this.\n<image>"  # a lone surrogate: no tokenizer encodes it
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(records))
+    cfg = recipe(None, f"data.prompts={prompts}", "data.max_prompts=4")
+    summary = run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")
+    ids = [t["id"] for t in read_jsonl(tmp_path / "gen" / "trees.jsonl")]
+    assert len(ids) == len(records) - 1 and records[1]["id"] not in ids
+    assert summary["skipped"] == {"record_error": 1}
+    # a file where no record can be grown is not marked done (a fixed file is used on the next run)
+    for r in records:
+        r["input"] = "Describe \ud800.\n<image>"
+    prompts.write_text(json.dumps(records))
+    with pytest.raises(StageInputMissing, match="no tree was grown"):
+        run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen2")
+    assert not (tmp_path / "gen2" / "DONE.json").exists()

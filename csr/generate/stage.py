@@ -25,7 +25,7 @@ from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
 from csr.faults import fault_point
 from csr.runstate import StageGuard, lock_if_main_process
-from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
+from csr.io import (JsonlAppender, StageInputMissing, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, write_jsonl)
 from csr.models import build_chat_prompt, load_policy, prepare_image, sentence_end_ids
 from csr.score.reward import score_siblings, self_reward
@@ -70,6 +70,29 @@ def _grow_batch(cfg, expander, clip, processor, batch: list[tuple[PromptRecord, 
                       scorers[i], settings, prompt_texts[i]) for i in range(len(batch))]
 
 
+def _grow_isolated(cfg, expander, clip, processor, batch, settings, summary: StageSummary):
+    """(record, nodes) of every record of `batch` that can be grown: when the batch fails for a reason
+    other than memory (a prompt the tokenizer or template refuses), each record is grown alone and a
+    failing one is skipped with its reason counted, never the batch, never the stage."""
+    from csr.models import is_oom
+
+    if not batch:
+        return []
+    try:
+        return list(zip(batch, _grow_batch(cfg, expander, clip, processor, batch, settings)))
+    except Exception as err:  # noqa: BLE001 - a bad record must not stop the others
+        if is_oom(err):
+            raise
+        if len(batch) == 1:
+            rec = batch[0][0]
+            summary.skip("record_error", f"prompt {rec.id} ({type(err).__name__}: {str(err)[:200]})")
+            return []
+    out = []
+    for item in batch:
+        out.extend(_grow_isolated(cfg, expander, clip, processor, [item], settings, summary))
+    return out
+
+
 def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord], trees_path: Path,
                    summary: StageSummary, device: str) -> None:
     """Grow and append the trees of `records` missing from `trees_path`."""
@@ -112,7 +135,7 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
                     batch.append((rec, load_image(rec.image)))
                 except BadInput as e:
                     summary.skip(e.reason, f"prompt {rec.id} ({e})")
-            for (rec, _), nodes in zip(batch, _grow_batch(cfg, expander, clip, processor, batch, settings)):
+            for (rec, _), nodes in _grow_isolated(cfg, expander, clip, processor, batch, settings, summary):
                 sink.write({"id": rec.id, "image": rec.image, "prompt": rec.prompt, "nodes": nodes})
                 fault_point("generate.tree_written")
                 n_candidates += len(nodes) - 1
@@ -165,6 +188,9 @@ def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     if world == 1:
         generate_shard(cfg, policy_path, records, out_dir / TREES, summary, device)
         summary.log()
+        if not summary.extra.get("trees"):  # nothing to score: not done, so a fixed prompt file is used next time
+            raise StageInputMissing(f"[generate] no tree was grown from {cfg.data.prompts} (skipped: "
+                                    f"{dict(summary.skipped)}); fix the prompt file or the images and rerun.")
         mark_done(out_dir, guard.record(summary.as_dict()))
         return read_done(out_dir)
 
