@@ -218,3 +218,40 @@ def test_a_record_the_tokenizer_refuses_is_skipped_not_the_batch(recipe, tmp_pat
     with pytest.raises(StageInputMissing, match="no tree was grown"):
         run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen2")
     assert not (tmp_path / "gen2" / "DONE.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval refuses nothing-to-score inputs before generating
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, lines, kwargs, message", [
+    ("pope", [], {}, "holds no POPE question"),
+    ("pope", [{"question_id": 1, "image": "a.png", "text": "Is there a cat?", "label": "maybe"}], {}, "is not yes or no"),
+    ("pope", [{"question_id": 1, "image": "a.png", "text": "Q?", "label": "yes"},
+              {"question_id": 1, "image": "a.png", "text": "Q?", "label": "no"}], {}, "appears twice with different"),
+    ("pope", [{"question_id": 1, "image": "a.png", "text": "Q?", "label": "yes"}], {"limit": -1}, "limit=-1"),
+    ("chair", [], {}, "holds no caption record"),
+    ("chair", [{"id": "a", "image": "a.png", "objects": "dog"}], {}, "read letter by letter"),
+])
+def test_eval_refuses_bad_sets_before_loading_a_model(tmp_path, kind, lines, kwargs, message):
+    from csr.data import BadInput
+    from csr.eval.run import evaluate_model
+    from csr.io import write_jsonl
+
+    path = tmp_path / f"{kind}.jsonl"
+    write_jsonl(path, lines)
+    # a model path that does not exist: the check must come first
+    with pytest.raises(BadInput, match=message):
+        evaluate_model(str(tmp_path / "no-model"), **{f"{kind}_path": path}, **kwargs)
+
+
+def test_eval_refuses_an_empty_synonym_table(tmp_path):
+    from csr.data import BadInput
+    from csr.eval.run import evaluate_model
+    from csr.io import write_jsonl
+
+    write_jsonl(tmp_path / "chair.jsonl", [{"id": "a", "image": "a.png", "objects": ["dog"]}])
+    (tmp_path / "synonyms.json").write_text("{}")
+    with pytest.raises(BadInput, match="defines no object"):
+        evaluate_model(str(tmp_path / "no-model"), chair_path=tmp_path / "chair.jsonl")

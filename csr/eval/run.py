@@ -39,9 +39,11 @@ import logging
 import time
 from pathlib import Path
 
+from csr.data import BadInput
 from csr.eval.chair import chair_metrics, load_synonyms
 from csr.eval.pope import parse_yes_no, score_pope
 from csr.io import atomic_write_json, read_jsonl, write_jsonl
+
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,39 @@ def generate_answers(model, processor, image_paths: list, questions: list[str], 
     return answers
 
 
+def check_pope_records(path: Path, recs: list) -> list[dict]:
+    """POPE records checked before any generation: not empty, objects with a question, an image and a
+    yes/no label, and no question id given twice with different labels."""
+    if not recs:
+        raise BadInput("empty_file", f"{path} holds no POPE question: nothing to score.")
+    seen: dict = {}
+    for n, r in enumerate(recs, 1):
+        if not isinstance(r, dict) or not {"text", "image", "label"} <= set(r):
+            raise BadInput("bad_record", f"{path}:{n}: a POPE record needs text, image and label.")
+        if str(r["label"]).strip().lower() not in ("yes", "no"):
+            raise BadInput("bad_label", f"{path}:{n}: label {r['label']!r} is not yes or no.")
+        qid = r.get("question_id")
+        if qid is not None:
+            if qid in seen and seen[qid] != r["label"]:
+                raise BadInput("duplicate_id", f"{path}:{n}: question_id {qid!r} appears twice with different "
+                                               f"labels; the file is inconsistent.")
+            seen[qid] = r["label"]
+    return recs
+
+
+def check_chair_records(path: Path, recs: list) -> list[dict]:
+    """CHAIR records checked before any generation: not empty, an image and a list of objects each."""
+    if not recs:
+        raise BadInput("empty_file", f"{path} holds no caption record: nothing to score.")
+    for n, r in enumerate(recs, 1):
+        if not isinstance(r, dict) or "image" not in r:
+            raise BadInput("bad_record", f"{path}:{n}: a CHAIR record needs an image and its objects.")
+        if not isinstance(r.get("objects"), list) or not all(isinstance(o, str) for o in r["objects"]):
+            raise BadInput("bad_objects", f"{path}:{n}: 'objects' must be a list of object names, not "
+                                          f"{type(r.get('objects')).__name__} (a string would be read letter by letter).")
+    return recs
+
+
 def evaluate_model(model_path: str | None = None, pope_path: str | Path | None = None,
                    chair_path: str | Path | None = None, *, out_dir: str | Path | None = None,
                    image_root: str | Path | None = None, synonyms_path: str | Path | None = None,
@@ -116,6 +151,21 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
     """
     from csr.models import load_policy
 
+    if limit is not None and limit < 1:
+        raise BadInput("bad_limit", f"limit={limit} must be at least 1 (or none for every record).")
+    if batch_size < 1:
+        raise BadInput("bad_batch_size", f"batch_size={batch_size} must be at least 1.")
+    pope_recs = check_pope_records(Path(pope_path), read_jsonl(pope_path)[:limit]) if pope_path is not None else None
+    chair_recs = check_chair_records(Path(chair_path), read_jsonl(chair_path)[:limit]) if chair_path is not None else None
+    if chair_path is not None:  # the synonym table too, before anything is generated
+        syn = Path(synonyms_path) if synonyms_path else Path(chair_path).parent / "synonyms.json"
+        if not syn.is_file():
+            raise FileNotFoundError(f"CHAIR needs a synonym table: '{syn}' does not exist "
+                                    f"(pass --synonyms FILE: JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
+        table = load_synonyms(syn)
+        if not table.canonicals:
+            raise BadInput("empty_synonyms", f"{syn} defines no object: CHAIR would score nothing. Pass the "
+                                             f"synonym table of the caption set.")
     t0 = time.time()
     if model is None:
         if model_path is None:
@@ -128,34 +178,33 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
 
     if pope_path is not None:
         pope_path = Path(pope_path)
-        recs = read_jsonl(pope_path)[:limit]
+        recs = pope_recs
         root = Path(image_root) if image_root else pope_path.parent
         questions = [(r["text"] + (" " + pope_suffix if pope_suffix else "")).strip() for r in recs]
         answers = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], questions,
                                    max_new_tokens=pope_max_new_tokens, batch_size=batch_size, desc="pope")
-        result["pope"] = score_pope(recs, answers)
-        if out_dir is not None:
+        if out_dir is not None:  # what was generated is saved before it is scored
             write_jsonl(out_dir / "pope_answers.jsonl",
                         [{"question_id": r.get("question_id"), "category": r.get("category"), "label": r["label"],
                           "text": a, "answer": parse_yes_no(a)} for r, a in zip(recs, answers)])
+        result["pope"] = score_pope(recs, answers)
         a = result["pope"]["all"]
         log.info("POPE: accuracy %.3f  F1 %.3f  yes-ratio %.3f (n=%d)", a["accuracy"], a["f1"],
                  a["yes_ratio"], a["n"])
 
     if chair_path is not None:
         chair_path = Path(chair_path)
-        recs = read_jsonl(chair_path)[:limit]
+        recs = chair_recs
         root = Path(image_root) if image_root else chair_path.parent
-        syn = Path(synonyms_path) if synonyms_path else chair_path.parent / "synonyms.json"
-        if not syn.is_file():
-            raise FileNotFoundError(f"CHAIR needs a synonym table: '{syn}' does not exist "
-                                    f"(pass --synonyms FILE: JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
-        table = load_synonyms(syn)
         prompts = [caption_prompt or r.get("prompt") or DEFAULT_CAPTION_PROMPT for r in recs]
         hits: list[bool] = []
         captions = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], prompts,
                                     max_new_tokens=caption_max_new_tokens, batch_size=batch_size, desc="chair",
                                     hit_limit=hits)
+        if out_dir is not None:  # what was generated is saved before it is scored (rewritten with the details below)
+            write_jsonl(out_dir / "chair_captions.jsonl",
+                        [{"id": r.get("id"), "image": r["image"], "caption": c, "objects": r["objects"],
+                          "hit_token_limit": h} for r, c, h in zip(recs, captions, hits)])
         metrics = chair_metrics(captions, [r["objects"] for r in recs], table, return_per_caption=True)
         per = metrics.pop("per_caption")
         metrics["n_hit_token_limit"] = sum(hits)      # CHAIR falls when captions are cut short
