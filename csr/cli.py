@@ -112,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         # a bad recipe, input or model path: one clear line, no traceback
         print(f"csr {name}: error: {err}", file=sys.stderr)
         return 2
+    except PermissionError as err:  # a read-only output folder, say
+        print(f"csr {name}: error: cannot write '{err.filename}': permission denied. Choose a folder you can "
+              f"write to.", file=sys.stderr)
+        if verbose:
+            raise
+        return 2
     finally:
         sys.argv[0] = prog
 

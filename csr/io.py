@@ -146,7 +146,15 @@ def mark_done(stage_dir: str | Path, summary: dict) -> None:
 
 
 def read_done(stage_dir: str | Path) -> dict:
-    return json.loads((Path(stage_dir) / DONE).read_text())
+    path = Path(stage_dir) / DONE
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageInputMissing(f"{path} is unreadable ({type(e).__name__}); it is written last and whole, so it "
+                                f"was damaged after the stage: delete it to redo the stage.") from None
+    if not isinstance(done, dict):
+        raise StageInputMissing(f"{path} does not hold a stage summary; delete it to redo the stage.")
+    return done
 
 
 class StageInputMissing(FileNotFoundError):

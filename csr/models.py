@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -158,6 +159,11 @@ def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"model folder '{name_or_path}' has no config.json: not a finished "
                              f"save_pretrained folder (an interrupted save?).")
+    try:
+        json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"'{p / 'config.json'}' is not valid JSON ({type(e).__name__}): an interrupted "
+                             f"save? Save the model again.") from None
     weights = list(p.glob("*.safetensors"))
     pickles = list(p.glob("*.bin")) + list(p.glob("*.pt")) + list(p.glob("*.pth"))
     if not weights and pickles and not allow_pickle:
@@ -264,6 +270,22 @@ class PadImages:
         return self.inner(examples)
 
 
+@contextlib.contextmanager
+def model_file_errors(name_or_path: str):
+    """A damaged or hostile weight file ends in one line naming the folder, not a traceback."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, transformers and torch raise many kinds
+        if type(e).__name__ not in ("SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader") \
+                and not isinstance(e, (OSError, ValueError, EOFError)):
+            raise
+        raise ModelLoadError(f"cannot load the weights in '{name_or_path}' ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'}): a damaged or "
+                             f"truncated file? Save or download the model again.") from None
+
+
 def load_processor(name_or_path: str, trust_remote_code: bool = False, chat_template: str = "model"):
     from transformers import AutoProcessor
 
@@ -285,10 +307,11 @@ def load_policy(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
 
     check_model_class(name_or_path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
     dev = resolve_device(device)
-    model = AutoModelForImageTextToText.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
-        use_safetensors=not allow_pickle_weights,
-    ).to(dev).eval()
+    with model_file_errors(name_or_path):
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle_weights,
+        ).to(dev).eval()
     processor = load_processor(name_or_path, trust_remote_code)
     set_chat_template(processor, chat_template, getattr(model.config, "model_type", None))
     return model, processor

@@ -255,3 +255,58 @@ def test_eval_refuses_an_empty_synonym_table(tmp_path):
     (tmp_path / "synonyms.json").write_text("{}")
     with pytest.raises(BadInput, match="defines no object"):
         evaluate_model(str(tmp_path / "no-model"), chair_path=tmp_path / "chair.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files end in one line naming them
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("torn_config", "config.json' is not valid JSON"),
+    ("truncated_weights", "cannot load the weights"),
+    ("hostile_header", "cannot load the weights"),
+])
+def test_a_damaged_model_folder_is_one_line(tiny_llava_dir, tmp_path, damage, message):
+    from csr.models import ModelLoadError, load_policy
+
+    model = _copy_model(tiny_llava_dir, tmp_path / "model")
+    weights = next(model.glob("*.safetensors"))
+    if damage == "torn_config":
+        text = (model / "config.json").read_text()
+        (model / "config.json").write_text(text[: len(text) // 2])
+    elif damage == "truncated_weights":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 3])
+    else:  # a header that claims to be 2**60 bytes long
+        weights.write_bytes((2 ** 60).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ModelLoadError, match=message):
+        load_policy(str(model), device="cpu")
+
+
+def test_a_torn_done_file_and_a_read_only_folder_are_one_line(recipe, tmp_path):
+    import stat
+
+    from csr.cli import main as csr_main
+    from csr.io import StageInputMissing, mark_done
+    from csr.io import read_done as read
+
+    mark_done(tmp_path / "stage", {"stage": "x"})
+    (tmp_path / "stage" / "DONE.json").write_text("")  # 0 bytes
+    with pytest.raises(StageInputMissing, match="unreadable.*delete it to redo"):
+        read(tmp_path / "stage")
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps({"run": {"output_dir": str(locked / "run")}}))
+    assert csr_main(["run", "--config", str(recipe_file)]) == 2

@@ -362,13 +362,14 @@ def load_policy_for_training(policy_path: str, args, cfg: CSRConfig):
     """The policy in the training dtype, on the CPU (the Trainer places it)."""
     from transformers import AutoModelForImageTextToText
 
-    from csr.models import DTYPES, check_model_class
+    from csr.models import DTYPES, check_model_class, model_file_errors
 
     check_model_class(policy_path, trust_remote_code=cfg.model.trust_remote_code,
                       allow_pickle=cfg.model.allow_pickle_weights)
-    return AutoModelForImageTextToText.from_pretrained(
-        policy_path, dtype=DTYPES[args.resolved_model_dtype()],
-        trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
+    with model_file_errors(policy_path):
+        return AutoModelForImageTextToText.from_pretrained(
+            policy_path, dtype=DTYPES[args.resolved_model_dtype()],
+            trust_remote_code=cfg.model.trust_remote_code, use_safetensors=not cfg.model.allow_pickle_weights)
 
 
 def build_trainer(cfg: CSRConfig, policy_path: str, train_dataset, args, *, model=None, processor=None):
