@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             raise
         return 2
+    except Exception as err:  # noqa: BLE001 - anything else: one line, the traceback with -v
+        if verbose:
+            raise
+        print(f"csr {name}: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              f"(rerun with -v for the traceback)", file=sys.stderr)
+        return 1
     finally:
         sys.argv[0] = prog
 

@@ -310,3 +310,38 @@ def test_a_torn_done_file_and_a_read_only_folder_are_one_line(recipe, tmp_path):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(json.dumps({"run": {"output_dir": str(locked / "run")}}))
     assert csr_main(["run", "--config", str(recipe_file)]) == 2
+
+
+def test_a_tree_clip_cannot_read_is_skipped_not_the_batch(recipe, tmp_path, monkeypatch):
+    from csr.generate.stage import run_generate
+    from csr.io import write_jsonl
+    from csr.score import stage as score_stage
+
+    cfg = recipe(None, "generate.selection=self", "data.max_prompts=3", "score.tree_batch_size=3")
+    run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")
+    trees = read_jsonl(tmp_path / "gen" / "trees.jsonl")
+    bad = trees[1]["id"]
+    real = score_stage.add_clip_scores
+
+    def fussy(batch, images, clip):  # a CLIP tokenizer that fails on one tree's text
+        if any(t["id"] == bad for t in batch):
+            raise ValueError("cannot tokenize")
+        return real(batch, images, clip)
+    monkeypatch.setattr(score_stage, "add_clip_scores", fussy)
+    summary = score_stage.run_score(cfg, tmp_path / "gen", tmp_path / "score")
+    scored = [t["id"] for t in read_jsonl(tmp_path / "score" / "scored.jsonl")]
+    assert bad not in scored and len(scored) == len(trees) - 1 and summary["skipped"] == {"record_error": 1}
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_comes_with_v(monkeypatch, capsys):
+    import csr.config
+    from csr.cli import main as csr_main
+
+    def broken(argv=None):
+        raise RuntimeError("something deep broke\nsecond line")
+    monkeypatch.setattr(csr.config, "main", broken)
+    assert csr_main(["config"]) == 1
+    err = capsys.readouterr().err
+    assert "csr config: error: RuntimeError: something deep broke (rerun with -v" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError):
+        csr_main(["-v", "config"])

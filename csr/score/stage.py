@@ -84,6 +84,27 @@ def add_clip_scores(trees: list[dict], images: list, clip) -> None:
             n["clip"] = c
 
 
+def _scored_isolated(trees: list[dict], images: list, clip, add_vig, summary: StageSummary) -> list[dict]:
+    """The trees of a batch with their CLIP (and VIG) scores; when the batch fails for a reason other
+    than memory, each tree is scored alone and a failing one is skipped with its reason counted."""
+    from csr.models import is_oom
+
+    if not trees:
+        return []
+    try:
+        add_clip_scores(trees, images, clip)
+        if add_vig is not None:
+            add_vig(trees, images)
+        return trees
+    except Exception as err:  # noqa: BLE001 - a bad record must not stop the others
+        if is_oom(err):
+            raise
+        if len(trees) == 1:
+            summary.skip("record_error", f"tree {trees[0]['id']} ({type(err).__name__}: {str(err)[:200]})")
+            return []
+    return [t for tree, image in zip(trees, images) for t in _scored_isolated([tree], [image], clip, add_vig, summary)]
+
+
 def _batches(iterable, size):
     batch = []
     for item in iterable:
@@ -140,9 +161,7 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
                     trees.append(tree)
                 except BadInput as e:
                     summary.skip(e.reason, f"tree {tree['id']} ({e})")
-            add_clip_scores(trees, images, clip)
-            if add_vig is not None:
-                add_vig(trees, images)
+            trees = _scored_isolated(trees, images, clip, add_vig, summary)
             for tree in trees:
                 sink.write(calibrate_tree(tree, cfg.score, cfg.pairs))
                 fault_point("score.tree_written")
