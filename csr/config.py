@@ -183,6 +183,12 @@ class DataConfig:
                                      "model's context with the image.")
 
     def validate(self):
+        from csr.data import check_image_pattern
+
+        try:
+            check_image_pattern(self.image_pattern)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _require(self.max_prompts is None or self.max_prompts >= 1, "data.max_prompts", self.max_prompts,
                  "must be >= 1 (or null for all)")
         _require(self.max_prompt_chars >= 1, "data.max_prompt_chars", self.max_prompt_chars, "must be >= 1")

@@ -64,6 +64,17 @@ def _read_raw(path: Path) -> list[dict]:
     return records
 
 
+def check_image_pattern(pattern: str) -> None:
+    """`data.image_pattern` may name only the record's image field ({image})."""
+    import string
+
+    fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+    unknown = [f for f in fields if f != "image"]
+    if unknown:
+        raise ValueError(f"data.image_pattern={pattern!r} names {{{unknown[0]}}}; only {{image}} (the record's image "
+                         f"field) can be used, e.g. 'COCO_train2014_{{image}}'.")
+
+
 def resolve_image_path(image_field: str, image_root: str, pattern: str = "{image}",
                        allow_absolute: bool = False) -> Path:
     """The file an image field names; refuses names that leave `image_root` unless allowed."""
@@ -85,8 +96,20 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file '{path}' does not exist (data.prompts).")
+    check_image_pattern(pattern)
+    raws = _read_raw(path)
+    if not isinstance(raws, list):
+        raise ValueError(f"{path}: a prompt file is a list of records (or one record a line), not a "
+                         f"{type(raws).__name__}.")
     records, seen = [], set()
-    for i, raw in enumerate(_read_raw(path)):
+    for i, raw in enumerate(raws):
+        if not isinstance(raw, dict):  # a bare string or number where a record should be
+            message = f"record {i} is a {type(raw).__name__}, not an object with id, image and input"
+            if summary is not None:
+                summary.skip("not_a_record", message)
+            else:
+                log.warning("skipped %s", message)
+            continue
         rid = str(raw.get("id", i))
         try:
             if rid in seen:

@@ -164,7 +164,8 @@ def check_model_source(name_or_path: str, allow_pickle: bool = False) -> None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"'{p / 'config.json'}' is not valid JSON ({type(e).__name__}): an interrupted "
                              f"save? Save the model again.") from None
-    weights = list(p.glob("*.safetensors"))
+    # the model's own weights: model.safetensors or its shards (an adapter's or an optimizer's file is not)
+    weights = list(p.glob("model*.safetensors")) + list(p.glob("model*.safetensors.index.json"))
     pickles = list(p.glob("*.bin")) + list(p.glob("*.pt")) + list(p.glob("*.pth"))
     if not weights and pickles and not allow_pickle:
         raise ModelLoadError(f"model folder '{name_or_path}' holds only pickle weights "
@@ -193,6 +194,7 @@ _VICUNA_V1 = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 CHAT_TEMPLATES = ("model", "vicuna_v1")
+MAX_TEMPLATE_CHARS = 100_000  # released templates are a few thousand characters
 IMAGE_ASPECTS = ("processor", "pad")
 
 
@@ -290,6 +292,10 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False, chat_temp
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    template = getattr(processor, "chat_template", None) or ""
+    if len(template) > MAX_TEMPLATE_CHARS:  # compiling a huge template takes minutes: refuse it instead
+        raise ModelLoadError(f"the chat template of '{name_or_path}' is {len(template):,} characters long (at most "
+                             f"{MAX_TEMPLATE_CHARS:,}); is it the right file?")
     if chat_template != "model":
         model_type = None
         config_file = Path(name_or_path) / "config.json"

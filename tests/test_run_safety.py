@@ -345,3 +345,41 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_comes_with_v(monkeypa
     assert "csr config: error: RuntimeError: something deep broke (rerun with -v" in err and "Traceback" not in err
     with pytest.raises(RuntimeError):
         csr_main(["-v", "config"])
+
+
+def test_records_that_are_not_objects_are_skipped_and_counted(tmp_path):
+    from csr.data import load_prompts
+    from csr.io import StageSummary
+
+    (tmp_path / "a.png").write_bytes(b"")
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["just a string", 7, {"id": "p", "image": "a.png", "input": "Describe."}]))
+    summary = StageSummary("generate")
+    records = load_prompts(path, str(tmp_path), summary=summary)
+    assert [r.id for r in records] == ["p"] and summary.skipped == {"not_a_record": 2}
+
+
+def test_an_image_pattern_naming_an_unknown_field_is_refused():
+    with pytest.raises(ConfigError, match=r"names \{img\}; only \{image\}"):
+        load_config(None, ["data.image_pattern=COCO_{img}"])
+
+
+def test_pickle_weights_beside_an_unrelated_safetensors_are_refused(tiny_llava_dir, tmp_path):
+    from csr.models import ModelLoadError, check_model_source
+
+    model = _copy_model(tiny_llava_dir, tmp_path / "model")
+    next(model.glob("model*.safetensors")).rename(model / "pytorch_model.bin")  # the weights as a pickle name
+    (model / "adapter_model.safetensors").write_bytes(b"{}")                    # and an unrelated safetensors
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        check_model_source(str(model))
+
+
+def test_a_huge_chat_template_is_refused_at_once(tiny_llava_dir, tmp_path):
+    from csr.models import ModelLoadError, load_processor
+
+    model = _copy_model(tiny_llava_dir, tmp_path / "model")
+    for f in list(model.glob("chat_template*")):
+        f.unlink()
+    (model / "chat_template.jinja").write_text("{{ 'x' }}" * 600_000)  # 5.4 million characters
+    with pytest.raises(ModelLoadError, match="5,400,000 characters long"):  # refused before it is compiled
+        load_processor(str(model))
