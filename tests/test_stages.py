@@ -187,3 +187,21 @@ def test_score_with_the_vig_term(tiny_llava_dir, tiny_clip_dir, tmp_path):
                 continue
             base = 0.9 * max(n["clip"], 0.0) + 0.1 * n["self_reward"]
             assert n["reward"] == pytest.approx(base + 0.5 * 100 * math.tanh(n["vig"] / 2), abs=1e-3)
+
+
+def test_a_vig_weighted_search_ranks_by_the_stored_reward(tiny_llava_dir, tiny_clip_dir, tmp_path):
+    """score.vig_weight > 0 with the calibrated search: the reward that pruned each level is the one
+    the score stage stores (before, the search left the VIG term out)."""
+    cfg = tiny_cfg(tiny_llava_dir, tiny_clip_dir, tmp_path, None, None, "score.vig_weight=1.0",
+                   "data.max_prompts=2", "pairs.cleaning=none", "pairs.min_sentence_chars=0")
+    run_generate(cfg, str(tiny_llava_dir), tmp_path / "gen")
+    run_score(cfg, tmp_path / "gen", tmp_path / "score", str(tiny_llava_dir))
+    checked = 0
+    for t in read_jsonl(tmp_path / "score" / "scored.jsonl"):
+        for n in t["nodes"][1:]:
+            if n.get("reward") is None:  # an EOS alone: no sentence, no reward
+                continue
+            assert n["search_score"] == pytest.approx(n["reward"], abs=1e-4), n["text"]
+            assert n["vig_reward"] != 0.0 or n["vig"] in (None, 0.0)
+            checked += 1
+    assert checked > 4

@@ -41,33 +41,54 @@ def dist_info() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None):
-    """The search score of new siblings: self-score only (official) or the calibrated reward (paper)."""
+def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None, vig=None, prompt: str = ""):
+    """The search score of new siblings: self-score only (official) or the calibrated reward (paper),
+    the same reward the score stage stores, the VIG term included when `score.vig_weight` > 0
+    (`vig`: (model, processor, VIGOptions); `prompt`: the record's question)."""
     s = cfg.score
     if cfg.generate.selection == "self":
         return lambda siblings: [self_reward(n, s.self_reward) for n in siblings]
     image_feat = clip.image_features([image])[0]
 
-    def calibrated(siblings):
+    def calibrated(siblings, nodes):
         texts = [n["text"].strip() for n in siblings]  # the sentence alone, not the whitespace before it
         clip_scores = (100.0 * clip.text_features(texts) @ image_feat).tolist()
         for n, c in zip(siblings, clip_scores):
             n["clip"] = c  # reused by the score stage
-        return score_siblings(siblings, lam=s.reward_lambda, mode=s.calibration,
-                              self_kind=s.self_reward, clamp=s.clip_clamp)
+        if vig is None:
+            return score_siblings(siblings, lam=s.reward_lambda, mode=s.calibration,
+                                  self_kind=s.self_reward, clamp=s.clip_clamp)
+        from csr.vig.reward import add_node_vig, score_siblings_with_vig
+
+        model, processor, options = vig
+        add_node_vig([{"prompt": prompt, "nodes": nodes}], [image], model, processor, options,
+                     only={n["id"] for n in siblings})
+        return score_siblings_with_vig(siblings, lam=s.reward_lambda, mode=s.calibration, self_kind=s.self_reward,
+                                       clamp=s.clip_clamp, w_vig=s.vig_weight, vig_scale=s.vig_scale)
     return calibrated
 
 
 def _grow_batch(cfg, expander, clip, processor, batch: list[tuple[PromptRecord, object]], settings):
     prompt_texts = [build_chat_prompt(processor, rec.prompt) for rec, _ in batch]
-    # CLIP sees the image as it is; the policy sees it as model.image_aspect prepares it
-    scorers = [make_sibling_scorer(cfg, clip, image) for _, image in batch]
+    # CLIP (and VIG, as the score stage computes it) see the image as it is; the policy's search sees
+    # it as model.image_aspect prepares it
+    vig = _search_vig(cfg, expander)
+    scorers = [make_sibling_scorer(cfg, clip, image, vig, rec.prompt) for rec, image in batch]
     images = [prepare_image(image, processor, cfg.model.image_aspect) for _, image in batch]
     if isinstance(expander, CachedLlavaExpander):
         prompts = expander.encode_prompts(images, prompt_texts)
         return grow_trees(lambda requests: expander.expand_many(prompts, requests), scorers, settings, prompt_texts)
     return [grow_tree(lambda responses, i=i: expander.expand(images[i], prompt_texts[i], responses),
                       scorers[i], settings, prompt_texts[i]) for i in range(len(batch))]
+
+
+def _search_vig(cfg: CSRConfig, expander):
+    """(model, processor, VIGOptions) when the search's reward has a VIG term, else None."""
+    if cfg.generate.selection != "calibrated" or cfg.score.vig_weight <= 0:
+        return None
+    from csr.vig.score import VIGOptions
+
+    return expander.model, expander.processor, VIGOptions.from_score_config(cfg.score)
 
 
 def _grow_isolated(cfg, expander, clip, processor, batch, settings, summary: StageSummary):

@@ -19,6 +19,7 @@ Everything here is model-free: the model enters through `expand`, the reward thr
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -123,6 +124,8 @@ class TreeSearch:
         if settings.length_limit not in LENGTH_LIMITS:
             raise ValueError(f"unknown length_limit '{settings.length_limit}' ({', '.join(LENGTH_LIMITS)})")
         self.score_siblings = score_siblings
+        # a scorer taking (siblings, nodes) also sees the tree so far (the VIG term reads the path)
+        self._with_nodes = len(inspect.signature(score_siblings).parameters) >= 2
         self.settings = settings
         self.prompt_text = prompt_text
         self.nodes: list[dict] = [{"id": ROOT, "parent": None, "depth": 0, "text": "", "final": False,
@@ -162,7 +165,8 @@ class TreeSearch:
                     node["final"], node["final_reason"] = True, "max_sentences"
                 nodes.append(node)
                 siblings.append(node)
-            for node, score in zip(siblings, self.score_siblings(siblings)):
+            scores = self.score_siblings(siblings, nodes) if self._with_nodes else self.score_siblings(siblings)
+            for node, score in zip(siblings, scores):
                 node["search_score"] = float(score)
                 # cumulative, as the official code's `node.score = parent.score + score`
                 node["path_search_score"] = parent.get("path_search_score", 0.0) + float(score)

@@ -126,9 +126,9 @@ def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
 
     model, processor = load_policy(policy_path or cfg.model.model_name_or_path, dtype=cfg.model.torch_dtype,
                                    device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
-                                   allow_pickle_weights=cfg.model.allow_pickle_weights)
-    options = VIGOptions(content_free=cfg.score.vig_content_free, blur_radius=cfg.score.vig_blur_radius,
-                         batch_size=cfg.score.vig_batch_size)
+                                   allow_pickle_weights=cfg.model.allow_pickle_weights,
+                                   chat_template=cfg.model.chat_template)  # the prompts the search used
+    options = VIGOptions.from_score_config(cfg.score)
     return lambda trees, images: add_node_vig(trees, images, model, processor, options)
 
 

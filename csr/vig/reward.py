@@ -178,8 +178,10 @@ def continuation_logprobs(model, processor, contexts: list[str], continuations: 
     return lps, ids
 
 
-def add_node_vig(trees: list[dict], images: list, model, processor, options: VIGOptions) -> int:
-    """`vig`, `vig_sum`, `vig_n_tokens` on every node (root excluded) of the trees, in place.
+def add_node_vig(trees: list[dict], images: list, model, processor, options: VIGOptions,
+                 only: set[int] | None = None) -> int:
+    """`vig`, `vig_sum`, `vig_n_tokens` on every node (root excluded) of the trees, in place; with
+    `only`, on the nodes of those ids alone (the new siblings of a search level).
 
     trees[i] is a generate/score-stage tree ({prompt, nodes}), images[i] its PIL image. The
     sentence's context is the chat prompt and the sentences before it on its path. Batches of
@@ -197,6 +199,8 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
         cf_img = content_free_image(image, options)
         nodes = tree["nodes"]
         for n in nodes[1:]:
+            if only is not None and n["id"] not in only:
+                continue
             if not n["text"].strip():
                 n["vig"], n["vig_sum"], n["vig_n_tokens"] = None, 0.0, 0
                 continue

@@ -314,6 +314,12 @@ class VIGOptions:
         self.blank_color = tuple(int(c) for c in self.blank_color)
         return self
 
+    @classmethod
+    def from_score_config(cls, score_cfg) -> "VIGOptions":
+        """The options a CSR recipe's `score` section sets (the search and the score stage alike)."""
+        return cls(content_free=score_cfg.vig_content_free, blur_radius=score_cfg.vig_blur_radius,
+                   batch_size=score_cfg.vig_batch_size)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["blank_color"] = list(self.blank_color)
