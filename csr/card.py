@@ -90,7 +90,7 @@ def model_card(*, base_model: str, round_: int, policy: str, dtype: str, pairs: 
     rows = _metric_rows(eval_metrics)
     lines += ["## Evaluation", ""]
     if rows:
-        lines += [f"Metrics of this round's model (`csr eval`):", "", "| metric | value |", "|---|---|", *rows, ""]
+        lines += ["Metrics of this round's model (`csr eval`):", "", "| metric | value |", "|---|---|", *rows, ""]
     else:
         lines += ["No eval set in the recipe (or not evaluated yet).", ""]
     lines += ["## Use", "", "```python", "from transformers import AutoModelForImageTextToText, AutoProcessor", "",

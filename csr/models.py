@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -85,13 +86,18 @@ def check_model_class(name_or_path: str, *, trust_remote_code: bool = False,
     return _supported(model_type, f"'{name_or_path}'")
 
 
-def with_cache(model, cache) -> dict:
-    """The forward keyword that passes a key/value cache: `cache` (transformers >= 5.2x, where
-    `past_key_values` is deprecated) or `past_key_values` (older releases)."""
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
     import inspect
 
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def with_cache(model, cache) -> dict:
+    """The forward keyword that passes a key/value cache: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated) or `past_key_values` (older releases); read once per class, as
+    every decoding step asks."""
+    return {_cache_keyword(type(model)): cache}
 
 
 def output_cache(out):
@@ -330,15 +336,24 @@ SENTENCE_ENDS = ("punctuation", "official")
 _SENTENCE_END_TEXT = re.compile(r"\s*\.+[\"')\]\u201d\u2019]*\s*")
 
 
-def token_texts(tokenizer, ids) -> dict[int, str]:
-    """Each id's text as it reads inside a sequence (a SentencePiece '▁.' is ' .', a byte-level 'Ċ' a newline).
+class ContinuationDecoder:
+    """Token ids decoded as they read after earlier text: a SentencePiece '▁The' is ' The', a
+    byte-level 'Ċ' a newline. Decoding ids alone would strip a leading space, so they are decoded
+    after an anchor token and cut at the anchor's own text (the anchor is looked up once)."""
 
-    Decoded after an anchor token and cut at the anchor's own text: decoding an id alone drops a
-    leading space in SentencePiece vocabularies.
-    """
-    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
-    head = tokenizer.decode([anchor])
-    return {i: tokenizer.decode([anchor, i])[len(head):] for i in ids}
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+        self.head = tokenizer.decode([self.anchor])
+
+    def __call__(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode([self.anchor, *ids], skip_special_tokens=skip_special_tokens)[len(self.head):]
+
+
+def token_texts(tokenizer, ids) -> dict[int, str]:
+    """Each id's text as it reads inside a sequence (a SentencePiece '▁.' is ' .')."""
+    decode = ContinuationDecoder(tokenizer)
+    return {i: decode([i]) for i in ids}
 
 
 def sentence_end_ids(tokenizer, mode: str = "punctuation") -> list[int]:
@@ -371,12 +386,12 @@ SENTENCE_END_PROBES = (".", " .", ".\n", ".\n\n", '."', ".)", "...")
 def describe_sentence_ends(tokenizer) -> str:
     """What ends a sentence in this vocabulary, per mode, and how the usual period forms tokenise."""
     lines = []
-    for mode in SENTENCE_ENDS:
-        ids = sentence_end_ids(tokenizer, mode)
+    ends = {mode: sentence_end_ids(tokenizer, mode) for mode in SENTENCE_ENDS}
+    for mode, ids in ends.items():
         texts = token_texts(tokenizer, ids)
         shown = ", ".join(f"{i} {texts[i]!r}" for i in ids[:12]) + (f", … ({len(ids)} in all)" if len(ids) > 12 else "")
         lines.append(f"{mode}: {shown}")
-    ends = {mode: set(sentence_end_ids(tokenizer, mode)) for mode in SENTENCE_ENDS}
+    ends = {mode: set(ids) for mode, ids in ends.items()}
     lines.append("after 'word':")
     anchor = "word"
     head = tokenizer.encode(anchor, add_special_tokens=False)

@@ -24,7 +24,7 @@ from csr.generate.tree import final_paths, join_sentences
 from csr.export import PAIRS_PARQUET, export_pairs_parquet
 from csr.faults import fault_point
 from csr.runstate import StageGuard, lock_if_main_process
-from csr.io import StageSummary, atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
+from csr.io import StageSummary, atomic_write_json, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
 from csr.vig.reward import path_vig, vig_pair_filter
 
@@ -121,10 +121,10 @@ def to_csr(pair: dict) -> dict:
 def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     guard = StageGuard(out_dir, "pairs", cfg, inputs=(score_dir,))
-    finished = guard.finished()
-    if finished is not None:
+    done = guard.finished()
+    if done is not None:
         log.info("[pairs] %s is finished; skipping", out_dir)
-        return finished
+        return done
     scored = require_done(score_dir, "score") / "scored.jsonl"
     guard.start()
     summary = StageSummary("pairs")

@@ -17,8 +17,6 @@ The estimates are first-order, to size a launch, not to replace a trial run:
 from __future__ import annotations
 
 import argparse
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -156,17 +158,9 @@ class FolderLock:
             self.fd = None
 
 
-def lock_if_main_process(folder: str | Path) -> FolderLock | _NoLock:
+def lock_if_main_process(folder: str | Path):
     """A stage run alone locks its output folder; under a distributed launcher only rank 0 does."""
-    return FolderLock(folder) if os.environ.get("RANK", "0") == "0" else _NoLock()
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+    return FolderLock(folder) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +182,7 @@ REWARD_KEYS = ("clip_backend", "clip_model", "clip_pretrained", "reward_lambda",
 
 def _section(cfg: CSRConfig, name: str, keys: tuple | None = None) -> dict:
     values = getattr(cfg, name)
-    values = dict(values) if isinstance(values, dict) else {k: v for k, v in cfg.to_dict()[name].items()}
+    values = dict(values) if isinstance(values, dict) else dataclasses.asdict(values)
     if keys is not None:
         values = {k: values[k] for k in keys if k in values}
     if name == "train":

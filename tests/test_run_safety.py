@@ -314,7 +314,6 @@ def test_a_torn_done_file_and_a_read_only_folder_are_one_line(recipe, tmp_path):
 
 def test_a_tree_clip_cannot_read_is_skipped_not_the_batch(recipe, tmp_path, monkeypatch):
     from csr.generate.stage import run_generate
-    from csr.io import write_jsonl
     from csr.score import stage as score_stage
 
     cfg = recipe(None, "generate.selection=self", "data.max_prompts=3", "score.tree_batch_size=3")

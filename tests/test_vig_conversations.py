@@ -7,19 +7,13 @@ import json
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from csr.vig import score as S
 
 IGNORE = -100
 
 
-def _image(seed: int) -> Image.Image:
-    im = Image.new("RGB", (40, 40), (250, 250, 250))
-    d = ImageDraw.Draw(im)
-    d.ellipse((2 + seed, 2, 18 + seed, 18), fill=(220, 20 * seed % 255, 20))
-    d.rectangle((22, 22, 37, 37), fill=(20, 20, 220))
-    return im
+from test_vig_train import _image  # noqa: E402  (one drawing of the test images)
 
 
 TWO_TURNS = [{"prompt": "What is in the image?", "answer": "A red circle."},

@@ -35,7 +35,7 @@ def test_each_stage_trains_only_its_part(small_world, tmp_path):
     clip = small_world / "models" / "clip"
     train_aligned_llava(small_world, clip, tmp_path / "init", lm_steps=0, align_steps=0, **kw)
     lm = train_aligned_llava(small_world, clip, tmp_path / "lm", lm_steps=2, align_steps=0, **kw)
-    al = train_aligned_llava(small_world, clip, tmp_path / "align", lm_steps=0, align_steps=2, **kw)
+    train_aligned_llava(small_world, clip, tmp_path / "align", lm_steps=0, align_steps=2, **kw)
     init, w_lm, w_al = (_weights(tmp_path / d) for d in ("init", "lm", "align"))
     moved_lm, moved_al = _moved(init, w_lm), _moved(init, w_al)
     assert moved_lm and all("language_model" in k or k.startswith("lm_head") for k in moved_lm)

@@ -1,7 +1,6 @@
 """csr.world.diagnostics (scripts/world_diagnostics.py) on a hand-made world whose answers are known."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.tree import prefix_text
-from csr.models import class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
+from csr.models import ContinuationDecoder, class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class LlavaExpander:
         self.stop_ids = stop_ids
         self.eos_stops = eos_stops  # False: only the period tokens stop a sentence (official code)
         self.continuation = continuation
-        self._anchor = None
+        self._text_of = ContinuationDecoder(self.tokenizer)
         self.suppress_ids = placeholder_ids(processor)
         eos = self.tokenizer.eos_token_id
         self.eos_ids = [eos] if eos is not None else []
@@ -147,13 +147,8 @@ class LlavaExpander:
         return positions[None].expand(3, -1, -1) if self.mrope else positions
 
     def decode(self, cand: Candidate) -> str:
-        """The candidate's exact text as it reads after earlier text: a leading '▁' (SentencePiece) is
-        a space, newlines stay. Decoded after an anchor token, which decoding alone would strip."""
-        if self._anchor is None:
-            anchor = self.tokenizer.encode("a", add_special_tokens=False)[-1]
-            self._anchor = (anchor, self.tokenizer.decode([anchor]))
-        anchor, head = self._anchor
-        return self.tokenizer.decode([anchor, *cand.token_ids], skip_special_tokens=True)[len(head):]
+        """The candidate's exact text as it reads after earlier text (a leading '▁' is a space, newlines stay)."""
+        return self._text_of(cand.token_ids, skip_special_tokens=True)
 
     def _uses_tokens(self, prefixes) -> bool:
         return self.continuation == "tokens" and all(prefix_tokens(p) is not None for p in prefixes)

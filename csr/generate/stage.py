@@ -190,10 +190,10 @@ def _wait_for(paths: list[Path], what: str, poll: float = 2.0) -> None:
 def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     guard = StageGuard(out_dir, "generate", cfg, inputs=(policy_path,))
-    finished = guard.finished()  # refuses a folder made with other settings
-    if finished is not None:
+    done = guard.finished()  # refuses a folder made with other settings
+    if done is not None:
         log.info("[generate] %s is finished; skipping", out_dir)
-        return finished
+        return done
     rank, world, local_rank = dist_info()
     if rank == 0:
         guard.start()

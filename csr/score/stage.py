@@ -26,7 +26,7 @@ from csr.cli import stage_parser
 from csr.config import ConfigError, CSRConfig, load_config
 from csr.data import BadInput, load_image
 from csr.faults import fault_point
-from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
+from csr.io import (JsonlAppender, StageSummary, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
 from csr.cleaning import dropped_nodes, is_end_marker
 from csr.runstate import StageGuard, lock_if_main_process
@@ -136,10 +136,10 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
     out_dir = Path(out_dir)
     vig_policy = (policy_path or cfg.model.model_name_or_path) if (cfg.score.vig_weight > 0 or cfg.pairs.vig_filter) else None
     guard = StageGuard(out_dir, "score", cfg, inputs=(generate_dir, vig_policy))
-    finished = guard.finished()
-    if finished is not None:
+    done = guard.finished()
+    if done is not None:
         log.info("[score] %s is finished; skipping", out_dir)
-        return finished
+        return done
     trees_path = require_done(generate_dir, "generate") / "trees.jsonl"
     guard.start()
     scored_path = out_dir / SCORED

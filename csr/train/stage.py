@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from csr.config import ConfigError, CSRConfig, load_config
-from csr.io import atomic_write_json, is_done, iter_jsonl, mark_done, read_done, require_done
+from csr.io import atomic_write_json, iter_jsonl, mark_done, require_done
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ def render_pair(example: dict, processor) -> dict:
 
 def image_token_count(processor, size: tuple[int, int], cache: dict) -> int:
     """Tokens one image of `size` (width, height) becomes in the prompt, as the processor expands it."""
+    from csr.models import image_token_text
+
     if size not in cache:
         w, h = size
         counter = getattr(processor, "_get_num_multimodal_tokens", None)
@@ -196,17 +198,11 @@ def image_token_count(processor, size: tuple[int, int], cache: dict) -> int:
         if n is None:  # ask the processor itself on a blank image of that size
             from PIL import Image
 
-            text = image_token_text_of(processor)
+            text = image_token_text(processor)
             ids = processor(images=[Image.new("RGB", size)], text=[text], return_tensors="pt")["input_ids"][0]
             n = len(ids) - len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
         cache[size] = n
     return cache[size]
-
-
-def image_token_text_of(processor) -> str:
-    from csr.models import image_token_text
-
-    return image_token_text(processor)
 
 
 def longest_pair_tokens(dataset, processor, image_aspect: str = "processor", bos: int = 0) -> tuple[int, dict]:
@@ -219,8 +215,10 @@ def longest_pair_tokens(dataset, processor, image_aspect: str = "processor", bos
         from datasets import List
     except ImportError:  # pragma: no cover - datasets 3.x
         from datasets import Sequence as List
+    from csr.models import image_token_text
+
     tok = getattr(processor, "tokenizer", processor)
-    placeholder = tok(image_token_text_of(processor), add_special_tokens=False)["input_ids"]
+    placeholder = tok(image_token_text(processor), add_special_tokens=False)["input_ids"]
     paths = dataset.cast_column("images", List(ImageFeature(decode=False)))["images"]
     texts = dataset.select_columns(["prompt", "chosen", "rejected"])
     cache: dict = {}
@@ -484,10 +482,10 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
 
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     guard = StageGuard(out_dir, "train", cfg, inputs=(pairs_dir, policy_path))
-    finished = guard.finished()  # a checkpoint made with another recipe is refused, not resumed
-    if finished is not None:
+    done = guard.finished()  # a checkpoint made with another recipe is refused, not resumed
+    if done is not None:
         log.info("train: %s is done, skipping", out_dir)
-        return finished
+        return done
     args = build_train_args(cfg, out_dir)  # config errors first, before reading data or loading models
     records = read_pairs(pairs_dir)
     dataset = pairs_dataset(records)

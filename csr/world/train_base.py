@@ -268,6 +268,18 @@ def _answer_loss_steps(model, examples: list, pixels, params: list, *, steps: in
     return losses
 
 
+def _new_world_llava(records: list[dict], clip_dir, out_dir, *, vocab_size: int, hidden_size: int, num_layers: int,
+                     seed: int):
+    """A tiny LLaVA with the world CLIP's image trunk and a tokenizer trained on the records' conversations
+    (words as they appear there: " Yes", " There", with the space); saved to `out_dir`."""
+    from csr.tiny import build_tiny_llava
+
+    clip, _, _ = load_open_clip_folder(clip_dir)
+    corpus = sorted({f"USER: <image>\n{r['prompt']} ASSISTANT: {r['answer']}</s>" for r in records})
+    return build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
+                            num_layers=num_layers, vision_model=open_clip_visual_to_hf(clip.visual), seed=seed)
+
+
 def _train_images(world: Path, paths: list[str], processor) -> tuple[list, torch.Tensor]:
     """The world's training images (RGB) and their pixel values through the saved processor, in `paths` order."""
     from PIL import Image
@@ -288,21 +300,15 @@ def train_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: str | Path
                 train_vision: bool = False,
                 max_records: int | None = None) -> dict:
     """SFT a tiny LLaVA on train/sft.jsonl with the world CLIP's image trunk; save to `out_dir`."""
-    from PIL import Image
 
     from csr.models import build_chat_prompt
-    from csr.tiny import build_tiny_llava
 
     world = Path(world_dir)
     t0 = time.time()
     rng = random.Random(seed)
     records = read_jsonl(world / "train" / "sft.jsonl")[:max_records]
-    clip, _, _ = load_open_clip_folder(clip_dir)
-    vision = open_clip_visual_to_hf(clip.visual)
-    # the tokenizer learns words as they appear in a conversation (" Yes", " There": with the space)
-    corpus = sorted({f"USER: <image>\n{r['prompt']} ASSISTANT: {r['answer']}</s>" for r in records})
-    model, processor = build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
-                                        num_layers=num_layers, vision_model=vision, seed=seed)
+    model, processor = _new_world_llava(records, clip_dir, out_dir, vocab_size=vocab_size, hidden_size=hidden_size,
+                                        num_layers=num_layers, seed=seed)
     tok = processor.tokenizer
 
     # images once, through the saved processor (exactly what evaluation will feed)
@@ -348,11 +354,9 @@ def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: st
     trains. The vision tower (the world CLIP's) never trains. Same tokenizer and sizes as
     `train_llava`, so instruction tuning from it is comparable with the world's base LLaVA.
     """
-    from PIL import Image
 
     from csr.debias.calibration import content_free_prompt
     from csr.models import build_chat_prompt
-    from csr.tiny import build_tiny_llava
 
     world = Path(world_dir)
     t0 = time.time()
@@ -361,11 +365,8 @@ def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: st
     captions = [r for r in records if r.get("kind") == "caption"]
     if not captions:
         raise ValueError(f"{world / 'train' / 'sft.jsonl'} has no caption records (kind 'caption') to align on")
-    clip, _, _ = load_open_clip_folder(clip_dir)
-    vision = open_clip_visual_to_hf(clip.visual)
-    corpus = sorted({f"USER: <image>\n{r['prompt']} ASSISTANT: {r['answer']}</s>" for r in records})
-    model, processor = build_tiny_llava(out_dir, corpus=corpus, vocab_size=vocab_size, hidden_size=hidden_size,
-                                        num_layers=num_layers, vision_model=vision, seed=seed)
+    model, processor = _new_world_llava(records, clip_dir, out_dir, vocab_size=vocab_size, hidden_size=hidden_size,
+                                        num_layers=num_layers, seed=seed)
     tok = processor.tokenizer
 
     def answer_ids(r):
