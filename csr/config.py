@@ -358,7 +358,7 @@ class CSRConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    # trl.DPOConfig fields plus LoRA fields, validated against csr.train.config.TrainConfig and
+    # trl.DPOConfig fields plus LoRA fields, validated against csr.train_config.TrainConfig and
     # instantiated by the train stage (DPOConfig's __post_init__ probes devices, so not here).
     train: dict = field(default_factory=dict)
 
@@ -380,7 +380,7 @@ def _require(ok: bool, key: str, value: Any, why: str):
 
 
 def _train_fields() -> dict[str, dataclasses.Field]:
-    from csr.train.config import TrainConfig  # imports trl: only when a train section is checked
+    from csr.train_config import TrainConfig  # imports trl: only when a train section is checked
 
     return {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
 
@@ -563,9 +563,10 @@ HELP_WIDTH = 100
 
 
 def _own_train_fields() -> set[str]:
-    from csr.train.config import TrainConfig
+    from csr.train_config import FineTuneFields, TrainConfig
 
-    return set(TrainConfig.__dict__.get("__annotations__", {})) | set(TRAIN_COMMON)
+    own = set(TrainConfig.__dict__.get("__annotations__", {})) | set(FineTuneFields.__dict__.get("__annotations__", {}))
+    return own | set(TRAIN_COMMON)
 
 
 def describe_keys(section: str, all_keys: bool = False) -> str:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from csr.io import is_done, read_done
 from csr.models import build_chat_prompt, load_processor
-from csr.train.config import TrainConfig
+from csr.train_config import TrainConfig
 from csr.train.merge import MergeError, merge_lora
 
 

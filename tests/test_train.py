@@ -11,7 +11,7 @@ from PIL import Image
 
 from csr.config import ConfigError, load_config
 from csr.io import StageInputMissing, is_done, mark_done, read_done, write_jsonl
-from csr.train.config import LM_LINEAR_REGEX, TrainConfig
+from csr.train_config import LM_LINEAR_REGEX, TrainConfig
 from csr.train.stage import (TrainInputError, build_train_args, build_trainer, lora_module_names, pairs_dataset,
                              read_pairs, run_train, shipped_deepspeed_configs)
 

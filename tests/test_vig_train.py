@@ -167,9 +167,27 @@ def test_train_config_and_overrides():
         build_args("/tmp/x", {"remove_unused_columns": True}, cuda_available=False)
     with pytest.raises(ValueError):
         build_args("/tmp/x", {"keep_percent": 150.0}, cuda_available=False)
+    with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):   # the shared LoRA checks (csr.train_config)
+        build_args("/tmp/x", {"lora_r": 0}, cuda_available=False)
     args = build_args("/tmp/x", {}, cuda_available=False)
     assert isinstance(args, SelectiveSFTConfig) and args.keep_percent == 70.0 and not args.bf16
     assert args.lora_config().r == 128
+    assert args.lora_config().modules_to_save is None and args.activation_checkpointing is True
+
+
+def test_selective_sft_and_dpo_share_the_lora_fields():
+    """One definition of the LoRA / dtype fields: the same LoRA from both configs' defaults, and
+    vig train's projector default (LLaVA's) over the DPO stage's auto."""
+    from csr.train_config import TrainConfig
+    from csr.vig.train import build_args
+
+    sft = build_args("/tmp/x", {"train_projector": True}, cuda_available=False)
+    dpo = TrainConfig(output_dir="/tmp/x", use_cpu=True, bf16=False)
+    a, b = sft.lora_config(), dpo.lora_config()
+    assert (a.r, a.lora_alpha, a.lora_dropout, a.target_modules) == (b.r, b.lora_alpha, b.lora_dropout,
+                                                                     b.target_modules) == (128, 256, 0.05, b.target_modules)
+    assert a.modules_to_save == ["multi_modal_projector"] and b.modules_to_save is None
+    assert sft.resolved_model_dtype() == dpo.resolved_model_dtype() == "float32"
 
 
 def test_prepend_bos_matches_generation_tokenisation(processor):

@@ -96,7 +96,7 @@ def build_train_args(cfg: CSRConfig, out_dir: Path, *, cuda_available: bool | No
     output folder is the stage's; without CUDA, training runs on the CPU in float32.
     """
     from csr.tracking import tracker_names
-    from csr.train.config import TrainConfig
+    from csr.train_config import TrainConfig
 
     values = dict(cfg.train)  # already type-checked by csr.config (YAML's `no` is "no" there)
     values["output_dir"] = str(out_dir)
