@@ -350,31 +350,20 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig."""
+    """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig.
+
+    `csr.config`'s parser and type checks; a key may carry the `train.` prefix."""
     import dataclasses
-    import difflib
-    from enum import Enum
 
-    import yaml
+    from csr.config import ConfigError, check_section_values, parse_overrides as parse_dotted
 
+    raw = parse_dotted(items, default_section="train")
+    if set(raw) - {"train"}:
+        raise ConfigError(f"override section '{sorted(set(raw) - {'train'})[0]}': `csr vig train` takes only "
+                          f"SelectiveSFTConfig / SFTConfig keys (key=value or train.key=value).")
     fields = {f.name: f for f in dataclasses.fields(SelectiveSFTConfig) if f.init}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' must look like key=value (any SelectiveSFTConfig / SFTConfig field)")
-        key, text = item.split("=", 1)
-        key = key.removeprefix("train.")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=2)
-            raise ValueError(f"unknown training key '{key}'." + (f" Did you mean {close}?" if close else ""))
-        value = yaml.safe_load(text) if text != "" else ""
-        default = fields[key].default
-        if isinstance(value, bool) and isinstance(default, (str, Enum)):
-            value = "yes" if value else "no"   # YAML 1.1 reads `save_strategy=no` as false
-        if isinstance(value, str) and (fields[key].type in ("float", float) or isinstance(default, float)):
-            value = float(value)
-        out[key] = value
-    return out
+    return check_section_values("train", raw.get("train", {}), fields, "csr vig train",
+                                listing="SelectiveSFTConfig (csr/vig/train.py) with trl.SFTConfig")
 
 
 def main_train(a: argparse.Namespace) -> int:
