@@ -182,7 +182,7 @@ def check_before_work(cfg: CSRConfig) -> None:
 
     check_output_dir(cfg.run.output_dir, "run.output_dir")
     if cfg.train:  # the train section is checked now, not when round 1 reaches it
-        from csr.train.stage import build_train_args
+        from csr.train.args import build_train_args
 
         build_train_args(cfg, Path(cfg.run.output_dir) / "round_1" / "train")
 

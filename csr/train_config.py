@@ -106,7 +106,7 @@ class FineTuneFields:
 
         if self.train_projector and self.projector_module == "auto":
             raise ValueError("projector_module='auto' must be resolved from the model class first "
-                             "(csr.models.SUPPORTED_CLASSES; the DPO stage's build_trainer does), or named.")
+                             "(csr.models.SUPPORTED_CLASSES; csr.train.trainer.build_trainer does), or named.")
 
         return LoraConfig(
             r=self.lora_r,

@@ -12,8 +12,10 @@ from PIL import Image
 from csr.config import ConfigError, load_config
 from csr.io import StageInputMissing, is_done, mark_done, read_done, write_jsonl
 from csr.train_config import LM_LINEAR_REGEX, TrainConfig
-from csr.train.stage import (TrainInputError, build_train_args, build_trainer, lora_module_names, pairs_dataset,
-                             read_pairs, run_train, shipped_deepspeed_configs)
+from csr.train.args import build_train_args, shipped_deepspeed_configs
+from csr.train.data import TrainInputError, pairs_dataset, read_pairs
+from csr.train.stage import run_train
+from csr.train.trainer import build_trainer, lora_module_names
 
 # Small and fast: a few steps at a learning rate high enough to move the weights visibly.
 FAST = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3, "lora_r": 8,
@@ -95,7 +97,7 @@ def test_defaults_are_the_papers():
 
 def test_cpu_turns_bf16_off_with_a_note(tmp_path, caplog):
     cfg = load_config(None, ["run.seed=7", "run.report_to=none"])
-    with caplog.at_level(logging.INFO, logger="csr.train.stage"):
+    with caplog.at_level(logging.INFO, logger="csr.train.args"):
         args = build_train_args(cfg, tmp_path / "out", cuda_available=False)
     assert args.bf16 is False and args.use_cpu is True and args.seed == 7
     assert args.output_dir == str(tmp_path / "out") and args.report_to in ([], ["none"], "none")
@@ -215,7 +217,9 @@ def test_run_train_resumes_from_a_checkpoint(tmp_path, tiny_llava_dir, images_di
 def test_dpo_batches_start_with_bos_like_generation(tiny_llava_dir, tmp_path):
     """TRL tokenises the chat without special tokens; the stage puts back the BOS generation sees."""
     from csr.models import build_chat_prompt, load_processor
-    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+    from csr.train.args import build_train_args
+    from csr.train.data import pairs_dataset
+    from csr.train.trainer import build_trainer
 
     processor = load_processor(str(tiny_llava_dir))
     image = tmp_path / "im.png"
