@@ -171,6 +171,10 @@ class WandbTracker(NullTracker):
             self.ledger.add(self.name, f"summary-round{row['round']}")
 
     def train_env(self, round_: int) -> dict[str, str]:
+        # wandb reads WANDB_* from the environment once per process, when it is first set up; this
+        # tracker's own runs set it up, so without a teardown an in-process train stage's TRL run
+        # would ignore the id, name and folder below (a random id, logged to ./wandb)
+        self.wandb.teardown()
         name = f"round{round_}-train"
         return {"WANDB_PROJECT": self.project, "WANDB_RUN_GROUP": self.group, "WANDB_DIR": self.dir,
                 "WANDB_JOB_TYPE": "train", "WANDB_RUN_ID": run_id(self.run_dir, name), "WANDB_RESUME": "allow",
