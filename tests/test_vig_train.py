@@ -125,7 +125,7 @@ def test_selective_sft_trains_on_the_selection(tiny_llava_dir, scored_dir, tmp_p
     # one epoch over the kept samples: the collator supervised exactly the planned tokens
     assert tr["examples_seen"] == 3 and tr["supervised_tokens_seen"] == want
     assert tr["answer_tokens_seen"] == sum(r["n_tokens"] for r in recs if r["id"] in kept_ids)
-    assert tr["steps"] == 2 and tr["final_loss"] is not None
+    assert tr["steps"] == 2 and tr["final_loss"] > 0   # a cross-entropy, logged
     assert (out / "model" / "config.json").is_file() and (out / "DONE.json").is_file()
     assert (out / "adapter").is_dir() == use_lora
     # the saved model loads and differs from the start
@@ -155,7 +155,7 @@ def test_plain_sft_supervises_every_answer_token(tiny_llava_dir, scored_dir, tmp
 
 
 def test_train_config_and_overrides():
-    from csr.vig.train import SelectiveSFTConfig, build_args, parse_overrides
+    from csr.vig.train import build_args, parse_overrides
 
     vals = parse_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile",
                             "save_strategy=no", "activation_checkpointing=false", "keep_percent=50"])
@@ -177,7 +177,7 @@ def test_train_config_and_overrides():
     with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):   # the shared LoRA checks (csr.train_config)
         build_args("/tmp/x", {"lora_r": 0}, cuda_available=False)
     args = build_args("/tmp/x", {}, cuda_available=False)
-    assert isinstance(args, SelectiveSFTConfig) and args.keep_percent == 70.0 and not args.bf16
+    assert args.keep_percent == 70.0 and not args.bf16 and args.use_cpu and args.output_dir == "/tmp/x"
     assert args.lora_config().r == 128
     assert args.lora_config().modules_to_save is None and args.activation_checkpointing is True
 
