@@ -363,7 +363,7 @@ def parse_overrides(items: list[str]) -> dict:
                           f"SelectiveSFTConfig / SFTConfig keys (key=value or train.key=value).")
     fields = {f.name: f for f in dataclasses.fields(SelectiveSFTConfig) if f.init}
     return check_section_values("train", raw.get("train", {}), fields, "csr vig train",
-                                listing="SelectiveSFTConfig (csr/vig/train.py) with trl.SFTConfig")
+                                listing="SelectiveSFTConfig in csr/vig/train.py (with trl.SFTConfig's fields)")
 
 
 def main_train(a: argparse.Namespace) -> int:
