@@ -8,7 +8,7 @@ from csr.config import PairsConfig
 from csr.cleaning import has_repeats, node_drop_reason
 from csr.pairs import candidate_paths, pick_pair, to_csr, to_trl
 from csr.score.reward import calibrate_siblings, rank_fractions, score_siblings, self_reward
-from csr.score.stage import siblings_by_parent
+from csr.tree_format import siblings_by_parent
 
 
 def test_rank_fractions_best_is_one_over_n():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -28,20 +27,14 @@ from csr.data import BadInput, load_image
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
-from csr.cleaning import dropped_nodes, is_end_marker
+from csr.cleaning import dropped_nodes
 from csr.runstate import StageGuard, lock_if_main_process
 from csr.score.reward import score_siblings
+from csr.tree_format import is_end_marker, siblings_by_parent
 
 log = logging.getLogger(__name__)
 
 SCORED = "scored.jsonl"
-
-
-def siblings_by_parent(nodes: list[dict]) -> dict[int, list[dict]]:
-    groups: dict[int, list[dict]] = defaultdict(list)
-    for n in nodes[1:]:
-        groups[n["parent"]].append(n)
-    return groups
 
 
 def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:

@@ -153,7 +153,7 @@ def continuation_logprobs(model, processor, contexts: list[str], continuations: 
     tokens are those of `full` after the longest common prefix with `context`'s tokens. Right
     padding (natural positions). `images` None: text only.
     """
-    from csr.generate.tree import continue_text
+    from csr.tree_format import continue_text
 
     tok = processor.tokenizer
     fulls = [continue_text(c, s) for c, s in zip(contexts, continuations)]
@@ -187,8 +187,8 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
     sentence's context is the chat prompt and the sentences before it on its path. Batches of
     `options.batch_size` nodes across trees. Returns the number of nodes scored.
     """
-    from csr.generate.tree import path_sentences, prefix_text
     from csr.models import build_chat_prompt
+    from csr.tree_format import path_sentences, prefix_text
     from csr.vig.score import vig_from_logprobs
 
     options.validate()
@@ -254,7 +254,7 @@ def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, option
     from csr.data import BadInput, load_image
     from csr.io import StageSummary, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
     from csr.models import load_policy
-    from csr.score.stage import siblings_by_parent
+    from csr.tree_format import siblings_by_parent
 
     out_dir = Path(out_dir)
     if is_done(out_dir):
