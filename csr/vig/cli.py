@@ -119,14 +119,14 @@ def _train(a) -> int:
 
 
 def _rescore(a) -> int:
+    import dataclasses
+
     from csr.config import load_config
     from csr.vig.reward import run_rescore
 
     cfg = load_config(a.config, a.overrides)
-    s = cfg.score
-    summary = run_rescore(a.scored, a.out, a.policy, _options(a), lam=s.reward_lambda, mode=s.calibration,
-                          self_kind=s.self_reward, clamp=s.clip_clamp, w_vig=a.vig_weight, vig_scale=a.vig_scale,
-                          device=a.device, dtype=a.dtype)
+    score_cfg = dataclasses.replace(cfg.score, vig_weight=a.vig_weight, vig_scale=a.vig_scale)
+    summary = run_rescore(a.scored, a.out, a.policy, _options(a), score_cfg, device=a.device, dtype=a.dtype)
     print(json.dumps(summary, indent=2))
     return 0
 
