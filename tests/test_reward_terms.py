@@ -145,3 +145,27 @@ def test_a_term_weighed_by_a_missing_config_field_names_it(red_term):
 def test_an_unknown_calibration_is_refused():
     with pytest.raises(ValueError, match="unknown calibration 'mean'"):
         calibrated_rewards([{"clip": 30.0, "logprob_sum": math.log(0.5)}], ScoreConfig(calibration="mean"))
+
+
+@pytest.mark.parametrize("flags,weight,scale", [
+    ([], 0.7, "nats"),                                             # the recipe's
+    (["--vig-weight", "2.0"], 2.0, "nats"),                        # the flag overrides the weight alone
+    (["--vig-scale", "contrast", "score.vig_weight=0.4"], 0.4, "contrast"),
+])
+def test_vig_rescore_weighs_the_term_as_the_recipe_says(tmp_path, monkeypatch, flags, weight, scale):
+    import csr.vig.reward
+    from csr.vig.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("score:\n  vig_weight: 0.7\n  vig_scale: nats\n  reward_lambda: 0.5\n")
+    seen = {}
+    monkeypatch.setattr(csr.vig.reward, "run_rescore", lambda *a, **k: seen.update(cfg=a[4]) or {})
+    assert main(["rescore", "--scored", "S", "--policy", "P", "--out", "O", "--config", str(recipe), *flags]) == 0
+    assert (seen["cfg"].vig_weight, seen["cfg"].vig_scale, seen["cfg"].reward_lambda) == (weight, scale, 0.5)
+
+
+def test_vig_rescore_refuses_a_negative_weight(tmp_path):
+    from csr.vig.cli import main
+
+    with pytest.raises(ConfigError, match="score.vig_weight"):
+        main(["rescore", "--scored", "S", "--policy", "P", "--out", "O", "--vig-weight", "-1"])
