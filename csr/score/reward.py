@@ -188,15 +188,13 @@ def calibrated_rewards(siblings: list[dict], score_cfg) -> list[float]:
     value (`stored_as`) and the mixed `reward`.
     """
     terms = active_terms(score_cfg)
-    columns = []
-    for term in terms:
-        values = [term.value(n, score_cfg) for n in siblings]
-        for n, v in zip(siblings, values):
-            n[term.stored_as] = v
-        columns.append(values)
+    columns = [[term.value(n, score_cfg) for n in siblings] for term in terms]
     rewards = mix_terms(columns, [t.weight_in(score_cfg) for t in terms], score_cfg.calibration)
-    for n, r in zip(siblings, rewards):
-        n["reward"] = r
+    for i, n in enumerate(siblings):
+        # laid out as the files always were: the paper's parts, the reward, then any further term's
+        n.update((t.stored_as, values[i]) for t, values in zip(terms, columns) if t.always)
+        n["reward"] = rewards[i]
+        n.update((t.stored_as, values[i]) for t, values in zip(terms, columns) if not t.always)
     return rewards
 
 
