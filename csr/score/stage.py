@@ -1,7 +1,8 @@
 """Stage score: self-reward and CLIP visual constraint for every node, calibrated among siblings.
 
 Reads generate/trees.jsonl, writes score/scored.jsonl: the same trees with, on every node,
-`clip` (100·cos), `self_reward`, `visual_reward` and `reward` (see `csr.score.reward`).
+`clip` (100·cos), `self_reward`, `visual_reward`, `reward` and the part of every further active
+term (`vig_reward` with `score.vig_weight` > 0; see `csr.score.reward`).
 CLIP scores computed during the search (selection=calibrated) are reused, not recomputed.
 
 Before rewards are ranked, nodes that the pairs cleaning drops (`csr.cleaning`: short sentences,
