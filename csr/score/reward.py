@@ -166,7 +166,9 @@ register_term(RewardTerm(
 def mix_terms(columns: Sequence[Sequence[float]], weights: Sequence[float], mode: str) -> list[float]:
     """Σ weight·value per sibling over the terms' value columns (raw), or −Σ weight·rank_fraction (rank).
 
-    Summed left to right in term order, starting from the first product (so no −0.0 turns into 0.0).
+    Summed left to right in term order, starting from the first product (so no −0.0 turns into 0.0):
+    with self before visual the floats are those of λ·R_I + (1 − λ)·R_T, as a + b == b + a exactly,
+    and the rank mix negated at the end equals −(…) − w·rank, as −x − y == −(x + y).
     """
     if mode not in CALIBRATIONS:
         raise ValueError(f"unknown calibration '{mode}' ({', '.join(CALIBRATIONS)})")
