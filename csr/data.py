@@ -160,3 +160,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInput("image_too_large", f"image '{path}' is too large to decode safely ({e}).") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BadInput("corrupt_image", f"image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
+
+
+def as_rgb_image(image) -> Image.Image:
+    """A PIL image as RGB, or the image file a path names (`load_image`)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return load_image(image)

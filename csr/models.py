@@ -455,6 +455,30 @@ def build_chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def encode_left_padded(processor, model, prompts: list[str], images: list | None) -> dict:
+    """A left-padded batch of chat prompts (with `images`, PIL, one per prompt) on the model's device,
+    pixel values in its dtype. images=None: a text-only batch, checked to carry no image input
+    (`csr.content_free.check_text_only`)."""
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        if images is None:
+            enc = processor(text=prompts, padding=True, return_tensors="pt")
+        else:
+            enc = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+    enc = dict(enc)
+    if images is None:
+        from csr.content_free import check_text_only
+
+        check_text_only(enc, model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
+
+
 def close_answer(text: str, processor) -> str:
     """An assistant turn as rendered by the chat template, closed by EOS when the template does not
     close it itself (llava-hf's LLaVA-1.5 template renders `text + ' '`): training then learns where an

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from csr import content_free as CF
 from csr.debias import calibration as C
 
 
@@ -148,16 +149,16 @@ def test_content_free_prompts(tiny):
     _, proc = tiny
     prompt = build_chat_prompt(proc, "Is there a dog?")
     assert "<image>" in prompt
-    none = C.content_free_prompt(prompt, proc, "none")
-    unk = C.content_free_prompt(prompt, proc, "unk")
+    none = CF.content_free_prompt(prompt, proc, "none")
+    unk = CF.content_free_prompt(prompt, proc, "unk")
     assert "<image>" not in none and "<unk>" not in none and none.startswith("USER: Is there")
     assert unk == prompt.replace("<image>", "<unk>")
     with pytest.raises(ValueError):
-        C.content_free_prompt("no placeholder", proc, "none")
-    im = C.content_free_image("blank", (12, 10))
+        CF.content_free_prompt("no placeholder", proc, "none")
+    im = CF.blank_or_noise_image("blank", (12, 10))
     assert im.size == (12, 10) and im.getpixel((3, 3)) == (255, 255, 255)
-    a = np.asarray(C.content_free_image("noise", (12, 10), np.random.default_rng(0)))
-    b = np.asarray(C.content_free_image("noise", (12, 10), np.random.default_rng(0)))
+    a = np.asarray(CF.blank_or_noise_image("noise", (12, 10), np.random.default_rng(0)))
+    b = np.asarray(CF.blank_or_noise_image("noise", (12, 10), np.random.default_rng(0)))
     assert (a == b).all() and a.std() > 30
 
 
@@ -189,11 +190,11 @@ def test_text_only_inputs_reach_no_image_features(tiny, images_dir):
     ids = proc.tokenizer(["USER: <image> hi"], return_tensors="pt")
     assert model.config.image_token_id in ids["input_ids"]
     with pytest.raises(AssertionError, match="placeholder"):
-        C.check_text_only(dict(ids), model)
+        CF.check_text_only(dict(ids), model)
     ids = dict(proc.tokenizer(["USER: hi"], return_tensors="pt"))
-    C.check_text_only(ids, model)
+    CF.check_text_only(ids, model)
     with pytest.raises(AssertionError, match="pixel_values"):
-        C.check_text_only({**ids, "pixel_values": torch.zeros(1, 3, 32, 32)}, model)
+        CF.check_text_only({**ids, "pixel_values": torch.zeros(1, 3, 32, 32)}, model)
 
 
 def test_label_probs_match_an_unbatched_softmax(tiny, images_dir):
@@ -212,7 +213,7 @@ def test_label_probs_match_an_unbatched_softmax(tiny, images_dir):
         with torch.no_grad():
             enc = proc(text=[prompt], images=[load_image(images[i])], return_tensors="pt")
             probs = torch.softmax(model(**enc).logits[0, -1].double(), -1).numpy()
-            enc = proc(text=[C.content_free_prompt(prompt, proc, "none")], return_tensors="pt")
+            enc = proc(text=[CF.content_free_prompt(prompt, proc, "none")], return_tensors="pt")
             probs_none = torch.softmax(model(**enc).logits[0, -1].double(), -1).numpy()
         np.testing.assert_allclose(batched[i], [probs[g].sum() for g in groups], rtol=1e-4)
         np.testing.assert_allclose(batched_none[i], [probs_none[g].sum() for g in groups], rtol=1e-4)
@@ -234,7 +235,7 @@ def test_score_and_evaluate_calibration_end_to_end(tiny, tmp_path, images_dir):
     data = C.load_closed_set(_pope_file(tmp_path, images_dir), "pope")
     assert data.labels == ["yes", "no"] and data.gold == ["yes", "no", "no", "yes"]
     scores = C.score_closed_set(model, proc, data.images, data.questions, data.labels, batch_size=4)
-    assert set(scores.p_cf_raw) == set(C.CONTENT_FREE_INPUTS)
+    assert set(scores.p_cf_raw) == set(CF.CALIBRATION_INPUTS)
     assert scores.p_raw.shape == (4, 2) and (scores.label_mass > 0).all()
     res = C.evaluate_calibration(scores, data, cf_inputs=["none", "unk"], mode="diag", per_sample=True)
     assert set(res["calibrated"]) == {"random", "popular", "all"}

@@ -7,7 +7,7 @@ probability of the first tokens of its surface variants ("yes", "Yes", " yes", "
 ...), so case and spacing variants of one label are merged. The label scores are renormalised
 over the label set (`p`, one row per question).
 
-The same question is scored under *content-free* inputs (`CONTENT_FREE_INPUTS`):
+The same question is scored under *content-free* inputs (`CALIBRATION_INPUTS`):
 
 - ``none``: no image: the image placeholder (and the newline after it) removed from the prompt,
   and no pixel values;
@@ -45,7 +45,6 @@ Pure functions on probability tables (numpy, float64): `label_variants`, `label_
 from __future__ import annotations
 
 import logging
-import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +52,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from csr.content_free import CALIBRATION_INPUTS, TEXT_ONLY_INPUTS, blank_or_noise_image, content_free_prompt
+
 log = logging.getLogger(__name__)
 
-CONTENT_FREE_INPUTS = ("none", "unk", "blank", "noise")
 MODES = ("diag", "bias")
 COMBINES = ("mean", "sum")
 EPS = 1e-12
@@ -261,85 +261,6 @@ def predict(q, labels: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_token(processor) -> str:
-    from csr.models import image_token_text
-
-    return image_token_text(processor)
-
-
-def content_free_prompt(prompt: str, processor, mode: str) -> str:
-    """The text-only version of a chat prompt that holds the image placeholder.
-
-    none: the placeholder and one newline right after it removed; unk: the placeholder replaced by
-    the tokenizer's unknown-token text. Either way the processor then gets no image.
-    """
-    token = _image_token(processor)
-    if token not in prompt:
-        raise ValueError(f"prompt has no image placeholder {token!r}: {prompt[:80]!r}")
-    if mode == "none":
-        return re.sub(re.escape(token) + r"\n?", "", prompt)
-    if mode == "unk":
-        unk = processor.tokenizer.unk_token
-        if unk is None:
-            raise ValueError("the tokenizer has no unknown token: the 'unk' content-free input is "
-                             "not available for this model (use none, blank or noise)")
-        return prompt.replace(token, unk)
-    raise ValueError(f"{mode!r} is not a text-only content-free input (none, unk)")
-
-
-def content_free_image(kind: str, size: tuple[int, int] = (336, 336), rng: np.random.Generator | None = None):
-    """A blank (white) or noise (uniform RGB) PIL image of `size` (width, height)."""
-    from PIL import Image
-
-    if kind == "blank":
-        return Image.new("RGB", size, (255, 255, 255))
-    if kind == "noise":
-        rng = rng if rng is not None else np.random.default_rng(0)
-        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        return Image.fromarray(arr, "RGB")
-    raise ValueError(f"{kind!r} is not an image content-free input (blank, noise)")
-
-
-def _as_image(x):
-    from PIL import Image
-
-    if isinstance(x, Image.Image):
-        return x.convert("RGB")
-    from csr.data import load_image
-
-    return load_image(x)
-
-
-def _encode(processor, model, prompts: list[str], images: list | None) -> dict:
-    """Left-padded batch on the model's device; images=None means a text-only batch."""
-    tok = processor.tokenizer
-    old = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        if images is None:
-            enc = processor(text=prompts, padding=True, return_tensors="pt")
-        else:
-            enc = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = old
-    enc = dict(enc)
-    if images is None:
-        check_text_only(enc, model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
-
-
-def check_text_only(enc: dict, model) -> None:
-    """Refuse a content-free batch that would carry image features."""
-    for key in enc:
-        if "pixel" in key or key in ("image_sizes", "image_grid_thw"):
-            raise AssertionError(f"content-free batch carries image input '{key}'")
-    image_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
-    if image_id is not None and bool((enc["input_ids"] == image_id).any()):
-        raise AssertionError("content-free batch holds image placeholder tokens")
-
-
 def next_token_logits(model, enc: dict):
     """Next-token logits [B, V] after a left-padded batch (positions as generate() computes them)."""
     positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
@@ -359,10 +280,11 @@ def first_token_label_probs(model, processor, questions: Sequence[str], groups: 
     """
     import torch
 
-    from csr.models import build_chat_prompt
+    from csr.data import as_rgb_image
+    from csr.models import build_chat_prompt, encode_left_padded
 
-    if cf is not None and cf not in CONTENT_FREE_INPUTS:
-        raise ValueError(f"unknown content-free input {cf!r}: choose from {CONTENT_FREE_INPUTS}")
+    if cf is not None and cf not in CALIBRATION_INPUTS:
+        raise ValueError(f"unknown content-free input {cf!r}: choose from {CALIBRATION_INPUTS}")
     if cf in (None, "blank", "noise") and images is None:
         raise ValueError("images are needed for the real or blank/noise inputs")
     rng = np.random.default_rng(seed)
@@ -370,13 +292,14 @@ def first_token_label_probs(model, processor, questions: Sequence[str], groups: 
     with torch.no_grad():
         for start in range(0, len(questions), batch_size):
             prompts = [build_chat_prompt(processor, q) for q in questions[start:start + batch_size]]
-            if cf in ("none", "unk"):
-                enc = _encode(processor, model, [content_free_prompt(p, processor, cf) for p in prompts], None)
+            if cf in TEXT_ONLY_INPUTS:
+                enc = encode_left_padded(processor, model, [content_free_prompt(p, processor, cf) for p in prompts],
+                                         None)
             else:
-                ims = [_as_image(x) for x in images[start:start + batch_size]]
+                ims = [as_rgb_image(x) for x in images[start:start + batch_size]]
                 if cf is not None:
-                    ims = [content_free_image(cf, im.size, rng) for im in ims]
-                enc = _encode(processor, model, prompts, ims)
+                    ims = [blank_or_noise_image(cf, im.size, rng) for im in ims]
+                enc = encode_left_padded(processor, model, prompts, ims)
             probs = torch.softmax(next_token_logits(model, enc), dim=-1).cpu().double().numpy()
             rows.append(reader(probs) if reader is not None else label_scores(probs, groups))
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, len(groups)))
@@ -401,7 +324,7 @@ class ClosedSetScores:
 
 
 def score_closed_set(model, processor, images: Sequence, questions: Sequence[str], labels: Sequence[str], *,
-                     cf_inputs: Iterable[str] = CONTENT_FREE_INPUTS, batch_size: int = 16, seed: int = 0,
+                     cf_inputs: Iterable[str] = CALIBRATION_INPUTS, batch_size: int = 16, seed: int = 0,
                      merge_variants: bool = True, label_top_k: int = 0) -> ClosedSetScores:
     """Label masses for the real (image, question) pairs and for every content-free input.
 
@@ -579,7 +502,7 @@ def evaluate_calibration(scores: ClosedSetScores, data: ClosedSet, *, cf_inputs:
 def calibrate_file(model, processor, path: str | Path, kind: str = "pope", *, out_dir: str | Path | None = None,
                    image_root: str | Path | None = None, labels: str | Sequence[str] | None = None,
                    suffix: str | None = None, limit: int | None = None,
-                   cf_inputs: Sequence[str] = CONTENT_FREE_INPUTS, mode: str = "diag", per_sample: bool = True,
+                   cf_inputs: Sequence[str] = CALIBRATION_INPUTS, mode: str = "diag", per_sample: bool = True,
                    batch_size: int = 16, seed: int = 0, merge_variants: bool = True, grid: bool = True,
                    combine: str = "mean", epsilon: float = 0.0, label_top_k: int = 0) -> dict:
     """Calibrated closed-set evaluation of a POPE (kind='pope') or multiple-choice (kind='mc') file.
@@ -592,9 +515,9 @@ def calibrate_file(model, processor, path: str | Path, kind: str = "pope", *, ou
     from csr.io import write_jsonl
 
     cf_inputs = list(cf_inputs)
-    bad = [x for x in cf_inputs if x not in CONTENT_FREE_INPUTS]
+    bad = [x for x in cf_inputs if x not in CALIBRATION_INPUTS]
     if bad or not cf_inputs:
-        raise ValueError(f"content-free inputs must be a non-empty subset of {CONTENT_FREE_INPUTS}, got {cf_inputs}")
+        raise ValueError(f"content-free inputs must be a non-empty subset of {CALIBRATION_INPUTS}, got {cf_inputs}")
     data = load_closed_set(path, kind, image_root=image_root, labels=labels, suffix=suffix, limit=limit)
     scores = score_closed_set(model, processor, data.images, data.questions, data.labels, cf_inputs=cf_inputs,
                               batch_size=batch_size, seed=seed, merge_variants=merge_variants, label_top_k=label_top_k)

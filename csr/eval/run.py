@@ -39,6 +39,7 @@ import logging
 import time
 from pathlib import Path
 
+from csr.content_free import CALIBRATION_INPUTS
 from csr.data import BadInput
 from csr.eval.chair import chair_metrics, load_synonyms
 from csr.eval.pope import parse_yes_no, score_pope
@@ -270,7 +271,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibrate", action="store_true",
                    help="also score --pope / --mc closed-set from first-token label probabilities, before and "
                         "after post-hoc calibration against content-free inputs (Zhang et al. 2024)")
-    g.add_argument("--cf", default="none,unk,blank,noise",
+    g.add_argument("--cf", default=",".join(CALIBRATION_INPUTS),
                    help="content-free inputs averaged into p_cf (paper: no image, <unk>, blank, noise)")
     g.add_argument("--calibration-mode", default="diag", choices=("diag", "bias"),
                    help="diag: W = diag(p_cf)^-1 (paper); bias: W = I, b = -p_cf")

@@ -16,8 +16,8 @@ with I_cf a content-free image: a Gaussian-blurred copy of I (the paper's), no i
 - `csr.vig.reward`: VIG as a CSR reward term and a preference-pair filter.
 """
 
+from csr.content_free import VIG_INPUTS as CONTENT_FREE  # noqa: F401
 from csr.vig.score import (  # noqa: F401
-    CONTENT_FREE,
     TAU_MODES,
     VIGOptions,
     apply_token_masks,

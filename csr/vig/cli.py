@@ -21,7 +21,8 @@ import argparse
 import json
 import sys
 
-from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES, TEXT_ONLY_MODES, TURN_MODES
+from csr.content_free import BLUR_UNITS, VIG_INPUTS
+from csr.vig.score import BOS_MODES, TAU_MODES, TEXT_ONLY_MODES, TURN_MODES
 
 
 def _color(text: str) -> tuple:
@@ -33,7 +34,7 @@ def _color(text: str) -> tuple:
 
 def _add_vig_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("content-free input and batching")
-    g.add_argument("--content-free", choices=CONTENT_FREE, default="blur",
+    g.add_argument("--content-free", choices=VIG_INPUTS, default="blur",
                    help="I_cf: blur (paper: Gaussian-blurred copy), none (no image), blank (plain image).")
     g.add_argument("--blur-radius", type=float, default=0.1,
                    help="Gaussian blur radius (sigma); see --blur-units (default 0.1 of the shorter side: the "

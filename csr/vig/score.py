@@ -69,13 +69,12 @@ from typing import Sequence
 
 import torch
 
+from csr.content_free import BLUR_UNITS, VIG_INPUTS, WHITE, vig_content_free_image
 from csr.models import PrependBOS, close_answer, tokenizer_adds_bos  # noqa: F401  (PrependBOS re-exported)
 
 log = logging.getLogger(__name__)
 
-CONTENT_FREE = ("blur", "none", "blank")
 TAU_MODES = ("keep_boundary", "percentile")
-BLUR_UNITS = ("fraction", "pixels")
 BOS_MODES = ("auto", "always", "never")
 TURN_MODES = ("all", "first")
 TEXT_ONLY_MODES = ("keep", "skip")
@@ -284,7 +283,7 @@ def summarize_vigs(sample_vigs: Sequence[float], token_vigs: Sequence[Sequence[f
 
 
 # ---------------------------------------------------------------------------------------------
-# Content-free inputs
+# Options
 # ---------------------------------------------------------------------------------------------
 
 
@@ -293,14 +292,14 @@ class VIGOptions:
     content_free: str = "blur"
     blur_radius: float = 0.1
     blur_units: str = "fraction"
-    blank_color: tuple = (255, 255, 255)
+    blank_color: tuple = WHITE
     batch_size: int = 8
     max_length: int | None = None   # as SFTConfig.max_length of the training run (None: no truncation)
     add_bos: str = "auto"           # auto | always | never, as `sft_collator`: BOS first, as generation has it
 
     def validate(self) -> "VIGOptions":
-        if self.content_free not in CONTENT_FREE:
-            raise ValueError(f"content_free={self.content_free!r} is not one of {CONTENT_FREE}")
+        if self.content_free not in VIG_INPUTS:
+            raise ValueError(f"content_free={self.content_free!r} is not one of {VIG_INPUTS}")
         if self.blur_units not in BLUR_UNITS:
             raise ValueError(f"blur_units={self.blur_units!r} is not one of {BLUR_UNITS}")
         if self.blur_radius < 0:
@@ -324,24 +323,6 @@ class VIGOptions:
         d = asdict(self)
         d["blank_color"] = list(self.blank_color)
         return d
-
-
-def blur_pixels(image, options: VIGOptions) -> float:
-    """The Gaussian radius in pixels of `image` that `options` asks for."""
-    if options.blur_units == "pixels":
-        return float(options.blur_radius)
-    return float(options.blur_radius) * min(image.size)
-
-
-def content_free_image(image, options: VIGOptions):
-    """The content-free counterpart of a PIL image: blurred copy, blank image, or None (no image)."""
-    from PIL import Image, ImageFilter
-
-    if options.content_free == "none":
-        return None
-    if options.content_free == "blank":
-        return Image.new("RGB", image.size, tuple(options.blank_color))
-    return image.convert("RGB").filter(ImageFilter.GaussianBlur(blur_pixels(image, options)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +559,7 @@ def score_batch(model, processor, items: Sequence[dict], options: VIGOptions, co
     ids, log-probs under both inputs, VIG (over the tokens of every assistant turn)."""
     collator = collator or sft_collator(processor, options.max_length, add_bos=options.add_bos)
     real = [vig_example(record_turns(it), it["image"]) for it in items]
-    cf = [vig_example(record_turns(it), content_free_image(it["image"], options)) for it in items]
+    cf = [vig_example(record_turns(it), vig_content_free_image(it["image"], options)) for it in items]
     lp_real, ids_real = _answer_logprobs(model, collator, real)
     lp_cf, ids_cf = _answer_logprobs(model, collator, cf)
     tok = processor.tokenizer

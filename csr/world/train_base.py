@@ -20,7 +20,7 @@
   projector alignment and before instruction tuning, where the VIG paper scores its data and from
   which it instruction-tunes (docs/method.md §3). LLaVA starts from a pretrained chat language
   model (Vicuna); the world has none, so stage 1 trains the tiny Llama as one: the world's
-  conversations as text with the image removed (`csr.debias.calibration.content_free_prompt`,
+  conversations as text with the image removed (`csr.content_free.content_free_prompt`,
   'none'), loss on the answers; the projector and vision tower do not train. Stage 2 is LLaVA's
   alignment: the caption records with their images, the projector alone trained (language model
   and vision tower frozen).
@@ -355,7 +355,7 @@ def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: st
     `train_llava`, so instruction tuning from it is comparable with the world's base LLaVA.
     """
 
-    from csr.debias.calibration import content_free_prompt
+    from csr.content_free import content_free_prompt
     from csr.models import build_chat_prompt
 
     world = Path(world_dir)
