@@ -63,9 +63,9 @@ def content_free_prompt(prompt: str, processor, mode: str) -> str:
 
 def no_image_prompt(processor, question: str) -> str:
     """The chat prompt around the question without any image placeholder (VIG's `none` input)."""
-    from csr.models import strip_image_tokens
+    from csr.data import strip_image_token
 
-    question = strip_image_tokens(processor, question)
+    question = strip_image_token(question, processor)
     messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
+# The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).
 IMAGE_TOKEN = "<image>"
 
 
@@ -36,6 +37,35 @@ class BadInput(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def strip_image_token(text: str, processor=None) -> str:
+    """`text` without image placeholders, stripped: the data's '<image>' and, with a processor, the
+    model's own image token (`csr.models.image_token_text`)."""
+    tokens = {IMAGE_TOKEN}
+    if processor is not None:
+        from csr.models import image_token_text
+
+        tokens.add(image_token_text(processor))
+    for token in tokens:
+        text = text.replace(token, "")
+    return text.strip()
+
+
+def message_text(messages) -> str:
+    """The plain text of a TRL conversational field (a pair's prompt, chosen or rejected; a chat
+    record's prompt or completion): the messages' string contents and text parts joined, image parts
+    skipped. A string is returned as it is (TRL's standard, non-conversational format)."""
+    if isinstance(messages, str):
+        return messages
+    parts = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            parts.append(c)
+        elif isinstance(c, list):
+            parts.extend(x.get("text", "") for x in c if isinstance(x, dict) and x.get("type") == "text")
+    return "".join(parts)
 
 
 def _read_raw(path: Path) -> list[dict]:
@@ -117,7 +147,7 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
             text = raw.get("input", raw.get("prompt"))
             if not isinstance(text, str):
                 raise BadInput("no_prompt", f"record '{rid}' has no 'input' or 'prompt' string.")
-            question = text.replace(IMAGE_TOKEN, "").strip()
+            question = strip_image_token(text)
             if not question:
                 raise BadInput("empty_prompt", f"record '{rid}' has an empty prompt.")
             if len(question) > max_prompt_chars:

@@ -70,6 +70,7 @@ from typing import Sequence
 import torch
 
 from csr.content_free import BLUR_UNITS, VIG_INPUTS, WHITE, vig_content_free_image
+from csr.data import BadInput, message_text, strip_image_token
 from csr.models import PrependBOS, close_answer, tokenizer_adds_bos  # noqa: F401  (PrependBOS re-exported)
 
 log = logging.getLogger(__name__)
@@ -614,17 +615,6 @@ PROMPT_KEYS = ("prompt", "input", "question")
 ANSWER_KEYS = ("answer", "response", "output", "completion")
 
 
-def _message_text(messages) -> str:
-    parts = []
-    for m in messages:
-        c = m.get("content")
-        if isinstance(c, str):
-            parts.append(c)
-        elif isinstance(c, list):
-            parts.extend(x.get("text", "") for x in c if isinstance(x, dict) and x.get("type") == "text")
-    return "".join(parts)
-
-
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -639,7 +629,7 @@ def _conversation_turns(convs: list, notes: list) -> list[dict]:
         role = c.get("from", c.get("role"))
         value = c.get("value", c.get("content"))
         if isinstance(value, list):
-            value = _message_text([c])
+            value = message_text([c])
         if role in HUMAN_ROLES:
             if pending is not None:           # two human turns in a row: one question
                 notes.append("consecutive_human_turns_joined")
@@ -672,8 +662,6 @@ def parse_record(raw: dict, index: int, turns: str = "all", text_only: str = "ke
     sample, image None; the paper's) or skip (BadInput no_image). `prompt` / `answer` are the first
     turn's; `turns` is present when there is more than one; `notes` lists dropped or joined turns.
     """
-    from csr.data import IMAGE_TOKEN, BadInput
-
     if turns not in TURN_MODES:
         raise ValueError(f"turns={turns!r} is not one of {TURN_MODES}")
     if text_only not in TEXT_ONLY_MODES:
@@ -693,15 +681,15 @@ def parse_record(raw: dict, index: int, turns: str = "all", text_only: str = "ke
                 answer = raw[k]
                 break
         if isinstance(prompt, list):
-            prompt = _message_text(prompt)
+            prompt = message_text(prompt)
         if isinstance(answer, list):
-            answer = _message_text(answer)
-        if not isinstance(prompt, str) or not prompt.replace(IMAGE_TOKEN, "").strip():
+            answer = message_text(answer)
+        if not isinstance(prompt, str) or not strip_image_token(prompt):
             raise BadInput("no_prompt", f"record '{rid}' has no prompt ({'/'.join(PROMPT_KEYS)} or conversations).")
         if not isinstance(answer, str) or not answer.strip():
             raise BadInput("no_answer", f"record '{rid}' has no answer ({'/'.join(ANSWER_KEYS)} or conversations).")
         pairs = [{"prompt": prompt, "answer": answer}]
-    pairs = [{"prompt": (t["prompt"] or "").replace(IMAGE_TOKEN, "").strip(), "answer": t["answer"].strip()}
+    pairs = [{"prompt": strip_image_token(t["prompt"] or ""), "answer": t["answer"].strip()}
              for t in pairs]
     if pairs and not pairs[0]["prompt"]:
         raise BadInput("no_prompt", f"record '{rid}' has no question before its first answer.")
@@ -737,7 +725,7 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
     """
     from collections import Counter
 
-    from csr.data import BadInput, _read_raw
+    from csr.data import _read_raw
 
     path = Path(path)
     if not path.exists():
@@ -793,7 +781,7 @@ def run_vig_score(model_path: str, data_path: str | Path, out_dir: str | Path, o
     """Score a dataset into `<out_dir>/vig.jsonl` (resumable), with a histogram and DONE.json."""
     from tqdm.auto import tqdm
 
-    from csr.data import BadInput, load_image
+    from csr.data import load_image
     from csr.io import (JsonlAppender, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                         repair_jsonl_tail)
 

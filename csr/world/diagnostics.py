@@ -44,11 +44,6 @@ from pathlib import Path
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
-def _reply_text(turns: list[dict]) -> str:
-    """The text of a TRL conversational reply ([{"role": "assistant", "content": [{"text"}]}])."""
-    return turns[0]["content"][0]["text"]
-
-
 def _auc_resampled(scores, truth, idx):
     """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
     import numpy as np
@@ -102,6 +97,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
 def pair_quality(world: Path, run: Path) -> list[dict]:
     from csr.config import PairsConfig
     from csr.eval.chair import caption_report, chair_metrics, load_synonyms
+    from csr.data import message_text
     from csr.io import read_jsonl
     from csr.pairs import candidate_paths
 
@@ -118,7 +114,7 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
         gts = [truth[p["id"]] for p in pairs]
         row = {"round": rnd.name, "pairs": len(pairs)}
         for side in ("chosen", "rejected"):
-            m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
+            m = chair_metrics([message_text(p[side]) for p in pairs], gts, table)
             row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
@@ -310,10 +306,11 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
+    from csr.data import strip_image_token
     from csr.eval.run import evaluate_model
     from csr.io import read_jsonl, write_jsonl
 
-    questions = {r["id"]: r["input"].replace("<image>", "").strip()
+    questions = {r["id"]: strip_image_token(r["input"])
                  for r in read_jsonl(world / "train" / "prompts.jsonl")}
     records = [{"id": r["id"], "image": str((world / "train" / r["image"]).resolve()),
                 "objects": [o["shape"] for o in r["objects"]], "prompt": questions[r["id"]]}
