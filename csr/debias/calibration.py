@@ -411,14 +411,13 @@ def load_closed_set(path: str | Path, kind: str = "pope", *, image_root: str | P
     record's ``labels``, else `labels` (default A-D). ``answer`` is the gold label.
     Image paths are relative to `image_root`, else to the file's folder.
     """
-    from csr.io import read_jsonl
+    from csr.data import read_raw_records, record_image_paths
 
     path = Path(path)
-    recs = read_jsonl(path)[:limit]
+    recs = read_raw_records(path)[:limit]
     if not recs:
         raise ValueError(f"{path}: no records")
-    root = Path(image_root) if image_root else path.parent
-    images = [(Path(r["image"]) if Path(r["image"]).is_absolute() else root / r["image"]) for r in recs]
+    images = record_image_paths(recs, path, image_root)
     if kind == "pope":
         lab = resolve_labels(labels or "yesno")
         qs = [(r["text"] + (" " + suffix if suffix else "")).strip() for r in recs]

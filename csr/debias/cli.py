@@ -259,7 +259,8 @@ def cmd_sample(args) -> dict:
     from csr.eval.chair import caption_report, load_synonyms
     from csr.eval.pope import parse_yes_no
     from csr.eval.run import DEFAULT_CAPTION_PROMPT
-    from csr.io import atomic_write_json, read_jsonl, write_jsonl
+    from csr.data import read_raw_records, record_image_paths
+    from csr.io import atomic_write_json, write_jsonl
     from csr.models import load_policy
 
     if not args.chair and not args.pope:
@@ -274,9 +275,8 @@ def cmd_sample(args) -> dict:
         if not path:
             continue
         path = Path(path)
-        recs = read_jsonl(path)[:args.limit]
-        root = Path(args.image_root) if args.image_root else path.parent
-        images = [p if p.is_absolute() else root / p for p in (Path(r["image"]) for r in recs)]
+        recs = read_raw_records(path)[:args.limit]
+        images = record_image_paths(recs, path, args.image_root)
         table = None
         if task == "chair":
             syn = Path(args.synonyms) if args.synonyms else path.parent / "synonyms.json"

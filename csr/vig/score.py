@@ -717,7 +717,8 @@ def parse_record(raw: dict, index: int, turns: str = "all", text_only: str = "ke
 
 def read_records(path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
                  summary=None, turns: str = "all", text_only: str = "keep") -> list[dict]:
-    """Records of a JSON list or JSONL file; images resolved against `image_root`, else the file's folder.
+    """VIG samples of a data file (`csr.data.read_raw_records`: JSON list, JSONL or ``datasets`` folder);
+    images resolved against `image_root`, else the file's folder (`csr.data.resolve_image_path`).
 
     With a `summary` (`csr.io.StageSummary`), skipped records are counted by reason and
     `summary.extra["records"]` counts text-only samples, multi-turn samples, turns read, and turns
@@ -725,15 +726,15 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
     """
     from collections import Counter
 
-    from csr.data import _read_raw
+    from csr.data import image_root_of, read_raw_records, resolve_image_path
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file '{path}' does not exist.")
-    root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
+    root = image_root_of(path, image_root)
     out, seen = [], set()
     counts: Counter = Counter()
-    for i, raw in enumerate(_read_raw(path)):
+    for i, raw in enumerate(read_raw_records(path)):
         try:
             rec = parse_record(raw, i, turns=turns, text_only=text_only)
             if rec["id"] in seen:
@@ -745,8 +746,8 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
                 log.warning("skipped record %d: %s", i, e)
             continue
         if rec["image"] is not None:
-            img = Path(rec["image"])
-            rec["image"] = str(img if img.is_absolute() else root / img)
+            rec["image"] = str(resolve_image_path(rec["image"], root, allow_absolute=True, resolve=False,
+                                                  record=f"'{rec['id']}'"))
         for k in ("kind", "category"):
             if k in raw and isinstance(raw[k], (str, int, float)):
                 rec[k] = raw[k]

@@ -71,8 +71,7 @@ def _auc(pos: list[float], neg: list[float]) -> float:
 
 
 def clip_accuracy(world: Path, clip_dir: Path) -> dict:
-    from PIL import Image
-
+    from csr.data import load_image, resolve_image_path
     from csr.io import read_jsonl
     from csr.score.clip import load_clip
     from csr.world.generate import SHAPES
@@ -80,7 +79,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
     clip = load_clip("open_clip", str(clip_dir), "", device="cpu")
     images, texts, truth, small = [], [], [], []
     for scene in read_jsonl(world / "train" / "prompt_scenes.jsonl"):
-        image = Image.open(world / "train" / scene["image"]).convert("RGB")
+        image = load_image(resolve_image_path(scene["image"], world / "train", allow_absolute=True, resolve=False))
         for o in scene["objects"]:
             images.append(image)
             texts.append([f"A {o['color']} {s} is at the {o['position']}." for s in SHAPES])
@@ -306,13 +305,13 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
-    from csr.data import strip_image_token
+    from csr.data import resolve_image_path, strip_image_token
     from csr.eval.run import evaluate_model
     from csr.io import read_jsonl, write_jsonl
 
     questions = {r["id"]: strip_image_token(r["input"])
                  for r in read_jsonl(world / "train" / "prompts.jsonl")}
-    records = [{"id": r["id"], "image": str((world / "train" / r["image"]).resolve()),
+    records = [{"id": r["id"], "image": str(resolve_image_path(r["image"], world / "train", allow_absolute=True)),
                 "objects": [o["shape"] for o in r["objects"]], "prompt": questions[r["id"]]}
                for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")]
     with tempfile.TemporaryDirectory() as tmp:
