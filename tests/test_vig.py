@@ -9,8 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from csr.content_free import vig_content_free_image
-from csr.vig.score import (VIGOptions, apply_token_masks, n_kept, plan_selection,
-                           sample_vig, select_samples, selection_threshold, token_keep_mask, vig_from_logprobs)
+from csr.vig.logprobs import VIGOptions
+from csr.vig.maths import (apply_token_masks, n_kept, plan_selection, sample_vig, select_samples, selection_threshold,
+                           token_keep_mask, vig_from_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def _hand_logprobs(model, processor, image, prompt, answer, bos=True):
 
 @pytest.mark.parametrize("cf,add_bos", [("blur", "auto"), ("blank", "auto"), ("none", "auto"), ("blur", "never")])
 def test_vig_equals_hand_computation(tiny, cf, add_bos):
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     bos = add_bos == "auto"   # the tiny tokenizer adds BOS on plain calls, as LLaVA's does
@@ -192,7 +193,7 @@ def test_vig_equals_hand_computation(tiny, cf, add_bos):
 
 def test_blur_of_a_flat_image_has_zero_vig(tiny, images_dir):
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     got = score_items(model, processor, [{"image": load_image(images_dir / "red.png"), "prompt": "Describe.",

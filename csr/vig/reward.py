@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from csr.content_free import no_image_prompt, vig_content_free_image
-from csr.vig.score import VIGOptions, target_logprobs
+from csr.vig.logprobs import target_logprobs, VIGOptions
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
     """
     from csr.generate.tree import path_sentences, prefix_text
     from csr.models import build_chat_prompt
-    from csr.vig.score import vig_from_logprobs
+    from csr.vig.maths import vig_from_logprobs
 
     options.validate()
     requests = []  # (node, context_real, context_cf, image, cf_image)
@@ -221,7 +221,7 @@ def add_response_vigs(pairs: list[dict], model, processor, options: VIGOptions) 
     """`chosen_vig` / `rejected_vig` on pairs ({image: path, prompt, chosen, rejected} as `csr.pairs.pick_pair`
     returns them, texts as strings): the sample VIG of each whole response (`csr.vig.score`)."""
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     items = []
     for p in pairs:
