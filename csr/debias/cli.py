@@ -196,7 +196,7 @@ def calibration_settings(args) -> dict:
 
 
 def cmd_calibrate(args) -> dict:
-    from csr.debias.calibration import calibrate_file
+    from csr.debias.closed_set import calibrate_file
     from csr.io import atomic_write_json
     from csr.models import load_policy
 
@@ -211,7 +211,7 @@ def cmd_calibrate(args) -> dict:
                             epsilon=st["epsilon"], label_top_k=st["label_top_k"])
     result = {"model": args.model, "recipe": st["recipe"], **result}
     if kind == "pope" and args.greedy_baseline:
-        from csr.debias.calibration import load_closed_set
+        from csr.debias.closed_set import load_closed_set
         from csr.eval.pope import score_pope
         from csr.eval.run import generate_answers
 

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                                   chair_mode=args.chair_mode))
         atomic_write_json(Path(args.out) / "metrics.json", result)
     if args.calibrate:
-        from csr.debias.calibration import calibrate_file
+        from csr.debias.closed_set import calibrate_file
 
         cf = [x.strip() for x in args.cf.split(",") if x.strip()]
         for kind, path in (("pope", args.pope), ("mc", args.mc)):
