@@ -71,7 +71,7 @@ def test_scores_align_with_the_training_collation(tiny_llava_dir, processor):
     """VIG_t j of a sample is the j-th label the SFT collator produces for it."""
     from csr.models import load_policy
     from csr.vig.collate import sft_collator, sft_example
-    from csr.vig.logprobs import score_items, VIGOptions
+    from csr.vig.logprobs import VIGOptions, score_items
 
     model, proc = load_policy(str(tiny_llava_dir), device="cpu", dtype="float32")
     items = [{"image": _image(i), "prompt": "Describe this image.", "answer": a} for i, a in enumerate(ANSWERS[:3])]

@@ -151,8 +151,10 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
         raise BadInput("bad_limit", f"limit={limit} must be at least 1 (or none for every record).")
     if batch_size < 1:
         raise BadInput("bad_batch_size", f"batch_size={batch_size} must be at least 1.")
-    pope_recs = check_pope_records(Path(pope_path), read_raw_records(pope_path)[:limit]) if pope_path is not None else None
-    chair_recs = check_chair_records(Path(chair_path), read_raw_records(chair_path)[:limit]) if chair_path is not None else None
+    pope_recs = (check_pope_records(Path(pope_path), read_raw_records(pope_path)[:limit])
+                 if pope_path is not None else None)
+    chair_recs = (check_chair_records(Path(chair_path), read_raw_records(chair_path)[:limit])
+                  if chair_path is not None else None)
     if chair_path is not None:  # the synonym table too, before anything is generated
         syn = Path(synonyms_path) if synonyms_path else Path(chair_path).parent / "synonyms.json"
         if not syn.is_file():

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 from csr.content_free import no_image_prompt, vig_content_free_image
-from csr.vig.logprobs import target_logprobs, VIGOptions
+from csr.vig.logprobs import VIGOptions, target_logprobs
 
 log = logging.getLogger(__name__)
 
