@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import yaml
 
+from csr.content_free import SAMPLING_INPUTS, VIG_INPUTS
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key and the fix."""
@@ -238,7 +240,7 @@ class GenerateConfig:
     debias_alpha: float = _f(1.0, "α of debias candidate generation (paper: 1).")
     debias_beta: float = _f(0.1, "β, the adaptive plausibility cutoff, of debias candidate generation (paper: 0.1).")
     debias_content_free: str = _f("none", "Content-free input for debias candidates: none (image removed), "
-                                          "unk (an <unk> placeholder), mean (of both).", choices=("none", "unk", "mean"))
+                                          "unk (an <unk> placeholder), mean (of both).", choices=SAMPLING_INPUTS)
     debias_recipe: str = _f("", "A named debias-sampling recipe (csr.debias.recipes) whose α, β and content-free "
                                 "input replace debias_alpha, debias_beta and debias_content_free: toolkit (α 1, β 0.1, "
                                 "no image) or authors (the authors' code: α 1, β 0.1, the mean of the no-image and "
@@ -299,7 +301,7 @@ class ScoreConfig:
     vig_scale: str = _f("contrast", "contrast: R_VIG = 100·tanh(VIG/2), on CLIP's percent scale; nats: VIG itself.",
                         choices=("contrast", "nats"))
     vig_content_free: str = _f("blur", "I_cf for VIG: a Gaussian-blurred copy (VIG paper), no image, or a blank image.",
-                               choices=("blur", "none", "blank"))
+                               choices=VIG_INPUTS)
     vig_blur_radius: float = _f(0.1, "Blur sigma as a fraction of the image's shorter side.")
     vig_batch_size: int = _f(16, "Tree nodes per forward when computing node VIG.")
     tree_batch_size: int = _f(32, "Trees scored together: their images encoded once each, their sentences "

@@ -86,7 +86,7 @@ def _search_vig(cfg: CSRConfig, expander):
     """(model, processor, VIGOptions) when the search's reward has a VIG term, else None."""
     if cfg.generate.selection != "calibrated" or cfg.score.vig_weight <= 0:
         return None
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     return expander.model, expander.processor, VIGOptions.from_score_config(cfg.score)
 

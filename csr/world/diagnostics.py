@@ -44,11 +44,6 @@ from pathlib import Path
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
-def _reply_text(turns: list[dict]) -> str:
-    """The text of a TRL conversational reply ([{"role": "assistant", "content": [{"text"}]}])."""
-    return turns[0]["content"][0]["text"]
-
-
 def _auc_resampled(scores, truth, idx):
     """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
     import numpy as np
@@ -76,8 +71,7 @@ def _auc(pos: list[float], neg: list[float]) -> float:
 
 
 def clip_accuracy(world: Path, clip_dir: Path) -> dict:
-    from PIL import Image
-
+    from csr.data import load_image, resolve_image_path
     from csr.io import read_jsonl
     from csr.score.clip import load_clip
     from csr.world.generate import SHAPES
@@ -85,7 +79,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
     clip = load_clip("open_clip", str(clip_dir), "", device="cpu")
     images, texts, truth, small = [], [], [], []
     for scene in read_jsonl(world / "train" / "prompt_scenes.jsonl"):
-        image = Image.open(world / "train" / scene["image"]).convert("RGB")
+        image = load_image(resolve_image_path(scene["image"], world / "train", allow_absolute=True, resolve=False))
         for o in scene["objects"]:
             images.append(image)
             texts.append([f"A {o['color']} {s} is at the {o['position']}." for s in SHAPES])
@@ -102,6 +96,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
 def pair_quality(world: Path, run: Path) -> list[dict]:
     from csr.config import PairsConfig
     from csr.eval.chair import caption_report, chair_metrics, load_synonyms
+    from csr.data import message_text
     from csr.io import read_jsonl
     from csr.pairs import candidate_paths
 
@@ -118,7 +113,7 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
         gts = [truth[p["id"]] for p in pairs]
         row = {"round": rnd.name, "pairs": len(pairs)}
         for side in ("chosen", "rejected"):
-            m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
+            m = chair_metrics([message_text(p[side]) for p in pairs], gts, table)
             row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
@@ -310,12 +305,13 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
+    from csr.data import resolve_image_path, strip_image_token
     from csr.eval.run import evaluate_model
     from csr.io import read_jsonl, write_jsonl
 
-    questions = {r["id"]: r["input"].replace("<image>", "").strip()
+    questions = {r["id"]: strip_image_token(r["input"])
                  for r in read_jsonl(world / "train" / "prompts.jsonl")}
-    records = [{"id": r["id"], "image": str((world / "train" / r["image"]).resolve()),
+    records = [{"id": r["id"], "image": str(resolve_image_path(r["image"], world / "train", allow_absolute=True)),
                 "objects": [o["shape"] for o in r["objects"]], "prompt": questions[r["id"]]}
                for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")]
     with tempfile.TemporaryDirectory() as tmp:
