@@ -374,6 +374,10 @@ class ClosedConfig:
                                         "object's statement on the same image; R_I(no) = -R_I(yes).")
     content_free: str = _f("none,unk", "Content-free inputs for the calibrated self-reward q = p/p_cf "
                                        "(comma-separated of none, unk, blank, noise; the debiasing authors': none,unk).")
+    reward_lambda: float = _f(0.9, "λ in R = λ·R_I + (1-λ)·R_T for the answers (default: CSR's 0.9, the weight on "
+                                   "CLIP). CLIP on short statements is weaker than on captions "
+                                   "(docs/results/world.md, yes/no self-rewarding); 0 = the calibrated "
+                                   "probability alone.")
     margin: float = _f(1.0, "Keep a yes/no pair only when |R(yes) - R(no)| is at least this.")
     ratio: float = _f(0.5, "Yes/no pairs added per caption pair (a seeded sample when more are available).")
     batch_size: int = _f(16, "Questions (and continuations) per forward batch.")
@@ -390,6 +394,7 @@ class ClosedConfig:
         kinds = [k.strip() for k in self.content_free.split(",") if k.strip()]
         _require(bool(kinds) and all(k in ("none", "unk", "blank", "noise") for k in kinds), "closed.content_free",
                  self.content_free, "must be a comma-separated subset of none, unk, blank, noise")
+        _require(0.0 <= self.reward_lambda <= 1.0, "closed.reward_lambda", self.reward_lambda, "must be in [0, 1]")
         _require(self.margin >= 0, "closed.margin", self.margin, "must be >= 0")
         _require(self.ratio >= 0, "closed.ratio", self.ratio, "must be >= 0")
         _require(self.batch_size >= 1, "closed.batch_size", self.batch_size, "must be >= 1")

@@ -204,9 +204,9 @@ def stage_settings(cfg: CSRConfig, stage: str) -> dict:
         parts = {"model": model, "score": _section(cfg, "score"), "pairs": _section(cfg, "pairs", CLEANING_KEYS)}
     elif stage == "pairs":
         parts = {"pairs": _section(cfg, "pairs")}
-    elif stage == "closed":  # the yes/no questions, their rewards (CSR's λ and CLIP) and the mix
+    elif stage == "closed":  # the yes/no questions, their rewards (closed.reward_lambda, CLIP) and the mix
         parts = {"model": model, "closed": _section(cfg, "closed"), "run": {"seed": cfg.run.seed},
-                 "score": _section(cfg, "score", ("clip_backend", "clip_model", "clip_pretrained", "reward_lambda"))}
+                 "score": _section(cfg, "score", ("clip_backend", "clip_model", "clip_pretrained"))}
     elif stage == "train":
         parts = {"model": model, "train": _section(cfg, "train"), "run": {"seed": cfg.run.seed}}
     elif stage == "merge":

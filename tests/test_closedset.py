@@ -71,7 +71,8 @@ def test_mix_keeps_every_caption_pair_and_samples_yes_no_pairs_at_the_ratio():
 
 @pytest.mark.parametrize("override, key", [("closed.question_template=Is it there?", "closed.question_template"),
                                            ("closed.content_free=none,photo", "closed.content_free"),
-                                           ("closed.max_named=0", "closed.max_named")])
+                                           ("closed.max_named=0", "closed.max_named"),
+                                           ("closed.reward_lambda=1.5", "closed.reward_lambda")])
 def test_bad_closed_settings_are_refused_naming_the_key(override, key):
     extra = ["closed.max_prior=0"] if key == "closed.max_named" else []
     with pytest.raises(ConfigError, match=key):
@@ -128,7 +129,7 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
     named = [(q["id"], q["object"]) for q in questions if q["source"] == "named"]
     assert named == [("a", "circle"), ("a", "square"), ("c", "star")]
     assert done["skipped"]["no_object_named"] == 1 and done["processed"] == 2    # tree b names nothing
-    lam = cfg.score.reward_lambda
+    lam = cfg.closed.reward_lambda
     for q in questions:  # the stored parts obey the rule
         assert 0.0 <= q["q_yes"] <= 1.0
         assert math.isclose(q["reward_yes"], lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * q["q_yes"],

@@ -111,7 +111,7 @@ def score_questions(images: list, questions: list[list[Question]], table, cfg: C
         out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[q.object],
                        "reference": reference, "p_yes": float(scores.p[row][0]),
                        "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": q_yes,
-                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.score.reward_lambda)})
+                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.closed.reward_lambda)})
     return out
 
 
