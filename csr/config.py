@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import yaml
 
-from csr.content_free import SAMPLING_INPUTS, VIG_INPUTS
+from csr.content_free import CALIBRATION_INPUTS, SAMPLING_INPUTS, VIG_INPUTS
 
 
 class ConfigError(ValueError):
@@ -392,8 +392,8 @@ class ClosedConfig:
         _require(0.0 <= self.reference_quantile <= 1.0, "closed.reference_quantile", self.reference_quantile,
                  "must be in [0, 1]")
         kinds = [k.strip() for k in self.content_free.split(",") if k.strip()]
-        _require(bool(kinds) and all(k in ("none", "unk", "blank", "noise") for k in kinds), "closed.content_free",
-                 self.content_free, "must be a comma-separated subset of none, unk, blank, noise")
+        _require(bool(kinds) and all(k in CALIBRATION_INPUTS for k in kinds), "closed.content_free",
+                 self.content_free, f"must be a comma-separated subset of {', '.join(CALIBRATION_INPUTS)}")
         _require(0.0 <= self.reward_lambda <= 1.0, "closed.reward_lambda", self.reward_lambda, "must be in [0, 1]")
         _require(self.margin >= 0, "closed.margin", self.margin, "must be >= 0")
         _require(self.ratio >= 0, "closed.ratio", self.ratio, "must be >= 0")

@@ -45,7 +45,7 @@ def no_image_continuations(model, processor, prompts: list[str], sentences: list
                            batch_size: int) -> list[str]:
     """Greedy text-only continuation of each (user prompt, the model's own sentence): what the language
     prior says comes next when there is no image to look at."""
-    from csr.debias.calibration import content_free_prompt
+    from csr.content_free import content_free_prompt
     from csr.generate.tree import prefix_text
     from csr.models import build_chat_prompt
 
@@ -92,7 +92,7 @@ def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) ->
 def score_questions(images: list, questions: list[list[Question]], table, cfg: CSRConfig, model, processor,
                     clip) -> list[list[dict]]:
     """Every question's CLIP score, reference, calibrated yes-probability and answer rewards."""
-    from csr.debias.calibration import calibrated_predictions, score_closed_set
+    from csr.debias.label_probs import calibrated_predictions, score_closed_set
 
     statements = [cfg.closed.statement_template.format(object=o) for o in table.canonicals]
     clip_all = clip.scores_many(images, [statements] * len(images))
