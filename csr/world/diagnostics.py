@@ -321,12 +321,42 @@ def greedy_chair(world: Path, model: Path) -> dict:
     return {"model": str(model), **{k: result["chair"][k] for k in ("chair_i", "chair_s", "recall")}}
 
 
+def yesno_quality(world: Path, run: Path) -> list[dict]:
+    """How often each signal of the closed stage (csr.closedset) answers its yes/no questions right, per round:
+    the reward's choice, the calibrated and raw probabilities, CLIP against its reference; by question source."""
+    from csr.io import read_jsonl
+
+    truth = {r["id"]: {o["shape"] for o in r["objects"]} for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+    rows = []
+    for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
+        f = rnd / "closed" / "questions.jsonl"
+        if not f.is_file():
+            continue
+        qs = read_jsonl(f)
+        row = {"round": rnd.name, "questions": len(qs)}
+        for source in ("all", "named", "prior"):
+            sel = [q for q in qs if source == "all" or q["source"] == source]
+            if not sel:
+                continue
+            present = [q["object"] in truth[q["id"]] for q in sel]
+            signals = {"reward": [q["reward_yes"] >= q["reward_no"] for q in sel],
+                       "calibrated": [q["q_yes"] >= 0.5 for q in sel], "raw": [q["p_yes"] >= 0.5 for q in sel],
+                       "clip": [q["clip"] >= q["reference"] for q in sel]}
+            row[f"{source}_n"], row[f"{source}_present"] = len(sel), sum(present) / len(sel)
+            for name, says_yes in signals.items():
+                row[f"{source}_acc_{name}"] = sum(a == b for a, b in zip(says_yes, present)) / len(sel)
+            kept = [(q["reward_yes"] >= q["reward_no"]) == t for q, t in zip(sel, present) if q["kept"]]
+            row[f"{source}_kept_acc"] = sum(kept) / len(kept) if kept else None
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope", "scores"))
+    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope", "scores", "yesno"))
     p.add_argument("--world", default="data/world", type=Path)
     p.add_argument("--clip", type=Path, help="open_clip folder (default: <world>/models/clip)")
-    p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs)")
+    p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs, yesno)")
     p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
     p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
@@ -341,6 +371,10 @@ def main(argv=None) -> int:
         if args.run is None:
             p.error("pairs needs --run")
         result = pair_quality(args.world, args.run)
+    elif args.what == "yesno":
+        if args.run is None:
+            p.error("yesno needs --run")
+        result = yesno_quality(args.world, args.run)
     elif args.what == "greedy":
         if args.model is None:
             p.error("greedy needs --model")
