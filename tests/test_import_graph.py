@@ -18,6 +18,8 @@ PACKAGE = Path(csr.__file__).parent
 KNOWN_LAZY_CIRCLE_EDGES = {
     ("csr.config", "csr.loop"): "`csr config --check` runs the loop's checks before any work",
     ("csr.eval.presets", "csr.eval.run"): "the presets generate answers with `csr eval`'s generator",
+    ("csr.data", "csr.models"): "strip_image_token asks the model's processor for its image token text",
+    ("csr.content_free", "csr.models"): "the content-free prompts ask the processor for its image token text",
 }
 
 

@@ -300,7 +300,8 @@ def test_sft_answers_end_with_eos_on_a_template_that_renders_none(which, request
     from PIL import Image
 
     from csr.models import load_processor
-    from csr.vig.score import IGNORE_INDEX, sft_collator, vig_example
+    from csr.vig.collate import sft_collator, vig_example
+    from csr.vig.maths import IGNORE_INDEX
 
     processor = load_processor(str(request.getfixturevalue(which)))
     eos = processor.tokenizer.eos_token_id

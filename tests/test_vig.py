@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from csr.vig.score import (VIGOptions, apply_token_masks, content_free_image, n_kept, plan_selection,
-                           sample_vig, select_samples, selection_threshold, token_keep_mask, vig_from_logprobs)
+from csr.content_free import vig_content_free_image
+from csr.vig.logprobs import VIGOptions
+from csr.vig.maths import (apply_token_masks, n_kept, plan_selection, sample_vig, select_samples, selection_threshold,
+                           token_keep_mask, vig_from_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,16 +117,16 @@ def _pattern_image(seed: int = 0, size: int = 40) -> Image.Image:
     return im
 
 
-def test_content_free_images():
+def test_vig_content_free_images():
     im = _pattern_image()
-    blurred = content_free_image(im, VIGOptions(content_free="blur", blur_radius=0.1))
+    blurred = vig_content_free_image(im, VIGOptions(content_free="blur", blur_radius=0.1))
     assert blurred.size == im.size and blurred.tobytes() != im.tobytes()
     # fraction of the shorter side and pixels agree
-    same = content_free_image(im, VIGOptions(content_free="blur", blur_radius=4.0, blur_units="pixels"))
+    same = vig_content_free_image(im, VIGOptions(content_free="blur", blur_radius=4.0, blur_units="pixels"))
     assert same.tobytes() == blurred.tobytes()
-    blank = content_free_image(im, VIGOptions(content_free="blank", blank_color=(0, 0, 0)))
+    blank = vig_content_free_image(im, VIGOptions(content_free="blank", blank_color=(0, 0, 0)))
     assert blank.size == im.size and blank.getcolors() == [(40 * 40, (0, 0, 0))]
-    assert content_free_image(im, VIGOptions(content_free="none")) is None
+    assert vig_content_free_image(im, VIGOptions(content_free="none")) is None
     with pytest.raises(ValueError):
         VIGOptions(content_free="noise").validate()
 
@@ -163,7 +165,7 @@ def _hand_logprobs(model, processor, image, prompt, answer, bos=True):
 
 @pytest.mark.parametrize("cf,add_bos", [("blur", "auto"), ("blank", "auto"), ("none", "auto"), ("blur", "never")])
 def test_vig_equals_hand_computation(tiny, cf, add_bos):
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     bos = add_bos == "auto"   # the tiny tokenizer adds BOS on plain calls, as LLaVA's does
@@ -176,7 +178,7 @@ def test_vig_equals_hand_computation(tiny, cf, add_bos):
     got = score_items(model, processor, items, opts)   # one padded batch of three lengths
     for it, g in zip(items, got):
         lp_i, ids = _hand_logprobs(model, processor, it["image"], it["prompt"], it["answer"], bos)
-        lp_c, ids_c = _hand_logprobs(model, processor, content_free_image(it["image"], opts), it["prompt"],
+        lp_c, ids_c = _hand_logprobs(model, processor, vig_content_free_image(it["image"], opts), it["prompt"],
                                      it["answer"], bos)
         assert ids == ids_c == g["token_ids"]
         assert processor.tokenizer.decode(ids).endswith("</s>")   # EOS is an answer token, as SFT trains it
@@ -191,7 +193,7 @@ def test_vig_equals_hand_computation(tiny, cf, add_bos):
 
 def test_blur_of_a_flat_image_has_zero_vig(tiny, images_dir):
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     got = score_items(model, processor, [{"image": load_image(images_dir / "red.png"), "prompt": "Describe.",
@@ -291,7 +293,7 @@ def test_node_vig_matches_a_hand_computation_in_context(tiny):
         L = len(ids)
         return [logp[j - 1, ids[j]].item() for j in range(L - n, L)]
 
-    hand = [a - b for a, b in zip(lp(image), lp(content_free_image(image, opts)))]
+    hand = [a - b for a, b in zip(lp(image), lp(vig_content_free_image(image, opts)))]
     assert node["vig_n_tokens"] == n
     assert node["vig"] == pytest.approx(sum(hand) / n, abs=1e-4)
     assert node["vig_sum"] == pytest.approx(sum(hand), abs=1e-4)

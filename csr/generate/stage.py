@@ -85,7 +85,7 @@ def _search_vig(cfg: CSRConfig, expander):
     """(model, processor, VIGOptions) when the search's reward has a VIG term, else None."""
     if cfg.generate.selection != "calibrated" or "vig" not in term_raw_fields(cfg.score):
         return None
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     return expander.model, expander.processor, VIGOptions.from_score_config(cfg.score)
 

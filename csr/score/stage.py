@@ -113,7 +113,7 @@ def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
         return None
     from csr.models import load_policy
     from csr.vig.reward import add_node_vig
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     model, processor = load_policy(policy_path or cfg.model.model_name_or_path, dtype=cfg.model.torch_dtype,
                                    device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,

@@ -22,8 +22,11 @@ import argparse
 import json
 import sys
 
+from csr.content_free import BLUR_UNITS, VIG_INPUTS
 from csr.score.reward import VIG_SCALES
-from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES, TEXT_ONLY_MODES, TURN_MODES
+from csr.vig.collate import BOS_MODES
+from csr.vig.maths import TAU_MODES
+from csr.vig.records import TEXT_ONLY_MODES, TURN_MODES
 
 
 def _color(text: str) -> tuple:
@@ -35,7 +38,7 @@ def _color(text: str) -> tuple:
 
 def _add_vig_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("content-free input and batching")
-    g.add_argument("--content-free", choices=CONTENT_FREE, default="blur",
+    g.add_argument("--content-free", choices=VIG_INPUTS, default="blur",
                    help="I_cf: blur (paper: Gaussian-blurred copy), none (no image), blank (plain image).")
     g.add_argument("--blur-radius", type=float, default=0.1,
                    help="Gaussian blur radius (sigma); see --blur-units (default 0.1 of the shorter side: the "
@@ -54,7 +57,7 @@ def _add_vig_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(a):
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     return VIGOptions(content_free=a.content_free, blur_radius=a.blur_radius, blur_units=a.blur_units,
                       blank_color=a.blank_color, batch_size=a.batch_size, max_length=a.max_length,
@@ -85,7 +88,8 @@ def _score(a) -> int:
 
 
 def _view(a) -> int:
-    from csr.vig.score import read_scores, selection_threshold
+    from csr.vig.maths import selection_threshold
+    from csr.vig.score import read_scores
     from csr.vig.view import heatmap_html, heatmap_terminal, histogram_png
 
     records = read_scores(a.scores)

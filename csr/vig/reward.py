@@ -30,7 +30,8 @@ from typing import Sequence
 
 import torch
 
-from csr.vig.score import VIGOptions, content_free_image, target_logprobs
+from csr.content_free import no_image_prompt, vig_content_free_image
+from csr.vig.logprobs import VIGOptions, target_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,6 @@ def vig_pair_filter(pair: dict, min_gap: float = 0.0) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Model glue: node VIG in context
 # ---------------------------------------------------------------------------------------------
-
-
-def no_image_prompt(processor, question: str) -> str:
-    """The chat prompt around the question without any image placeholder (the `none` content-free input)."""
-    from csr.models import strip_image_tokens
-
-    question = strip_image_tokens(processor, question)
-    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -126,14 +118,14 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
     """
     from csr.models import build_chat_prompt
     from csr.tree_format import path_sentences, prefix_text
-    from csr.vig.score import vig_from_logprobs
+    from csr.vig.maths import vig_from_logprobs
 
     options.validate()
     requests = []  # (node, context_real, context_cf, image, cf_image)
     for tree, image in zip(trees, images):
         p_real = build_chat_prompt(processor, tree["prompt"])
         p_cf = no_image_prompt(processor, tree["prompt"]) if options.content_free == "none" else p_real
-        cf_img = content_free_image(image, options)
+        cf_img = vig_content_free_image(image, options)
         nodes = tree["nodes"]
         for n in nodes[1:]:
             if only is not None and n["id"] not in only:
@@ -166,7 +158,7 @@ def add_response_vigs(pairs: list[dict], model, processor, options: VIGOptions) 
     """`chosen_vig` / `rejected_vig` on pairs ({image: path, prompt, chosen, rejected} as `csr.pairs.pick_pair`
     returns them, texts as strings): the sample VIG of each whole response (`csr.vig.score`)."""
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     items = []
     for p in pairs:
