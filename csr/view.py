@@ -95,7 +95,7 @@ def marked_paths(nodes: list[dict], pair: dict | None, path_score_kind: str = "m
     first whose text and score equal the pair's chosen, the rejected the last (pairs' tie rule). The
     ids include such an end node.
     """
-    from csr.generate.tree import final_paths, join_sentences
+    from csr.tree_format import final_paths, join_sentences
     from csr.score.reward import path_score
 
     if pair is None:

@@ -163,7 +163,8 @@ def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_d
 
     from csr.generate.beam import Candidate
     from csr.generate.expander import CachedLlavaExpander, LlavaExpander
-    from csr.generate.tree import TreeSettings, TreeSearch, join_sentences, prefix_text
+    from csr.generate.tree import TreeSettings, TreeSearch
+    from csr.tree_format import join_sentences, prefix_text
     from csr.models import build_chat_prompt, load_policy
 
     model, processor = load_policy(str(real_llava_dir), device="cpu")

@@ -207,7 +207,8 @@ def test_blur_of_a_flat_image_has_zero_vig(tiny, images_dir):
 
 
 def test_vig_reward_scale_and_mix():
-    from csr.vig.reward import mix_reward, vig_reward
+    from csr.config import ScoreConfig
+    from csr.score.reward import calibrated_rewards, vig_reward
 
     assert vig_reward(0.0) == 0.0
     assert vig_reward(1.0) == pytest.approx(100 * math.tanh(0.5))
@@ -216,7 +217,10 @@ def test_vig_reward_scale_and_mix():
     assert vig_reward(math.log(ppl_c / ppl_i)) == pytest.approx(100 * (ppl_c - ppl_i) / (ppl_c + ppl_i))
     assert vig_reward(0.7, "nats") == 0.7
     assert vig_reward(None) == 0.0
-    assert mix_reward(30.0, 10.0, 20.0, lam=0.9, w_vig=0.5) == pytest.approx(0.9 * 30 + 0.1 * 10 + 0.5 * 20)
+    # R_I 30, R_T 10 (sum_logprob), R_VIG 20 (nats)
+    node = {"clip": 30.0, "logprob_sum": 10.0, "vig": 20.0}
+    cfg = ScoreConfig(reward_lambda=0.9, self_reward="sum_logprob", vig_weight=0.5, vig_scale="nats")
+    assert calibrated_rewards([node], cfg) == pytest.approx([0.9 * 30 + 0.1 * 10 + 0.5 * 20])
 
 
 def _siblings():
@@ -227,14 +231,17 @@ def _siblings():
 
 @pytest.mark.parametrize("mode", ["raw", "rank"])
 def test_score_siblings_with_vig(mode):
-    from csr.score.reward import rank_fractions, score_siblings
-    from csr.vig.reward import score_siblings_with_vig, vig_reward
+    from csr.config import ScoreConfig
+    from csr.score.reward import calibrated_rewards, rank_fractions, vig_reward
 
-    kw = dict(lam=0.9, mode=mode, self_kind="prob", clamp=True)
-    base = score_siblings(_siblings(), **kw)
-    assert score_siblings_with_vig(_siblings(), **kw, w_vig=0.0) == pytest.approx(base)   # w=0: CSR unchanged
+    kw = dict(reward_lambda=0.9, calibration=mode, self_reward="prob", clip_clamp=True)
+    without_vig = [{k: v for k, v in n.items() if k != "vig"} for n in _siblings()]
+    base = calibrated_rewards(without_vig, ScoreConfig(**kw))
+    at_zero = _siblings()
+    assert calibrated_rewards(at_zero, ScoreConfig(**kw, vig_weight=0.0)) == pytest.approx(base)   # w=0: CSR unchanged
+    assert not any("vig_reward" in n for n in at_zero)   # a term at weight 0 is off: nothing stored
     sib = _siblings()
-    got = score_siblings_with_vig(sib, **kw, w_vig=0.5)
+    got = calibrated_rewards(sib, ScoreConfig(**kw, vig_weight=0.5))
     r_vig = [vig_reward(n["vig"]) for n in _siblings()]
     if mode == "raw":
         assert got == pytest.approx([b + 0.5 * v for b, v in zip(base, r_vig)])
@@ -341,6 +348,7 @@ def test_rescore_and_filter_pairs_stages(tiny_llava_dir, tmp_path):
     """The stand-alone stages: VIG term on a finished score stage, VIG filter on a finished pairs stage."""
     from csr.io import mark_done, read_jsonl, write_jsonl
     from csr.pairs import to_trl
+    from csr.config import ScoreConfig
     from csr.vig.reward import run_filter_pairs, run_rescore
 
     img = tmp_path / "a.png"
@@ -355,10 +363,11 @@ def test_rescore_and_filter_pairs_stages(tiny_llava_dir, tmp_path):
                                            "nodes": nodes}])
     mark_done(scored, {"stage": "score"})
     opts = VIGOptions(content_free="blank", blank_color=(0, 0, 0))
-    done = run_rescore(scored, tmp_path / "rescored", str(tiny_llava_dir), opts, lam=0.9, w_vig=2.0, device="cpu")
+    done = run_rescore(scored, tmp_path / "rescored", str(tiny_llava_dir), opts,
+                       ScoreConfig(reward_lambda=0.9, vig_weight=2.0), device="cpu")
     assert done["nodes_scored"] == 2
     out_nodes = read_jsonl(tmp_path / "rescored" / "scored.jsonl")[0]["nodes"]
-    from csr.vig.reward import vig_reward
+    from csr.score.reward import vig_reward
 
     for n in out_nodes[1:]:
         base = 0.9 * n["clip"] + 0.1 * 100 * math.exp(n["logprob_sum"])

@@ -46,8 +46,8 @@ def no_image_continuations(model, processor, prompts: list[str], sentences: list
     """Greedy text-only continuation of each (user prompt, the model's own sentence): what the language
     prior says comes next when there is no image to look at."""
     from csr.content_free import content_free_prompt
-    from csr.generate.tree import prefix_text
     from csr.models import build_chat_prompt
+    from csr.tree_format import prefix_text
 
     tok = processor.tokenizer
     texts = [prefix_text(content_free_prompt(build_chat_prompt(processor, p), processor, "none"), [s])

@@ -32,8 +32,8 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import prefix_text
 from csr.models import ContinuationDecoder, class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
+from csr.tree_format import prefix_text
 
 log = logging.getLogger(__name__)
 
