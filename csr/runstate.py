@@ -176,8 +176,6 @@ TRAIN_NOT_RESULTS = re.compile(r"^(logging_.*|save_.*|report_to|output_dir|keep_
                                r"dataloader_.*|disable_tqdm|push_to_hub.*|hub_.*|overwrite_output_dir)$")
 CLEANING_KEYS = ("cleaning", "min_sentence_chars", "max_repeats", "max_newlines", "drop_unexpected_scripts",
                  "vig_filter")
-REWARD_KEYS = ("clip_backend", "clip_model", "clip_pretrained", "reward_lambda", "calibration", "self_reward",
-               "clip_clamp")
 
 
 def _section(cfg: CSRConfig, name: str, keys: tuple | None = None) -> dict:
@@ -198,8 +196,8 @@ def stage_settings(cfg: CSRConfig, stage: str) -> dict:
     if stage == "generate":
         parts = {"model": model, "data": _section(cfg, "data"), "generate": _section(cfg, "generate"),
                  "run": {"seed": cfg.run.seed}}
-        if cfg.generate.selection == "calibrated":  # the search ranks by the calibrated reward
-            parts["score"] = _section(cfg, "score", REWARD_KEYS)
+        if cfg.generate.selection == "calibrated":  # the search ranks by the calibrated reward: every term's
+            parts["score"] = _section(cfg, "score")  # settings (VIG's and any registered term's weight too)
     elif stage == "score":
         parts = {"model": model, "score": _section(cfg, "score"), "pairs": _section(cfg, "pairs", CLEANING_KEYS)}
     elif stage == "pairs":
