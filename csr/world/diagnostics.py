@@ -8,6 +8,7 @@ scripts/world_diagnostics.py:
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
     python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
     python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl] [--plot PNG]
+    python scripts/world_diagnostics.py yesno  --run DIR [--world data/world]   (a run with closed.enabled)
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
