@@ -125,10 +125,13 @@ def dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, 
     return torch.stack(out).transpose(1, 2)  # [R, q, H, D]
 
 
-@pytest.mark.parametrize("heads,kv_heads,q", [(4, 4, 1), (4, 2, 1), (6, 2, 3), (4, 1, 5)])
-def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q):
+@pytest.mark.parametrize("heads,kv_heads,q,max_scores", [(4, 4, 1, 2**26), (4, 2, 1, 2**26), (6, 2, 3, 2**26),
+                                                        (4, 1, 5, 2**26), (6, 2, 3, 100)])
+def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q, max_scores, monkeypatch):
     """Grouped-query heads, trees with different prompt padding, rows in any tree order, suffixes
-    left-padded (a padded query sees its prompt only), and a causal chunk of q new tokens."""
+    left-padded (a padded query sees its prompt only), a causal chunk of q new tokens, and the
+    queries taken in slices when the scores would be large."""
+    monkeypatch.setattr("csr.generate.cascade.MAX_SCORES", max_scores)
     gen = torch.Generator().manual_seed(0)
     T, Lp, Ls, D = 3, 7, 6, 8
     trees = torch.tensor([2, 0, 0, 1, 2, 2, 0])

@@ -57,13 +57,26 @@ class RowLayout:
         return cls(trees, slots.view(n_trees, width), flat)
 
 
+# Most attention scores held at once (float32): a node-sentence encode has many queries per tree
+# (rows x sentence tokens x heads), so its queries are taken in slices; softmax is per query, exact.
+MAX_SCORES = 2**26
+
+
 def _partial_attention(query, keys, values, mask, scaling: float):
     """Softmax attention restricted to `mask` (True = attend), with its log-sum-exp.
 
-    query [B, Hkv, n, D], keys/values [B, Hkv, L, D], mask broadcastable to [B, Hkv, n, L].
+    query [B, Hkv, n, D], keys/values [B, Hkv, L, D], mask [B or 1, 1, n or 1, L].
     Returns (output [B, Hkv, n, D] in float32, lse [B, Hkv, n]); a query that sees no key gets
     output 0 and lse -inf, so it weighs nothing when combined.
     """
+    B, Hkv, n, _ = query.shape
+    per_query = B * Hkv * keys.shape[-2]
+    size = max(1, MAX_SCORES // per_query)
+    if n > size:
+        parts = [_partial_attention(query[:, :, i:i + size], keys, values,
+                                    mask if mask.shape[-2] == 1 else mask[:, :, i:i + size], scaling)
+                 for i in range(0, n, size)]
+        return torch.cat([o for o, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
     scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scaling
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
