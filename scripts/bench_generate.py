@@ -99,6 +99,9 @@ def main(argv=None) -> int:
                 dump = Path(tmp) / f"{path}{i}.json"
                 subprocess.run([sys.executable, __file__, *child, "--only", path, "--dump", str(dump)], check=True)
                 runs[path].append(json.loads(dump.read_text()))
+                stats = runs[path][-1]["stats"]
+                print(f"run {i + 1}/{args.repeats} {path}: {stats['candidates_per_s']} cand/s, "
+                      f"peak {stats['peak_mem_mb']} MB, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     load_after = [round(x, 2) for x in os.getloadavg()]
 
     first = runs[paths[0]][0]
