@@ -11,8 +11,9 @@ Two implementations with the same results:
   flight at once. The node's text is still tokenised jointly with the prompt, as the reference does;
   the shared prefix is used only where that tokenisation starts with the prompt's own tokens.
 
-Both then run the G token-level groups of every node as one batch of rows over a cache repeated G
-times (see `beam.py`).
+Both then run the G token-level groups of every node as one batch of rows (see `beam.py`). In the
+fast path the rows read their tree's prompt keys/values either from one copy per tree
+(`generate.prefix_attention: cascade`, `cascade.py`) or from a copy each (`copies`, `kvcache.py`).
 
 Positions are passed explicitly, as generate() computes them for left-padded rows, for every class
 in `csr.models.SUPPORTED_CLASSES`. With 3-D multimodal rope (Qwen2.5-VL) the prefix's positions
