@@ -250,6 +250,12 @@ class GenerateConfig:
                                        "cache reused by every node; reference: the official per-node "
                                        "re-encoding (same results, for checking and benchmarks).",
                              choices=("cached", "reference"))
+    prefix_attention: str = _f("cascade", "How the cached path's rows read their prompt's keys/values. cascade: "
+                                          "one copy per tree, read by all its rows (shared-prefix attention "
+                                          "combined by log-sum-exp, csr.generate.cascade): less memory, faster; "
+                                          "copies: every row (node x group) its own copy. Both exact (same trees). "
+                                          "A model whose attention cascade cannot honour (sliding window) uses "
+                                          "copies, logged.", choices=("cascade", "copies"))
 
     def validate(self):
         _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")

@@ -142,7 +142,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),
                    node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos,
-                   continuation=g.continuation)
+                   continuation=g.continuation,
+                   **({"prefix_attention": g.prefix_attention} if cls is CachedLlavaExpander else {}))
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
     n_candidates, start = 0, time.perf_counter()
