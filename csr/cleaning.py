@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 
+from csr.tree_format import is_end_marker
+
 CLEANING_MODES = ("official", "strict", "none")
 STRICT_ONLY_KEYS = ("max_repeats", "max_newlines", "drop_unexpected_scripts")
 
@@ -113,12 +115,6 @@ def node_drop_reason(text: str, cfg) -> str | None:
     if reason is None and len(checked) < cfg.min_sentence_chars:
         reason = "short_sentence"
     return reason
-
-
-def is_end_marker(node: dict) -> bool:
-    """A candidate that is EOS alone (with `generate.stop_at_eos`, the model ending its response right
-    after a sentence): no sentence to score or clean, but it marks its path as ended by the model."""
-    return node.get("ended_by") == "eos" and not node["text"].strip()
 
 
 def dropped_nodes(nodes: list[dict], cfg) -> dict[int, str]:

@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 import yaml
 
+from csr.content_free import CALIBRATION_INPUTS, SAMPLING_INPUTS, VIG_INPUTS
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key and the fix."""
@@ -239,7 +241,7 @@ class GenerateConfig:
     debias_alpha: float = _f(1.0, "α of debias candidate generation (paper: 1).")
     debias_beta: float = _f(0.1, "β, the adaptive plausibility cutoff, of debias candidate generation (paper: 0.1).")
     debias_content_free: str = _f("none", "Content-free input for debias candidates: none (image removed), "
-                                          "unk (an <unk> placeholder), mean (of both).", choices=("none", "unk", "mean"))
+                                          "unk (an <unk> placeholder), mean (of both).", choices=SAMPLING_INPUTS)
     debias_recipe: str = _f("", "A named debias-sampling recipe (csr.debias.recipes) whose α, β and content-free "
                                 "input replace debias_alpha, debias_beta and debias_content_free: toolkit (α 1, β 0.1, "
                                 "no image) or authors (the authors' code: α 1, β 0.1, the mean of the no-image and "
@@ -249,6 +251,12 @@ class GenerateConfig:
                                        "cache reused by every node; reference: the official per-node "
                                        "re-encoding (same results, for checking and benchmarks).",
                              choices=("cached", "reference"))
+    prefix_attention: str = _f("cascade", "How the cached path's rows read their prompt's keys/values. cascade: "
+                                          "one copy per tree, read by all its rows (shared-prefix attention "
+                                          "combined by log-sum-exp, csr.generate.cascade): less memory, faster; "
+                                          "copies: every row (node x group) its own copy. Both exact (same trees). "
+                                          "A model whose attention cascade cannot honour (sliding window) uses "
+                                          "copies, logged.", choices=("cascade", "copies"))
 
     def validate(self):
         _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")
@@ -300,7 +308,7 @@ class ScoreConfig:
     vig_scale: str = _f("contrast", "contrast: R_VIG = 100·tanh(VIG/2), on CLIP's percent scale; nats: VIG itself.",
                         choices=("contrast", "nats"))
     vig_content_free: str = _f("blur", "I_cf for VIG: a Gaussian-blurred copy (VIG paper), no image, or a blank image.",
-                               choices=("blur", "none", "blank"))
+                               choices=VIG_INPUTS)
     vig_blur_radius: float = _f(0.1, "Blur sigma as a fraction of the image's shorter side.")
     vig_batch_size: int = _f(16, "Tree nodes per forward when computing node VIG.")
     tree_batch_size: int = _f(32, "Trees scored together: their images encoded once each, their sentences "
@@ -352,6 +360,54 @@ class PairsConfig:
 
 
 @dataclass
+class ClosedConfig:
+    """The optional closed-set (yes/no) stage of a round (csr.closedset; not in the CSR paper)."""
+    enabled: bool = _f(False, "Add yes/no preference pairs to each round (csr.closedset): questions about the "
+                              "objects the model's own candidate sentences name and the objects its no-image "
+                              "continuation pairs with them; the answer's reward mixes CLIP on the affirmative "
+                              "statement with the answer's probability calibrated against content-free inputs. "
+                              "Off = CSR as published (caption pairs only).")
+    objects: str = _f("", "Object vocabulary the questions ask about: JSON {object: [surface forms]} or CHAIR's "
+                          "synonyms.txt. Empty: synonyms.json beside run.eval_chair.")
+    question_template: str = _f("Is there a {object} in the image?", "The question (POPE's wording).")
+    yes_template: str = _f("Yes, there is a {object}.", "The affirmative answer.")
+    no_template: str = _f("No, there is no {object}.", "The negative answer.")
+    statement_template: str = _f("There is a {object}.", "The affirmative statement CLIP scores against the image.")
+    max_named: int = _f(2, "Questions per image about objects its candidate sentences name (most often named first).")
+    max_prior: int = _f(2, "Questions per image about objects the model names, without the image, after one of "
+                           "its own sentences (its language prior's partners; the field's adversarial negatives).")
+    prior_tokens: int = _f(24, "Greedy tokens of that no-image continuation.")
+    reference_quantile: float = _f(0.5, "R_I(yes) = CLIP(statement) - this quantile of CLIP over every vocabulary "
+                                        "object's statement on the same image; R_I(no) = -R_I(yes).")
+    content_free: str = _f("none,unk", "Content-free inputs for the calibrated self-reward q = p/p_cf "
+                                       "(comma-separated of none, unk, blank, noise; the debiasing authors': none,unk).")
+    reward_lambda: float = _f(0.9, "λ in R = λ·R_I + (1-λ)·R_T for the answers (default: CSR's 0.9, the weight on "
+                                   "CLIP). CLIP on short statements is weaker than on captions "
+                                   "(docs/results/world.md, yes/no self-rewarding); 0 = the calibrated "
+                                   "probability alone.")
+    margin: float = _f(1.0, "Keep a yes/no pair only when |R(yes) - R(no)| is at least this.")
+    ratio: float = _f(0.5, "Yes/no pairs added per caption pair (a seeded sample when more are available).")
+    batch_size: int = _f(16, "Questions (and continuations) per forward batch.")
+
+    def validate(self):
+        for key in ("question_template", "yes_template", "no_template", "statement_template"):
+            value = getattr(self, key)
+            _require("{object}" in value, f"closed.{key}", value, "must contain {object}")
+        _require(self.max_named >= 0 and self.max_prior >= 0 and self.max_named + self.max_prior >= 1,
+                 "closed.max_named", self.max_named, "max_named + max_prior must be >= 1 (both >= 0)")
+        _require(self.prior_tokens >= 1, "closed.prior_tokens", self.prior_tokens, "must be >= 1")
+        _require(0.0 <= self.reference_quantile <= 1.0, "closed.reference_quantile", self.reference_quantile,
+                 "must be in [0, 1]")
+        kinds = [k.strip() for k in self.content_free.split(",") if k.strip()]
+        _require(bool(kinds) and all(k in CALIBRATION_INPUTS for k in kinds), "closed.content_free",
+                 self.content_free, f"must be a comma-separated subset of {', '.join(CALIBRATION_INPUTS)}")
+        _require(0.0 <= self.reward_lambda <= 1.0, "closed.reward_lambda", self.reward_lambda, "must be in [0, 1]")
+        _require(self.margin >= 0, "closed.margin", self.margin, "must be >= 0")
+        _require(self.ratio >= 0, "closed.ratio", self.ratio, "must be >= 0")
+        _require(self.batch_size >= 1, "closed.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
 class CSRConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,6 +415,7 @@ class CSRConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    closed: ClosedConfig = field(default_factory=ClosedConfig)
     # trl.DPOConfig fields plus LoRA fields, validated against csr.train_config.TrainConfig and
     # instantiated by the train stage (DPOConfig's __post_init__ probes devices, so not here).
     train: dict = field(default_factory=dict)

@@ -1,4 +1,12 @@
-"""Prompt records and images.
+"""Records and images: the one reader of data files and the one resolver of a record's image path.
+
+`read_raw_records` reads any data file the toolkit takes (prompt, evaluation and VIG files): a JSON
+list, JSONL, or a folder saved by ``datasets``. `resolve_image_path` turns a record's image field into
+a file (against an image root, through an optional pattern); `image_root_of` is the root a data
+file's relative image paths start from when none is given (the file's own folder), and
+`record_image_paths` resolves every record of an evaluation file. `message_text` reads a TRL
+conversational field (a pair's prompt / chosen / rejected) back to text; `strip_image_token` removes
+the ``<image>`` placeholder (`IMAGE_TOKEN`).
 
 Accepted prompt files (one record per (image, prompt)):
 - the official CSR JSON list: ``[{"id", "image", "input"}]`` with ``<image>`` inside ``input``
@@ -20,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
+# The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).
 IMAGE_TOKEN = "<image>"
 
 
@@ -38,7 +47,40 @@ class BadInput(ValueError):
         self.reason = reason
 
 
-def _read_raw(path: Path) -> list[dict]:
+def strip_image_token(text: str, processor=None) -> str:
+    """`text` without image placeholders, stripped: the data's '<image>' and, with a processor, the
+    model's own image token (`csr.models.image_token_text`)."""
+    tokens = {IMAGE_TOKEN}
+    if processor is not None:
+        from csr.models import image_token_text
+
+        tokens.add(image_token_text(processor))
+    for token in tokens:
+        text = text.replace(token, "")
+    return text.strip()
+
+
+def message_text(messages) -> str:
+    """The plain text of a TRL conversational field (a pair's prompt, chosen or rejected; a chat
+    record's prompt or completion): the messages' string contents and text parts joined, image parts
+    skipped. A string is returned as it is (TRL's standard, non-conversational format)."""
+    if isinstance(messages, str):
+        return messages
+    parts = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            parts.append(c)
+        elif isinstance(c, list):
+            parts.extend(x.get("text", "") for x in c if isinstance(x, dict) and x.get("type") == "text")
+    return "".join(parts)
+
+
+def read_raw_records(path: str | Path) -> list:
+    """The records of a data file as read, fields unchecked: a JSON list, JSONL (one record a line,
+    blank lines skipped) or a folder saved by ``datasets``. Text that is not UTF-8 or not JSON is an
+    error naming the file (and the line)."""
+    path = Path(path)
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -75,18 +117,50 @@ def check_image_pattern(pattern: str) -> None:
                          f"field) can be used, e.g. 'COCO_train2014_{{image}}'.")
 
 
-def resolve_image_path(image_field: str, image_root: str, pattern: str = "{image}",
-                       allow_absolute: bool = False) -> Path:
-    """The file an image field names; refuses names that leave `image_root` unless allowed."""
+def image_root_of(data_path: str | Path, image_root: str | Path | None = None) -> Path:
+    """The folder a data file's relative image paths start from: `image_root` when given, else the
+    file's own folder (a ``datasets`` folder: itself)."""
+    if image_root:
+        return Path(image_root)
+    data_path = Path(data_path)
+    return data_path if data_path.is_dir() else data_path.parent
+
+
+def resolve_image_path(image_field, image_root: str | Path | None, pattern: str = "{image}",
+                       allow_absolute: bool = False, *, record: str | None = None, resolve: bool = True) -> Path:
+    """The file a record's image field names: `pattern` filled with it, taken as is when absolute,
+    else under `image_root` (default: the working folder).
+
+    Names that leave the root are refused unless `allow_absolute` (prompt files: the run's data stay
+    under data.image_root; evaluation files name their images freely). `resolve`: the absolute,
+    normalised path (else the root joined with the name, as given). `record` names the record in
+    the error of a missing or outside image field (default: the field itself).
+    """
+    where = f"record {record}: " if record is not None else ""
+    if not isinstance(image_field, str) or not image_field:
+        raise BadInput("no_image", f"{where}no 'image' field (got {image_field!r}); give each record the file name "
+                                   f"of its image, relative to the image root or absolute.")
     name = pattern.format(image=image_field)
-    root = Path(image_root or ".").resolve()
     candidate = Path(name)
-    path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-    if not allow_absolute and root not in path.parents and path != root:
-        raise BadInput("image_outside_root",
-                       f"image '{image_field}' resolves outside the image root '{root}'; set "
-                       f"data.allow_absolute_image_paths=true if that is intended.")
-    return path
+    joined = candidate if candidate.is_absolute() else Path(image_root or ".") / candidate
+    path = joined.resolve()
+    if not allow_absolute:
+        root = Path(image_root or ".").resolve()
+        if root not in path.parents and path != root:
+            raise BadInput("image_outside_root",
+                           f"{where}image '{image_field}' resolves outside the image root '{root}'; move the image "
+                           f"under the root, or set data.allow_absolute_image_paths=true if that is intended.")
+    return path if resolve else joined
+
+
+def record_image_paths(records: list[dict], data_path: str | Path, image_root: str | Path | None = None
+                       ) -> list[Path]:
+    """Each record's image file in an evaluation file (POPE, CHAIR, multiple choice): its ``image``,
+    absolute or relative to `image_root`, else to the file's folder (`image_root_of`). A record
+    without one is an error naming the file and the record."""
+    root = image_root_of(data_path, image_root)
+    return [resolve_image_path(r.get("image") if isinstance(r, dict) else None, root, allow_absolute=True,
+                               resolve=False, record=f"{data_path}:{n}") for n, r in enumerate(records, 1)]
 
 
 def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}",
@@ -97,7 +171,7 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
     if not path.exists():
         raise FileNotFoundError(f"prompt file '{path}' does not exist (data.prompts).")
     check_image_pattern(pattern)
-    raws = _read_raw(path)
+    raws = read_raw_records(path)
     if not isinstance(raws, list):
         raise ValueError(f"{path}: a prompt file is a list of records (or one record a line), not a "
                          f"{type(raws).__name__}.")
@@ -117,7 +191,7 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
             text = raw.get("input", raw.get("prompt"))
             if not isinstance(text, str):
                 raise BadInput("no_prompt", f"record '{rid}' has no 'input' or 'prompt' string.")
-            question = text.replace(IMAGE_TOKEN, "").strip()
+            question = strip_image_token(text)
             if not question:
                 raise BadInput("empty_prompt", f"record '{rid}' has an empty prompt.")
             if len(question) > max_prompt_chars:
@@ -128,7 +202,7 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
                                                        f"'<image>' placeholders; one image per prompt.")
             if not isinstance(raw.get("image"), str) or not raw["image"]:
                 raise BadInput("no_image", f"record '{rid}' has no 'image' field.")
-            image = resolve_image_path(raw["image"], image_root, pattern, allow_absolute)
+            image = resolve_image_path(raw["image"], image_root, pattern, allow_absolute, record=f"'{rid}'")
         except BadInput as e:
             if summary is not None:
                 summary.skip(e.reason, f"prompt {rid}")
@@ -160,3 +234,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInput("image_too_large", f"image '{path}' is too large to decode safely ({e}).") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BadInput("corrupt_image", f"image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
+
+
+def as_rgb_image(image) -> Image.Image:
+    """A PIL image as RGB, or the image file a path names (`load_image`)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return load_image(image)

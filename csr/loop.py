@@ -5,6 +5,7 @@
       round_1/generate/trees.jsonl    sentence-level search trees
       round_1/score/scored.jsonl      the same trees with calibrated rewards
       round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
+      round_1/closed/pairs.jsonl      with closed.enabled: those pairs + yes/no pairs (csr.closedset)
       round_1/train/adapter/          the LoRA adapter (checkpoints while training)
       round_1/merge/                  the merged model folder: next round's policy and reference (float32,
                                       run.policy_dtype), with its model card README.md
@@ -125,9 +126,14 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
         return follow_round(cfg, policy, rd, heavy), summaries
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
+    if cfg.closed.enabled:  # yes/no pairs from the model itself, mixed into the round's pairs
+        from csr.closedset.stage import run_closed
+
+        summaries["closed"] = run_closed(cfg, policy, rd / "score", rd / "pairs", rd / "closed")
+    pairs_dir = train_pairs_dir(cfg, rd)
     with environment(train_env or {}):
-        summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, rd / "pairs", rd / "train"),
-                                   ["--pairs", str(rd / "pairs")])
+        summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, pairs_dir, rd / "train"),
+                                   ["--pairs", str(pairs_dir)])
     merged = merge_lora(policy, rd / "train" / "adapter", rd / "merge", dtype=cfg.run.policy_dtype,
                         trust_remote_code=cfg.model.trust_remote_code,
                         allow_pickle_weights=cfg.model.allow_pickle_weights, max_shard_size=cfg.run.max_shard_size)
@@ -140,14 +146,20 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
 EXPORT = "export"
 
 
+def train_pairs_dir(cfg: CSRConfig, rd: Path) -> Path:
+    """The folder whose pairs.jsonl the round trains on: the pairs stage's, or the closed stage's mix."""
+    return rd / "closed" if cfg.closed.enabled else rd / "pairs"
+
+
 def follow_round(cfg: CSRConfig, policy: str, rd: Path, heavy) -> str:
     """A round on a machine of rank > 0: machine 0 scores, pairs and merges; this one joins the train launch."""
     from csr.launch import wait_for
 
-    wait_for(rd / "pairs", "pairs")
+    pairs_dir = train_pairs_dir(cfg, rd)
+    wait_for(pairs_dir, pairs_dir.name)
     from csr.io import read_done
 
-    heavy("train", rd / "train", lambda: read_done(rd / "train"), ["--pairs", str(rd / "pairs")])
+    heavy("train", rd / "train", lambda: read_done(rd / "train"), ["--pairs", str(pairs_dir)])
     wait_for(rd / "merge", "merge")
     return str(rd / "merge")
 
@@ -271,11 +283,13 @@ def follow(cfg: CSRConfig, run_dir: Path, accelerate_config: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from csr.runstate import STAGES
+
     p = argparse.ArgumentParser(description="Run CSR rounds end to end (resumable: rerun to continue).")
     p.add_argument("--config", default="recipes/world/default.yaml",
                    help="Recipe YAML (default: the grounded-world recipe that runs on CPU).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.rounds=2.")
-    p.add_argument("--redo-from", metavar="STAGE", choices=("generate", "score", "pairs", "train", "merge"),
+    p.add_argument("--redo-from", metavar="STAGE", choices=STAGES,
                    help="Move this stage's outputs and everything after them aside (into <run>/stale/) and redo "
                         "them: the way to resume a run under a changed recipe.")
     p.add_argument("--redo-round", type=int, default=1, metavar="N",

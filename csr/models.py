@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from csr.data import IMAGE_TOKEN, strip_image_token
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -421,18 +423,14 @@ def sentence_ends_main(argv=None) -> int:
     return 0
 
 
-# The image placeholder of the prompt files (LLaVA's; the official CSR data writes it in every prompt).
-DATA_IMAGE_TOKEN = "<image>"
-
-
 def image_token_text(processor) -> str:
-    return getattr(processor, "image_token", None) or DATA_IMAGE_TOKEN
+    return getattr(processor, "image_token", None) or IMAGE_TOKEN
 
 
 def placeholder_ids(processor) -> list[int]:
     """Token ids that stand for an image or video in the prompt; a model must never generate them."""
     tok = getattr(processor, "tokenizer", processor)
-    names = {getattr(processor, a, None) for a in ("image_token", "video_token")} | {DATA_IMAGE_TOKEN}
+    names = {getattr(processor, a, None) for a in ("image_token", "video_token")} | {IMAGE_TOKEN}
     ids = set()
     for name in names - {None}:
         tid = tok.convert_tokens_to_ids(name)
@@ -441,18 +439,35 @@ def placeholder_ids(processor) -> list[int]:
     return sorted(ids)
 
 
-def strip_image_tokens(processor, question: str) -> str:
-    """The question without image placeholders: the data's '<image>' and the model's own token."""
-    for token in {DATA_IMAGE_TOKEN, image_token_text(processor)}:
-        question = question.replace(token, "")
-    return question.strip()
-
-
 def build_chat_prompt(processor, question: str) -> str:
     """The model's own chat template around one image and one user question, ready for a reply."""
-    question = strip_image_tokens(processor, question)
+    question = strip_image_token(question, processor)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_left_padded(processor, model, prompts: list[str], images: list | None) -> dict:
+    """A left-padded batch of chat prompts (with `images`, PIL, one per prompt) on the model's device,
+    pixel values in its dtype. images=None: a text-only batch, checked to carry no image input
+    (`csr.content_free.check_text_only`)."""
+    tok = processor.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        if images is None:
+            enc = processor(text=prompts, padding=True, return_tensors="pt")
+        else:
+            enc = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+    enc = dict(enc)
+    if images is None:
+        from csr.content_free import check_text_only
+
+        check_text_only(enc, model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in enc.items()}
 
 
 def close_answer(text: str, processor) -> str:

@@ -17,15 +17,15 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from csr.cleaning import dropped_nodes, is_end_marker, response_too_many_newlines
+from csr.cleaning import dropped_nodes, response_too_many_newlines
 from csr.cli import stage_parser
 from csr.config import ConfigError, CSRConfig, PairsConfig, load_config
-from csr.generate.tree import final_paths, join_sentences
 from csr.export import PAIRS_PARQUET, export_pairs_parquet
 from csr.faults import fault_point
 from csr.runstate import StageGuard, lock_if_main_process
 from csr.io import StageSummary, atomic_write_json, iter_jsonl, mark_done, read_done, require_done, write_jsonl
 from csr.score.reward import path_score
+from csr.tree_format import final_paths, is_end_marker, join_sentences
 from csr.vig.reward import path_vig, vig_pair_filter
 
 log = logging.getLogger(__name__)

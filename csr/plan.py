@@ -238,13 +238,13 @@ def _billions(n: int) -> str:
 
 
 def count_prompts(cfg: CSRConfig) -> str:
-    from csr.data import BadInput, _read_raw
+    from csr.data import BadInput, read_raw_records
 
     path = Path(cfg.data.prompts)
     if not cfg.data.prompts:
         return "no prompt file (data.prompts is empty)"
     try:
-        n = len(_read_raw(path))
+        n = len(read_raw_records(path))
     except (OSError, BadInput, ValueError) as e:
         return f"unknown ({path}: {str(e).splitlines()[0] if str(e) else 'not readable'})"
     if cfg.data.max_prompts is not None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MARKER = ".csr-owned"
 LOCK = ".csr-lock"
 STARTED = "STAGE.json"
-STAGES = ("generate", "score", "pairs", "train", "merge")
+STAGES = ("generate", "score", "pairs", "closed", "train", "merge")  # closed: only with closed.enabled
 
 # What csr itself writes in a run folder (a run made before the marker existed is recognised by these).
 RUN_ENTRIES = re.compile(r"^(config\.yaml|summary\.json|report\.md|metrics\.png|eval|round_\d+|wandb|tensorboard|"
@@ -176,8 +176,6 @@ TRAIN_NOT_RESULTS = re.compile(r"^(logging_.*|save_.*|report_to|output_dir|keep_
                                r"dataloader_.*|disable_tqdm|push_to_hub.*|hub_.*|overwrite_output_dir)$")
 CLEANING_KEYS = ("cleaning", "min_sentence_chars", "max_repeats", "max_newlines", "drop_unexpected_scripts",
                  "vig_filter")
-REWARD_KEYS = ("clip_backend", "clip_model", "clip_pretrained", "reward_lambda", "calibration", "self_reward",
-               "clip_clamp")
 
 
 def _section(cfg: CSRConfig, name: str, keys: tuple | None = None) -> dict:
@@ -198,12 +196,15 @@ def stage_settings(cfg: CSRConfig, stage: str) -> dict:
     if stage == "generate":
         parts = {"model": model, "data": _section(cfg, "data"), "generate": _section(cfg, "generate"),
                  "run": {"seed": cfg.run.seed}}
-        if cfg.generate.selection == "calibrated":  # the search ranks by the calibrated reward
-            parts["score"] = _section(cfg, "score", REWARD_KEYS)
+        if cfg.generate.selection == "calibrated":  # the search ranks by the calibrated reward: every term's
+            parts["score"] = _section(cfg, "score")  # settings (VIG's and any registered term's weight too)
     elif stage == "score":
         parts = {"model": model, "score": _section(cfg, "score"), "pairs": _section(cfg, "pairs", CLEANING_KEYS)}
     elif stage == "pairs":
         parts = {"pairs": _section(cfg, "pairs")}
+    elif stage == "closed":  # the yes/no questions, their rewards (closed.reward_lambda, CLIP) and the mix
+        parts = {"model": model, "closed": _section(cfg, "closed"), "run": {"seed": cfg.run.seed},
+                 "score": _section(cfg, "score", ("clip_backend", "clip_model", "clip_pretrained"))}
     elif stage == "train":
         parts = {"model": model, "train": _section(cfg, "train"), "run": {"seed": cfg.run.seed}}
     elif stage == "merge":

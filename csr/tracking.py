@@ -271,11 +271,13 @@ def score_stage_data(scored_trees: list[dict]) -> dict:
 
 
 def pairs_stage_data(pairs: list[dict], summary: dict, n_samples: int = 8) -> dict:
+    from csr.data import message_text
+
     samples = []
     for p in pairs[:n_samples]:
-        samples.append({"id": str(p["id"]), "image": p["images"][0], "prompt": p["prompt"][0]["content"][-1]["text"],
-                        "chosen": p["chosen"][0]["content"][0]["text"],
-                        "rejected": p["rejected"][0]["content"][0]["text"], "margin": p["margin"]})
+        samples.append({"id": str(p["id"]), "image": p["images"][0], "prompt": message_text(p["prompt"]),
+                        "chosen": message_text(p["chosen"]), "rejected": message_text(p["rejected"]),
+                        "margin": p["margin"]})
     return {"histograms": {"pair_margin": [p["margin"] for p in pairs]},
             "tables": {"sample_pairs": samples},
             "scalars": {k: summary.get(k) for k in ("pairs", "chosen_score_mean", "rejected_score_mean",

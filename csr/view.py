@@ -29,6 +29,7 @@ import os
 import re
 from pathlib import Path
 
+from csr.data import message_text
 from csr.io import StageInputMissing, atomic_write_text, is_done, iter_jsonl
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def read_pairs(run_dir: Path, rounds: list[int]) -> dict[int, dict[str, dict]]:
         if is_done(stage) and (stage / "pairs.jsonl").is_file():
             for p in iter_jsonl(stage / "pairs.jsonl"):
                 out[r][str(p["id"])] = {
-                    "chosen": p["chosen"][0]["content"][0]["text"], "rejected": p["rejected"][0]["content"][0]["text"],
+                    "chosen": message_text(p["chosen"]), "rejected": message_text(p["rejected"]),
                     "chosen_score": p.get("chosen_score"), "rejected_score": p.get("rejected_score"),
                     "margin": p.get("margin")}
     return out
@@ -94,7 +95,7 @@ def marked_paths(nodes: list[dict], pair: dict | None, path_score_kind: str = "m
     first whose text and score equal the pair's chosen, the rejected the last (pairs' tie rule). The
     ids include such an end node.
     """
-    from csr.generate.tree import final_paths, join_sentences
+    from csr.tree_format import final_paths, join_sentences
     from csr.score.reward import path_score
 
     if pair is None:

@@ -33,7 +33,8 @@ def rows(run: Path) -> list[tuple]:
 
 def kinds(run: Path) -> dict:
     """Per kind of answer word: mean VIG_t, and the share supervised inside kept samples; POPE answers kept."""
-    from csr.vig.score import plan_records_selection, read_scores
+    from csr.vig.maths import plan_records_selection
+    from csr.vig.score import read_scores
     from csr.world.generate import COLORS, SHAPES
 
     recs = read_scores(run / "vig_blur")

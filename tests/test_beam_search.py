@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import TreeSettings, final_paths, grow_tree, prune
+from csr.generate.tree import TreeSettings, grow_tree, prune
+from csr.tree_format import final_paths
 
 PAD, EOS, DOT, A, B, C = range(6)
 V = 6
@@ -177,5 +178,5 @@ def test_tree_length_and_depth_limits_make_nodes_final():
 
 
 def _path(nodes, i):
-    from csr.generate.tree import path_ids
+    from csr.tree_format import path_ids
     return path_ids(nodes, i)

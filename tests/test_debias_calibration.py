@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from csr import content_free as CF
 from csr.debias import calibration as C
+from csr.debias import closed_set as CS
+from csr.debias import label_probs as LP
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,16 +151,16 @@ def test_content_free_prompts(tiny):
     _, proc = tiny
     prompt = build_chat_prompt(proc, "Is there a dog?")
     assert "<image>" in prompt
-    none = C.content_free_prompt(prompt, proc, "none")
-    unk = C.content_free_prompt(prompt, proc, "unk")
+    none = CF.content_free_prompt(prompt, proc, "none")
+    unk = CF.content_free_prompt(prompt, proc, "unk")
     assert "<image>" not in none and "<unk>" not in none and none.startswith("USER: Is there")
     assert unk == prompt.replace("<image>", "<unk>")
     with pytest.raises(ValueError):
-        C.content_free_prompt("no placeholder", proc, "none")
-    im = C.content_free_image("blank", (12, 10))
+        CF.content_free_prompt("no placeholder", proc, "none")
+    im = CF.blank_or_noise_image("blank", (12, 10))
     assert im.size == (12, 10) and im.getpixel((3, 3)) == (255, 255, 255)
-    a = np.asarray(C.content_free_image("noise", (12, 10), np.random.default_rng(0)))
-    b = np.asarray(C.content_free_image("noise", (12, 10), np.random.default_rng(0)))
+    a = np.asarray(CF.blank_or_noise_image("noise", (12, 10), np.random.default_rng(0)))
+    b = np.asarray(CF.blank_or_noise_image("noise", (12, 10), np.random.default_rng(0)))
     assert (a == b).all() and a.std() > 30
 
 
@@ -176,11 +179,11 @@ def test_text_only_inputs_reach_no_image_features(tiny, images_dir):
     try:
         for cf in ("none", "unk"):
             calls.update(vision=0, pixel=[])
-            C.first_token_label_probs(model, proc, qs, groups, images=images, cf=cf, batch_size=2)
+            LP.first_token_label_probs(model, proc, qs, groups, images=images, cf=cf, batch_size=2)
             assert calls["vision"] == 0 and calls["pixel"] == [False, False]
         for cf in (None, "blank", "noise"):
             calls.update(vision=0, pixel=[])
-            C.first_token_label_probs(model, proc, qs, groups, images=images, cf=cf, batch_size=2)
+            LP.first_token_label_probs(model, proc, qs, groups, images=images, cf=cf, batch_size=2)
             assert calls["vision"] == 2 and calls["pixel"] == [True, True]
     finally:
         h1.remove()
@@ -189,11 +192,11 @@ def test_text_only_inputs_reach_no_image_features(tiny, images_dir):
     ids = proc.tokenizer(["USER: <image> hi"], return_tensors="pt")
     assert model.config.image_token_id in ids["input_ids"]
     with pytest.raises(AssertionError, match="placeholder"):
-        C.check_text_only(dict(ids), model)
+        CF.check_text_only(dict(ids), model)
     ids = dict(proc.tokenizer(["USER: hi"], return_tensors="pt"))
-    C.check_text_only(ids, model)
+    CF.check_text_only(ids, model)
     with pytest.raises(AssertionError, match="pixel_values"):
-        C.check_text_only({**ids, "pixel_values": torch.zeros(1, 3, 32, 32)}, model)
+        CF.check_text_only({**ids, "pixel_values": torch.zeros(1, 3, 32, 32)}, model)
 
 
 def test_label_probs_match_an_unbatched_softmax(tiny, images_dir):
@@ -203,8 +206,8 @@ def test_label_probs_match_an_unbatched_softmax(tiny, images_dir):
     images = [images_dir / "red.png", images_dir / "blue.png"]
     qs = ["Is there a dog?", "What is in the picture? Tell me."]
     groups = C.label_token_groups(proc.tokenizer, ["yes", "no"])
-    batched = C.first_token_label_probs(model, proc, qs, groups, images=images, batch_size=2)
-    batched_none = C.first_token_label_probs(model, proc, qs, groups, cf="none", batch_size=2)
+    batched = LP.first_token_label_probs(model, proc, qs, groups, images=images, batch_size=2)
+    batched_none = LP.first_token_label_probs(model, proc, qs, groups, cf="none", batch_size=2)
     for i, q in enumerate(qs):
         from csr.data import load_image
 
@@ -212,7 +215,7 @@ def test_label_probs_match_an_unbatched_softmax(tiny, images_dir):
         with torch.no_grad():
             enc = proc(text=[prompt], images=[load_image(images[i])], return_tensors="pt")
             probs = torch.softmax(model(**enc).logits[0, -1].double(), -1).numpy()
-            enc = proc(text=[C.content_free_prompt(prompt, proc, "none")], return_tensors="pt")
+            enc = proc(text=[CF.content_free_prompt(prompt, proc, "none")], return_tensors="pt")
             probs_none = torch.softmax(model(**enc).logits[0, -1].double(), -1).numpy()
         np.testing.assert_allclose(batched[i], [probs[g].sum() for g in groups], rtol=1e-4)
         np.testing.assert_allclose(batched_none[i], [probs_none[g].sum() for g in groups], rtol=1e-4)
@@ -231,12 +234,12 @@ def _pope_file(tmp_path, images_dir):
 
 def test_score_and_evaluate_calibration_end_to_end(tiny, tmp_path, images_dir):
     model, proc = tiny
-    data = C.load_closed_set(_pope_file(tmp_path, images_dir), "pope")
+    data = CS.load_closed_set(_pope_file(tmp_path, images_dir), "pope")
     assert data.labels == ["yes", "no"] and data.gold == ["yes", "no", "no", "yes"]
-    scores = C.score_closed_set(model, proc, data.images, data.questions, data.labels, batch_size=4)
-    assert set(scores.p_cf_raw) == set(C.CONTENT_FREE_INPUTS)
+    scores = LP.score_closed_set(model, proc, data.images, data.questions, data.labels, batch_size=4)
+    assert set(scores.p_cf_raw) == set(CF.CALIBRATION_INPUTS)
     assert scores.p_raw.shape == (4, 2) and (scores.label_mass > 0).all()
-    res = C.evaluate_calibration(scores, data, cf_inputs=["none", "unk"], mode="diag", per_sample=True)
+    res = CS.evaluate_calibration(scores, data, cf_inputs=["none", "unk"], mode="diag", per_sample=True)
     assert set(res["calibrated"]) == {"random", "popular", "all"}
     assert 0 <= res["calibrated"]["all"]["yes_ratio"] <= 1
     # 4 single inputs + all four, x 2 modes x 2 estimates
@@ -248,7 +251,7 @@ def test_score_and_evaluate_calibration_end_to_end(tiny, tmp_path, images_dir):
 
     assert res["calibrated"]["all"] == pope_metrics(preds, data.gold)
     assert res["grid"]["none+unk+blank+noise|diag|per-sample"] == \
-        C.closed_set_metrics(data, C.calibrated_predictions(scores)["pred"])["all"]
+        CS.closed_set_metrics(data, LP.calibrated_predictions(scores)["pred"])["all"]
 
 
 def test_multiple_choice_file(tmp_path, images_dir):
@@ -258,17 +261,17 @@ def test_multiple_choice_file(tmp_path, images_dir):
              "answer": "b", "category": "colour"}]
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    data = C.load_closed_set(path, "mc", image_root=images_dir)
+    data = CS.load_closed_set(path, "mc", image_root=images_dir)
     assert data.labels == ["A", "B", "C"] and data.gold == ["A", "B"]
-    assert data.questions[0] == "Which colour?\nA. red\nB. blue\nC. green\n" + C.MC_SUFFIX
+    assert data.questions[0] == "Which colour?\nA. red\nB. blue\nC. green\n" + CS.MC_SUFFIX
     assert data.images[0] == images_dir / "red.png"
-    m = C.closed_set_metrics(data, ["A", "C"])
+    m = CS.closed_set_metrics(data, ["A", "C"])
     assert m["all"]["accuracy"] == 0.5 and m["all"]["pred_ratio"] == {"A": 0.5, "B": 0.0, "C": 0.5}
     assert m["colour"]["accuracy"] == 0.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "red.png", "text": "q", "options": ["x", "y"], "answer": "D"}) + "\n")
     with pytest.raises(ValueError, match="not one of the labels"):
-        C.load_closed_set(bad, "mc")
+        CS.load_closed_set(bad, "mc")
 
 
 def test_cli_calibrate(tiny_llava_dir, tmp_path, images_dir):
@@ -295,7 +298,7 @@ def test_calibrate_file_multiple_choice(tiny, tmp_path, images_dir):
     path.write_text("".join(json.dumps({"question_id": i, "image": f, "text": "Which colour is the image?",
                                         "options": {"A": "red", "B": "green", "C": "blue"}, "answer": a}) + "\n"
                             for i, (f, a) in enumerate([("red.png", "A"), ("green.png", "B"), ("blue.png", "C")])))
-    res = C.calibrate_file(model, proc, path, "mc", out_dir=tmp_path / "o", image_root=images_dir,
+    res = CS.calibrate_file(model, proc, path, "mc", out_dir=tmp_path / "o", image_root=images_dir,
                            cf_inputs=["none", "noise"], grid=False)
     assert res["labels"] == ["A", "B", "C"] and res["n"] == 3 and "grid" not in res
     assert set(res["calibrated"]["all"]["pred_ratio"]) == {"A", "B", "C"}
@@ -303,7 +306,7 @@ def test_calibrate_file_multiple_choice(tiny, tmp_path, images_dir):
     assert [r["gold"] for r in rows] == ["A", "B", "C"]
     assert sum(rows[0]["q"].values()) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="subset"):
-        C.calibrate_file(model, proc, path, "mc", image_root=images_dir, cf_inputs=["sky"])
+        CS.calibrate_file(model, proc, path, "mc", image_root=images_dir, cf_inputs=["sky"])
 
 
 def test_csr_eval_with_calibration_on(tiny_llava_dir, tmp_path):

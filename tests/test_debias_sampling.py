@@ -110,7 +110,7 @@ def test_alpha_zero_is_csr_eval_greedy(tiny, images_dir):
 def _naive_debiased_greedy(model, proc, image, question, steps, alpha, beta, cf_mode):
     """Recompute both branches from scratch at every step (no caches, batch of one)."""
     from csr.data import load_image
-    from csr.debias.calibration import content_free_prompt
+    from csr.content_free import content_free_prompt
     from csr.models import build_chat_prompt
 
     prompt = build_chat_prompt(proc, question)

@@ -1,14 +1,20 @@
 """The fast generator (shared prompt cache, many trees per batch) against the official per-node
-reference (every node re-encoded from scratch, one at a time): same trees, same scores."""
+reference (every node re-encoded from scratch, one at a time): same trees, same scores, with each
+row's own prompt copy ("copies") and with one prompt copy per tree read by all its rows ("cascade",
+`csr.generate.cascade`), for every supported model class."""
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from csr.generate.cascade import CascadeCache, RowLayout, prefix_suffix_attention
 from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
-from csr.models import build_chat_prompt, load_policy, sentence_end_ids
+from csr.models import SUPPORTED_CLASSES, build_chat_prompt, load_policy, sentence_end_ids
+from csr.tiny import TINY_BUILDERS
 
 IMAGES = Path(__file__).parent.parent / "data" / "tiny" / "images"
 QUESTIONS = ["Describe this image in detail.", "What shapes do you see?",
@@ -24,13 +30,15 @@ def policy(tiny_llava_dir):
     return load_policy(str(tiny_llava_dir), device="cpu")
 
 
+@pytest.mark.parametrize("prefix_attention", ["copies", "cascade"])
 @pytest.mark.parametrize("pruning", ["official", "best"])
-def test_cached_batched_trees_equal_the_per_node_reference(policy, pruning):
+def test_cached_batched_trees_equal_the_per_node_reference(policy, pruning, prefix_attention):
     model, processor = policy
     kw = dict(num_candidates=4, diversity_penalty=3.0, max_new_tokens=8,
               stop_ids=sentence_end_ids(processor.tokenizer))
     reference = LlavaExpander(model, processor, node_batch_size=1, **kw)
-    fast = CachedLlavaExpander(model, processor, node_batch_size=5, **kw)  # chunks cross tree borders
+    fast = CachedLlavaExpander(model, processor, node_batch_size=5, prefix_attention=prefix_attention,
+                               **kw)  # chunks cross tree borders
     images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(3)]
     prompts = [build_chat_prompt(processor, q) for q in QUESTIONS]
     settings = TreeSettings(sentence_beam_width=4, pruning=pruning, max_response_chars=300, max_sentences=3)
@@ -95,3 +103,142 @@ def test_debias_candidate_mode_in_both_expanders(policy):
     assert texts(trees(CachedLlavaExpander, debias)) == texts(trees(LlavaExpander, debias))
     neutral = DebiasedCandidates(model, processor, alpha=0.0, beta=0.0)
     assert texts(trees(CachedLlavaExpander, neutral)) == texts(trees(CachedLlavaExpander, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# cascade: one prompt copy per tree
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask, trees, scaling):
+    """Each row on its own: SDPA over [its tree's prefix; its suffix], kv heads repeated for GQA."""
+    R, H, q, _ = query.shape
+    rep, Ls = H // prefix_k.shape[1], suffix_k.shape[2]
+    causal = torch.arange(Ls)[None, :] <= torch.arange(Ls - q, Ls)[:, None]
+    out = []
+    for r in range(R):
+        t = int(trees[r])
+        k = torch.cat([prefix_k[t], suffix_k[r]], dim=1).repeat_interleave(rep, dim=0)
+        v = torch.cat([prefix_v[t], suffix_v[r]], dim=1).repeat_interleave(rep, dim=0)
+        mask = torch.cat([prefix_mask[t][None].expand(q, -1), suffix_mask[r][None] & causal], dim=1)
+        out.append(torch.nn.functional.scaled_dot_product_attention(query[r], k, v, attn_mask=mask, scale=scaling))
+    return torch.stack(out).transpose(1, 2)  # [R, q, H, D]
+
+
+@pytest.mark.parametrize("heads,kv_heads,q,max_scores", [(4, 4, 1, 2**26), (4, 2, 1, 2**26), (6, 2, 3, 2**26),
+                                                        (4, 1, 5, 2**26), (6, 2, 3, 100)])
+def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q, max_scores, monkeypatch):
+    """Grouped-query heads, trees with different prompt padding, rows in any tree order, suffixes
+    left-padded (a padded query sees its prompt only), a causal chunk of q new tokens, and the
+    queries taken in slices when the scores would be large."""
+    monkeypatch.setattr("csr.generate.cascade.MAX_SCORES", max_scores)
+    gen = torch.Generator().manual_seed(0)
+    T, Lp, Ls, D = 3, 7, 6, 8
+    trees = torch.tensor([2, 0, 0, 1, 2, 2, 0])
+    R = trees.numel()
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+    query, prefix_k, prefix_v = rand(R, heads, q, D), rand(T, kv_heads, Lp, D), rand(T, kv_heads, Lp, D)
+    suffix_k, suffix_v = rand(R, kv_heads, Ls, D), rand(R, kv_heads, Ls, D)
+    prefix_mask = torch.ones(T, Lp, dtype=torch.bool)
+    prefix_mask[0, :3] = False  # left padding of a shorter prompt
+    prefix_mask[2, :1] = False
+    suffix_mask = torch.ones(R, Ls, dtype=torch.bool)
+    for r, pad in enumerate([0, 2, Ls - 1, 4, 0, 1, Ls - q + 1]):
+        suffix_mask[r, :pad] = False
+    got = prefix_suffix_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask,
+                                  RowLayout.of(trees, T), D ** -0.5)
+    want = dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask, trees, D ** -0.5)
+    assert got.shape == (R, q, heads, D)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module", params=sorted(SUPPORTED_CLASSES))
+def class_policy(request, tiny_llava_dir, tmp_path_factory):
+    """(model, processor) of a tiny random model of each supported class."""
+    if request.param == "llava":
+        return load_policy(str(tiny_llava_dir), device="cpu")
+    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    TINY_BUILDERS[request.param](folder)
+    return load_policy(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("pruning", ["official", "best"])
+def test_cascade_trees_equal_the_reference_for_every_class(class_policy, pruning):
+    """Images of different sizes (LLaVA-NeXT and Qwen2.5-VL give them different numbers of image
+    tokens) and questions of different lengths: the trees' prompts are padded differently."""
+    model, processor = class_policy
+    kw = dict(num_candidates=3, diversity_penalty=3.0, max_new_tokens=6, stop_ids=sentence_end_ids(processor.tokenizer))
+    reference = LlavaExpander(model, processor, node_batch_size=1, **kw)
+    cascade = CachedLlavaExpander(model, processor, node_batch_size=4, prefix_attention="cascade", **kw)
+    assert cascade.prefix_attention == "cascade"
+    images = [Image.open(IMAGES / "0.png").convert("RGB"), Image.new("RGB", (64, 30), (20, 20, 220)),
+              Image.open(IMAGES / "2.png").convert("RGB").resize((40, 56))]
+    prompts = [build_chat_prompt(processor, q) for q in QUESTIONS]
+    settings = TreeSettings(sentence_beam_width=3, pruning=pruning, max_response_chars=200, max_sentences=3)
+
+    expected = [grow_tree(lambda r, i=i: reference.expand(images[i], prompts[i], r), self_score, settings)
+                for i in range(3)]
+    cache = cascade.encode_prompts(images, prompts)
+    assert len(set(cache.attention.sum(1).tolist())) > 1  # the prompts' lengths differ: padding matters
+    got = grow_trees(lambda requests: cascade.expand_many(cache, requests), [self_score] * 3, settings)
+    for want, have in zip(expected, got):
+        assert len(want) > 1 + 3  # past the first level
+        assert [n["text"] for n in have] == [n["text"] for n in want]
+        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
+            [(n["parent"], n["final"], n["pruned"]) for n in want]
+        for a, b in zip(have[1:], want[1:]):
+            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+            assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+
+
+def test_cascade_cache_holds_one_prompt_copy_per_tree(policy, monkeypatch):
+    model, processor = policy
+    ex = CachedLlavaExpander(model, processor, num_candidates=3, diversity_penalty=1.0, max_new_tokens=3,
+                             stop_ids=sentence_end_ids(processor.tokenizer), prefix_attention="cascade")
+    seen, real = [], ex._search
+
+    def spy(first, cache, *args):
+        out = real(first, cache, *args)
+        seen.append(cache)  # after the search: its rows are the nodes' G groups
+        return out
+    monkeypatch.setattr(ex, "_search", spy)
+    images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(3)]
+    prompts = ex.encode_prompts(images, [build_chat_prompt(processor, q) for q in QUESTIONS])
+
+    ex.expand_many(prompts, [(0, []), (2, ["A cat."]), (1, []), (2, ["A dog."]), (0, ["A hat."])])
+    cache = seen[-1]
+    assert isinstance(cache, CascadeCache)
+    for layer, prompt_layer in zip(cache.layers, prompts.cache.layers):
+        assert layer.prefix_keys.shape[0] == layer.prefix_values.shape[0] == 3  # trees, not rows
+        assert layer.keys.shape[0] == 5 * 3  # each row's own suffix: nodes x groups
+        assert layer.prefix_keys.data_ptr() == prompt_layer.keys.data_ptr()  # every tree used: no copy at all
+
+    ex.expand_many(prompts, [(1, []), (1, ["A cat."])])  # one tree: its prompt alone
+    assert seen[-1].layers[0].prefix_keys.shape[0] == 1 and seen[-1].layers[0].keys.shape[0] == 2 * 3
+    assert torch.equal(seen[-1].layers[0].prefix_keys[0], prompts.cache.layers[0].keys[1])
+
+
+@pytest.mark.parametrize("feature", ["sliding_window", "model_type"])
+def test_cascade_falls_back_to_copies_with_one_log_line(policy, monkeypatch, caplog, feature):
+    model, processor = policy
+    text_config = model.config.get_text_config()
+    if feature == "sliding_window":
+        monkeypatch.setattr(text_config, "use_sliding_window", True, raising=False)
+    else:
+        monkeypatch.setattr(text_config, "model_type", "gemma2")
+    kw = dict(num_candidates=2, diversity_penalty=1.0, max_new_tokens=2, stop_ids=sentence_end_ids(processor.tokenizer))
+    with caplog.at_level(logging.INFO, logger="csr.generate.expander"):
+        ex = CachedLlavaExpander(model, processor, prefix_attention="cascade", **kw)
+    assert ex.prefix_attention == "copies"
+    lines = [r.getMessage() for r in caplog.records if r.name == "csr.generate.expander"]
+    assert len(lines) == 1 and "prefix_attention=cascade" in lines[0] and "using copies" in lines[0]
+    assert ("sliding-window" if feature == "sliding_window" else "gemma2") in lines[0]
+
+
+def test_unknown_prefix_attention_is_refused_naming_the_choices(policy):
+    model, processor = policy
+    with pytest.raises(ValueError, match="prefix_attention 'shared'.*copies, cascade"):
+        CachedLlavaExpander(model, processor, prefix_attention="shared", num_candidates=2, diversity_penalty=1.0,
+                            max_new_tokens=2, stop_ids=[])

@@ -14,7 +14,7 @@ from PIL import Image
 
 from csr.config import load_config
 from csr.models import SUPPORTED_CLASSES, ModelLoadError, build_chat_prompt, check_model_class, load_policy
-from csr.generate.tree import prefix_text
+from csr.tree_format import prefix_text
 from csr.tiny import TINY_BUILDERS
 
 ROOT = Path(__file__).parent.parent

@@ -10,10 +10,11 @@ import torch
 from csr.cleaning import node_drop_reason, official_drop_reason
 from csr.config import PairsConfig, ScoreConfig
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import TreeSettings, final_paths, grow_tree, prune
+from csr.generate.tree import TreeSettings, grow_tree, prune
 from csr.pairs import candidate_paths, pick_pair
 from csr.score.reward import path_score
 from csr.score.stage import calibrate_tree
+from csr.tree_format import final_paths
 
 OFFICIAL_SCORE = ScoreConfig(calibration="rank", self_reward="beam_score", clip_clamp=False, reward_lambda=0.9)
 OFFICIAL_PAIRS = PairsConfig(cleaning="official", path_score="official", single_path="duplicate")

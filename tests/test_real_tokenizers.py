@@ -163,7 +163,8 @@ def test_real_llama_nodes_round_trip_and_continue_from_their_tokens(real_llava_d
 
     from csr.generate.beam import Candidate
     from csr.generate.expander import CachedLlavaExpander, LlavaExpander
-    from csr.generate.tree import TreeSettings, TreeSearch, join_sentences, prefix_text
+    from csr.generate.tree import TreeSettings, TreeSearch
+    from csr.tree_format import join_sentences, prefix_text
     from csr.models import build_chat_prompt, load_policy
 
     model, processor = load_policy(str(real_llava_dir), device="cpu")
@@ -303,7 +304,8 @@ def test_sft_answers_end_with_eos_on_a_template_that_renders_none(which, request
     from PIL import Image
 
     from csr.models import load_processor
-    from csr.vig.score import IGNORE_INDEX, sft_collator, vig_example
+    from csr.vig.collate import sft_collator, vig_example
+    from csr.vig.maths import IGNORE_INDEX
 
     processor = load_processor(str(request.getfixturevalue(which)))
     eos = processor.tokenizer.eos_token_id

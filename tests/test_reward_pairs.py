@@ -4,16 +4,23 @@ import math
 
 import pytest
 
-from csr.config import PairsConfig
+from csr.config import PairsConfig, ScoreConfig
 from csr.cleaning import has_repeats, node_drop_reason
 from csr.pairs import candidate_paths, pick_pair, to_csr, to_trl
-from csr.score.reward import calibrate_siblings, rank_fractions, score_siblings, self_reward
-from csr.score.stage import siblings_by_parent
+from csr.score.reward import calibrated_rewards, rank_fractions, self_reward
+from csr.tree_format import siblings_by_parent
 
 
 def test_rank_fractions_best_is_one_over_n():
     assert rank_fractions([0.2, 0.9, 0.5, 0.1]) == [0.75, 0.25, 0.5, 1.0]
     assert rank_fractions([1.0, 1.0]) == [0.5, 1.0]  # ties keep order
+
+
+def calibrate_siblings(self_scores, clip_scores, lam, mode):
+    """The calibrated rewards of siblings whose R_T (self_reward=sum_logprob) and R_I (unclamped) are given."""
+    siblings = [{"logprob_sum": s, "clip": c} for s, c in zip(self_scores, clip_scores)]
+    cfg = ScoreConfig(reward_lambda=lam, calibration=mode, self_reward="sum_logprob", clip_clamp=False)
+    return calibrated_rewards(siblings, cfg)
 
 
 def test_raw_calibration_mixes_values_with_lambda_on_clip():
@@ -35,10 +42,10 @@ def test_self_reward_kinds_and_clamp():
     assert self_reward(node, "mean_prob") == pytest.approx(50.0)
     assert self_reward(node, "beam_score") == -1.7
     nodes = [dict(node, clip=-12.0), dict(node, clip=31.0)]
-    score_siblings(nodes, lam=0.9, mode="raw", self_kind="prob", clamp=True)
+    calibrated_rewards(nodes, ScoreConfig(reward_lambda=0.9, calibration="raw", self_reward="prob", clip_clamp=True))
     assert [n["visual_reward"] for n in nodes] == [0.0, 31.0]
     assert nodes[1]["reward"] == pytest.approx(0.9 * 31 + 0.1 * 25)
-    score_siblings(nodes, lam=0.9, mode="raw", self_kind="prob", clamp=False)
+    calibrated_rewards(nodes, ScoreConfig(reward_lambda=0.9, calibration="raw", self_reward="prob", clip_clamp=False))
     assert nodes[0]["visual_reward"] == -12.0
     with pytest.raises(ValueError):
         self_reward(node, "nope")

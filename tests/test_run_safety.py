@@ -382,3 +382,17 @@ def test_a_huge_chat_template_is_refused_at_once(tiny_llava_dir, tmp_path):
     (model / "chat_template.jinja").write_text("{{ 'x' }}" * 600_000)  # 5.4 million characters
     with pytest.raises(ModelLoadError, match="5,400,000 characters long"):  # refused before it is compiled
         load_processor(str(model))
+
+
+def test_a_calibrated_search_depends_on_every_reward_term_weight():
+    """The calibrated search ranks by the stored reward, VIG term included (csr.score.reward): a generate
+    stage made at one VIG weight is not the one another weight would make."""
+    from csr.config import load_config
+    from csr.runstate import stage_settings
+
+    calibrated = stage_settings(load_config(None, ["generate.selection=calibrated"]), "generate")
+    weighted = stage_settings(load_config(None, ["generate.selection=calibrated", "score.vig_weight=1.0"]), "generate")
+    assert calibrated["score.vig_weight"] == 0.0 and weighted["score.vig_weight"] == 1.0
+    assert "score.clip_batch_size" not in calibrated  # speed, not results
+    plain = stage_settings(load_config(None, ["generate.selection=self", "score.vig_weight=1.0"]), "generate")
+    assert not any(k.startswith("score.") for k in plain)

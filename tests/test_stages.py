@@ -9,11 +9,11 @@ import pytest
 import csr.generate.stage as gen_stage
 from csr.config import load_config
 from csr.generate.stage import run_generate
-from csr.generate.tree import final_paths
 from csr.io import StageInputMissing, read_jsonl
 from csr.models import ModelLoadError, check_model_source
 from csr.pairs import run_pairs
 from csr.score.stage import run_score
+from csr.tree_format import final_paths
 
 ROOT = Path(__file__).parent.parent
 TINY_DATA = ROOT / "data" / "tiny"

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from csr.vig.score import (VIGOptions, apply_token_masks, content_free_image, n_kept, plan_selection,
-                           sample_vig, select_samples, selection_threshold, token_keep_mask, vig_from_logprobs)
+from csr.content_free import vig_content_free_image
+from csr.vig.logprobs import VIGOptions
+from csr.vig.maths import (apply_token_masks, n_kept, plan_selection, sample_vig, select_samples, selection_threshold,
+                           token_keep_mask, vig_from_logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,16 +117,16 @@ def _pattern_image(seed: int = 0, size: int = 40) -> Image.Image:
     return im
 
 
-def test_content_free_images():
+def test_vig_content_free_images():
     im = _pattern_image()
-    blurred = content_free_image(im, VIGOptions(content_free="blur", blur_radius=0.1))
+    blurred = vig_content_free_image(im, VIGOptions(content_free="blur", blur_radius=0.1))
     assert blurred.size == im.size and blurred.tobytes() != im.tobytes()
     # fraction of the shorter side and pixels agree
-    same = content_free_image(im, VIGOptions(content_free="blur", blur_radius=4.0, blur_units="pixels"))
+    same = vig_content_free_image(im, VIGOptions(content_free="blur", blur_radius=4.0, blur_units="pixels"))
     assert same.tobytes() == blurred.tobytes()
-    blank = content_free_image(im, VIGOptions(content_free="blank", blank_color=(0, 0, 0)))
+    blank = vig_content_free_image(im, VIGOptions(content_free="blank", blank_color=(0, 0, 0)))
     assert blank.size == im.size and blank.getcolors() == [(40 * 40, (0, 0, 0))]
-    assert content_free_image(im, VIGOptions(content_free="none")) is None
+    assert vig_content_free_image(im, VIGOptions(content_free="none")) is None
     with pytest.raises(ValueError):
         VIGOptions(content_free="noise").validate()
 
@@ -163,7 +165,7 @@ def _hand_logprobs(model, processor, image, prompt, answer, bos=True):
 
 @pytest.mark.parametrize("cf,add_bos", [("blur", "auto"), ("blank", "auto"), ("none", "auto"), ("blur", "never")])
 def test_vig_equals_hand_computation(tiny, cf, add_bos):
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     bos = add_bos == "auto"   # the tiny tokenizer adds BOS on plain calls, as LLaVA's does
@@ -176,7 +178,7 @@ def test_vig_equals_hand_computation(tiny, cf, add_bos):
     got = score_items(model, processor, items, opts)   # one padded batch of three lengths
     for it, g in zip(items, got):
         lp_i, ids = _hand_logprobs(model, processor, it["image"], it["prompt"], it["answer"], bos)
-        lp_c, ids_c = _hand_logprobs(model, processor, content_free_image(it["image"], opts), it["prompt"],
+        lp_c, ids_c = _hand_logprobs(model, processor, vig_content_free_image(it["image"], opts), it["prompt"],
                                      it["answer"], bos)
         assert ids == ids_c == g["token_ids"]
         assert processor.tokenizer.decode(ids).endswith("</s>")   # EOS is an answer token, as SFT trains it
@@ -191,7 +193,7 @@ def test_vig_equals_hand_computation(tiny, cf, add_bos):
 
 def test_blur_of_a_flat_image_has_zero_vig(tiny, images_dir):
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     model, processor = tiny
     got = score_items(model, processor, [{"image": load_image(images_dir / "red.png"), "prompt": "Describe.",
@@ -205,7 +207,8 @@ def test_blur_of_a_flat_image_has_zero_vig(tiny, images_dir):
 
 
 def test_vig_reward_scale_and_mix():
-    from csr.vig.reward import mix_reward, vig_reward
+    from csr.config import ScoreConfig
+    from csr.score.reward import calibrated_rewards, vig_reward
 
     assert vig_reward(0.0) == 0.0
     assert vig_reward(1.0) == pytest.approx(100 * math.tanh(0.5))
@@ -214,7 +217,10 @@ def test_vig_reward_scale_and_mix():
     assert vig_reward(math.log(ppl_c / ppl_i)) == pytest.approx(100 * (ppl_c - ppl_i) / (ppl_c + ppl_i))
     assert vig_reward(0.7, "nats") == 0.7
     assert vig_reward(None) == 0.0
-    assert mix_reward(30.0, 10.0, 20.0, lam=0.9, w_vig=0.5) == pytest.approx(0.9 * 30 + 0.1 * 10 + 0.5 * 20)
+    # R_I 30, R_T 10 (sum_logprob), R_VIG 20 (nats)
+    node = {"clip": 30.0, "logprob_sum": 10.0, "vig": 20.0}
+    cfg = ScoreConfig(reward_lambda=0.9, self_reward="sum_logprob", vig_weight=0.5, vig_scale="nats")
+    assert calibrated_rewards([node], cfg) == pytest.approx([0.9 * 30 + 0.1 * 10 + 0.5 * 20])
 
 
 def _siblings():
@@ -225,14 +231,17 @@ def _siblings():
 
 @pytest.mark.parametrize("mode", ["raw", "rank"])
 def test_score_siblings_with_vig(mode):
-    from csr.score.reward import rank_fractions, score_siblings
-    from csr.vig.reward import score_siblings_with_vig, vig_reward
+    from csr.config import ScoreConfig
+    from csr.score.reward import calibrated_rewards, rank_fractions, vig_reward
 
-    kw = dict(lam=0.9, mode=mode, self_kind="prob", clamp=True)
-    base = score_siblings(_siblings(), **kw)
-    assert score_siblings_with_vig(_siblings(), **kw, w_vig=0.0) == pytest.approx(base)   # w=0: CSR unchanged
+    kw = dict(reward_lambda=0.9, calibration=mode, self_reward="prob", clip_clamp=True)
+    without_vig = [{k: v for k, v in n.items() if k != "vig"} for n in _siblings()]
+    base = calibrated_rewards(without_vig, ScoreConfig(**kw))
+    at_zero = _siblings()
+    assert calibrated_rewards(at_zero, ScoreConfig(**kw, vig_weight=0.0)) == pytest.approx(base)   # w=0: CSR unchanged
+    assert not any("vig_reward" in n for n in at_zero)   # a term at weight 0 is off: nothing stored
     sib = _siblings()
-    got = score_siblings_with_vig(sib, **kw, w_vig=0.5)
+    got = calibrated_rewards(sib, ScoreConfig(**kw, vig_weight=0.5))
     r_vig = [vig_reward(n["vig"]) for n in _siblings()]
     if mode == "raw":
         assert got == pytest.approx([b + 0.5 * v for b, v in zip(base, r_vig)])
@@ -284,7 +293,7 @@ def test_node_vig_matches_a_hand_computation_in_context(tiny):
         L = len(ids)
         return [logp[j - 1, ids[j]].item() for j in range(L - n, L)]
 
-    hand = [a - b for a, b in zip(lp(image), lp(content_free_image(image, opts)))]
+    hand = [a - b for a, b in zip(lp(image), lp(vig_content_free_image(image, opts)))]
     assert node["vig_n_tokens"] == n
     assert node["vig"] == pytest.approx(sum(hand) / n, abs=1e-4)
     assert node["vig_sum"] == pytest.approx(sum(hand), abs=1e-4)
@@ -339,6 +348,7 @@ def test_rescore_and_filter_pairs_stages(tiny_llava_dir, tmp_path):
     """The stand-alone stages: VIG term on a finished score stage, VIG filter on a finished pairs stage."""
     from csr.io import mark_done, read_jsonl, write_jsonl
     from csr.pairs import to_trl
+    from csr.config import ScoreConfig
     from csr.vig.reward import run_filter_pairs, run_rescore
 
     img = tmp_path / "a.png"
@@ -353,10 +363,11 @@ def test_rescore_and_filter_pairs_stages(tiny_llava_dir, tmp_path):
                                            "nodes": nodes}])
     mark_done(scored, {"stage": "score"})
     opts = VIGOptions(content_free="blank", blank_color=(0, 0, 0))
-    done = run_rescore(scored, tmp_path / "rescored", str(tiny_llava_dir), opts, lam=0.9, w_vig=2.0, device="cpu")
+    done = run_rescore(scored, tmp_path / "rescored", str(tiny_llava_dir), opts,
+                       ScoreConfig(reward_lambda=0.9, vig_weight=2.0), device="cpu")
     assert done["nodes_scored"] == 2
     out_nodes = read_jsonl(tmp_path / "rescored" / "scored.jsonl")[0]["nodes"]
-    from csr.vig.reward import vig_reward
+    from csr.score.reward import vig_reward
 
     for n in out_nodes[1:]:
         base = 0.9 * n["clip"] + 0.1 * 100 * math.exp(n["logprob_sum"])

@@ -8,6 +8,10 @@ import json
 import pytest
 import torch
 
+from csr.vig import collate as C
+from csr.vig import logprobs as L
+from csr.vig import maths as M
+from csr.vig import records as R
 from csr.vig import score as S
 
 IGNORE = -100
@@ -36,11 +40,11 @@ def test_conversation_collator_equals_trl_on_single_turn_records(tiny):
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     _, proc = tiny
-    examples = [S.vig_example([{"prompt": "Describe this image.", "answer": a}], _image(i))
+    examples = [C.vig_example([{"prompt": "Describe this image.", "answer": a}], _image(i))
                 for i, a in enumerate(["A red circle.", "No.", "A cat sits on a mat. The sky is blue."])]
     trl = DataCollatorForVisionLanguageModeling(processor=proc, completion_only_loss=True)
-    want = trl([{k: v for k, v in ex.items() if k != S.TURNS_KEY} for ex in copy.deepcopy(examples)])
-    got = S.ConversationCollator(proc)(copy.deepcopy(examples))
+    want = trl([{k: v for k, v in ex.items() if k != C.TURNS_KEY} for ex in copy.deepcopy(examples)])
+    got = C.ConversationCollator(proc)(copy.deepcopy(examples))
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
@@ -49,8 +53,8 @@ def test_conversation_collator_equals_trl_on_single_turn_records(tiny):
 def test_every_assistant_turn_is_labelled_and_nothing_else(tiny):
     _, proc = tiny
     tok = proc.tokenizer
-    batch = S.ConversationCollator(proc)([S.vig_example(TWO_TURNS, _image(0)),
-                                          S.vig_example(TWO_TURNS[:1], None)])
+    batch = C.ConversationCollator(proc)([C.vig_example(TWO_TURNS, _image(0)),
+                                          C.vig_example(TWO_TURNS[:1], None)])
     # the tiny template renders an answer as "ASSISTANT: <answer></s>" after a generation prompt
     # "ASSISTANT:", so each answer segment is " <answer></s>", tokenised on its own
     seg = [tok(" " + t["answer"] + "</s>", add_special_tokens=False)["input_ids"] for t in TWO_TURNS]
@@ -80,9 +84,9 @@ def model_image_tokens(proc, ids):
 
 def test_multi_turn_vig_covers_every_turn_and_the_first_turn_is_unchanged(tiny):
     model, proc = tiny
-    opts = S.VIGOptions(content_free="blank", batch_size=4).validate()
+    opts = L.VIGOptions(content_free="blank", batch_size=4).validate()
     im = _image(1)
-    multi, single = S.score_batch(model, proc, [{"image": im, "turns": TWO_TURNS},
+    multi, single = L.score_batch(model, proc, [{"image": im, "turns": TWO_TURNS},
                                                 {"image": im, "prompt": TWO_TURNS[0]["prompt"],
                                                  "answer": TWO_TURNS[0]["answer"]}], opts)
     tok = proc.tokenizer
@@ -121,7 +125,7 @@ def test_reading_conversations_counts_what_is_kept_and_skipped(tmp_path):
 
     path = _write_conversations(tmp_path)
     summary = StageSummary("vig score")
-    recs = S.read_records(path, summary=summary)
+    recs = R.read_records(path, summary=summary)
     assert [r["id"] for r in recs] == ["multi", "text", "single"]
     assert recs[0]["turns"] == TWO_TURNS and recs[1]["image"] is None and recs[1]["text_only"]
     d = summary.as_dict()
@@ -130,7 +134,7 @@ def test_reading_conversations_counts_what_is_kept_and_skipped(tmp_path):
                             "text_only_kept": 1, "multi_turn": 1, "turns_read": 4}
     # the older reading: first pair only, records without an image skipped
     summary = StageSummary("vig score")
-    recs = S.read_records(path, summary=summary, turns="first", text_only="skip")
+    recs = R.read_records(path, summary=summary, turns="first", text_only="skip")
     assert [r["id"] for r in recs] == ["multi", "single"] and "turns" not in recs[0]
     d = summary.as_dict()
     assert d["skipped"] == {"no_answer": 1, "no_image": 1}
@@ -142,7 +146,7 @@ def test_text_only_samples_are_kept_unmasked_outside_tau():
             {"vig": 0.1, "vig_tokens": [0.1], "n_tokens": 1},
             {"vig": 0.3, "vig_tokens": [0.4, 0.3, 0.2], "n_tokens": 3},
             {"vig": None, "vig_tokens": None, "n_tokens": 4}]            # text-only
-    sel = S.plan_records_selection(recs, keep_percent=50.0)
+    sel = M.plan_records_selection(recs, keep_percent=50.0)
     # 3 scored samples, top 50%: ceil(1.5) = 2 -> VIG 0.5 and 0.3, τ = 0.3
     assert sel.tau == 0.3 and sel.kept == [True, False, True, True]
     assert sel.masks == [[True, False], None, [True, True, False], [True] * 4]
@@ -150,7 +154,7 @@ def test_text_only_samples_are_kept_unmasked_outside_tau():
     # supervised: 1 + 2 + 4 (text-only) = 7 of 2 + 1 + 3 + 4 = 10 tokens
     assert (st["tokens_supervised"], st["tokens_total"], st["text_only_samples"], st["text_only_tokens"]) == \
         (7, 10, 1, 4)
-    plain = S.plan_records_selection(recs, 100.0, token_mask=False)
+    plain = M.plan_records_selection(recs, 100.0, token_mask=False)
     assert plain.kept == [True] * 4 and plain.stats()["tokens_supervised"] == 10
 
 
@@ -165,7 +169,7 @@ def test_score_and_train_conversations_by_epochs(tiny_llava_dir, tiny, tmp_path)
     model, proc = tiny
     path = _write_conversations(tmp_path)
     out = tmp_path / "scores"
-    done = S.run_vig_score(str(tiny_llava_dir), path, out, S.VIGOptions(content_free="blank", batch_size=4),
+    done = S.run_vig_score(str(tiny_llava_dir), path, out, L.VIGOptions(content_free="blank", batch_size=4),
                            model=model, processor=proc)
     assert done["processed"] == 3 and done["skipped"] == {"no_answer": 1}
     recs = S.read_scores(out)

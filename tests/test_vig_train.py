@@ -31,7 +31,7 @@ def processor(tiny_llava_dir):
 
 
 def test_masking_collator_keeps_exactly_the_intended_labels(processor):
-    from csr.vig.score import sft_collator, sft_example
+    from csr.vig.collate import sft_collator, sft_example
     from csr.vig.train import ANSWER_COUNT_KEY, MASK_KEY, VIGMaskingCollator
 
     inner = sft_collator(processor)
@@ -70,7 +70,8 @@ def test_masking_collator_keeps_exactly_the_intended_labels(processor):
 def test_scores_align_with_the_training_collation(tiny_llava_dir, processor):
     """VIG_t j of a sample is the j-th label the SFT collator produces for it."""
     from csr.models import load_policy
-    from csr.vig.score import VIGOptions, score_items, sft_collator, sft_example
+    from csr.vig.collate import sft_collator, sft_example
+    from csr.vig.logprobs import VIGOptions, score_items
 
     model, proc = load_policy(str(tiny_llava_dir), device="cpu", dtype="float32")
     items = [{"image": _image(i), "prompt": "Describe this image.", "answer": a} for i, a in enumerate(ANSWERS[:3])]
@@ -83,7 +84,8 @@ def test_scores_align_with_the_training_collation(tiny_llava_dir, processor):
 @pytest.fixture
 def scored_dir(tmp_path, tiny_llava_dir):
     from csr.models import load_policy
-    from csr.vig.score import VIGOptions, run_vig_score
+    from csr.vig.logprobs import VIGOptions
+    from csr.vig.score import run_vig_score
 
     data = tmp_path / "data"
     data.mkdir()
@@ -200,7 +202,7 @@ def test_selective_sft_and_dpo_share_the_lora_fields():
 def test_prepend_bos_matches_generation_tokenisation(processor):
     """With add_bos=auto the collated prompt equals what `processor(text=...)` (generation) encodes."""
     from csr.models import build_chat_prompt
-    from csr.vig.score import sft_collator, sft_example
+    from csr.vig.collate import sft_collator, sft_example
 
     im = _image(0)
     batch = sft_collator(processor)([sft_example("Describe this image.", ANSWERS[0], im)])

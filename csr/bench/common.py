@@ -176,6 +176,23 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def busy_reason(load_1m: float, cores: int) -> str | None:
+    """Why the machine is too busy for a figure worth recording (1-minute load above the cores), or None."""
+    if load_1m > cores:
+        return f"the 1-minute load average is {load_1m:.2f}, above the {cores} cores"
+    return None
+
+
+def summarise_runs(runs: list[dict]) -> dict:
+    """Repeated runs of one path: the median of each figure, and every run's rate."""
+    import statistics
+
+    out = {key: round(statistics.median(run[key] for run in runs), 3)
+           for key in ("seconds", "candidates_per_s", "peak_mem_mb", "model_mem_mb") if key in runs[0]}
+    out.update(candidates=runs[0]["candidates"], runs_candidates_per_s=[run["candidates_per_s"] for run in runs])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Largest batch that fits
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +247,9 @@ def probe_largest(try_size: Callable[[int], dict], sizes: list[int], *, device: 
 # ---------------------------------------------------------------------------------------------
 
 
+FAST_PATHS = ("fast", "copies", "cascade")
+
+
 def search_inputs(processor, n: int, image_size: int):
     """n solid-colour images and chat prompts (4 questions in turn)."""
     from PIL import Image
@@ -244,9 +264,11 @@ def search_inputs(processor, n: int, image_size: int):
 def run_search(impl: str, model, processor, images: list, prompts: list[str], settings, *,
                num_candidates: int, max_new_tokens: int, diversity_penalty: float = 3.0,
                node_batch_size: int = 0, deadline: float | None = None) -> tuple[list, dict]:
-    """Grow one tree per (image, prompt) with `impl` ("fast" or "reference"); (trees, stats).
+    """Grow one tree per (image, prompt) with `impl`; (trees, stats).
 
-    fast: every tree in lockstep over cached prompts (`CachedLlavaExpander`); reference: one tree
+    fast: every tree in lockstep over cached prompts (`CachedLlavaExpander`, its default
+    `prefix_attention`); copies / cascade: the same with that `prefix_attention` (every row its own
+    prompt copy / one copy per tree, `csr.generate.cascade`); reference: one tree
     after another, one node per forward, everything re-encoded (the official semantics). Trees
     score siblings by their summed log-probs. With a `deadline` (time.monotonic()) the reference
     stops after the tree that passes it, so its rate covers the trees it finished.
@@ -266,7 +288,9 @@ def run_search(impl: str, model, processor, images: list, prompts: list[str], se
     start_mb = memory_mb(device)
     start = time.perf_counter()
     with torch.no_grad():
-        if impl == "fast":
+        if impl in FAST_PATHS:
+            if impl != "fast":
+                kw["prefix_attention"] = impl
             expander = CachedLlavaExpander(model, processor, node_batch_size=node_batch_size, **kw)
             cache = expander.encode_prompts(images, prompts)
             trees = grow_trees(lambda req: expander.expand_many(cache, req), [score] * len(prompts), settings)
@@ -279,7 +303,7 @@ def run_search(impl: str, model, processor, images: list, prompts: list[str], se
                 if deadline is not None and time.monotonic() > deadline:
                     break
         else:
-            raise ValueError(f"impl={impl!r}: fast or reference")
+            raise ValueError(f"impl={impl!r}: one of {', '.join(FAST_PATHS)}, reference")
     sync(device)
     seconds = time.perf_counter() - start
     n = sum(len(t) - 1 for t in trees)

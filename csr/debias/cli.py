@@ -18,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 
+from csr.content_free import CALIBRATION_INPUTS, SAMPLING_INPUTS
+
 log = logging.getLogger(__name__)
 
 
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pope-suffix", default=None,
                    help="text appended to each POPE question (toolkit none; authors \"Please answer this question "
                         "with one word.\").")
-    s.add_argument("--cf", default=None, choices=("none", "unk", "mean"),
+    s.add_argument("--cf", default=None, choices=SAMPLING_INPUTS,
                    help="content-free branch: none (image placeholder removed; toolkit), unk (placeholder "
                         "-> <unk>), mean (the mean of both branches' logits; authors).")
     dm = s.add_mutually_exclusive_group()
@@ -152,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "default settings.")
     st.add_argument("--alpha", type=float, default=1.0, help="alpha of the debias rows (default 1.0).")
     st.add_argument("--beta", type=float, default=0.1, help="beta of the debias rows (default 0.1).")
-    st.add_argument("--cf", default="none", choices=("none", "unk", "mean"),
+    st.add_argument("--cf", default="none", choices=SAMPLING_INPUTS,
                     help="content-free branch of the debias rows (default none).")
     st.add_argument("--max-new-tokens", type=int, default=96, help="caption length limit (default 96).")
     st.add_argument("--pope-max-new-tokens", type=int, default=8, help="POPE answer length limit (default 8).")
@@ -169,7 +171,6 @@ def _pick(explicit, recipe_value):
 
 def calibration_settings(args) -> dict:
     """The calibration settings: the recipe's, with every explicitly given flag overriding it."""
-    from csr.debias.calibration import CONTENT_FREE_INPUTS
     from csr.debias.recipes import calibration_recipe
 
     try:
@@ -177,8 +178,8 @@ def calibration_settings(args) -> dict:
     except ValueError as e:
         raise SystemExit(f"csr debias calibrate: {e}")
     cf = list(r.cf) if args.cf is None else [x.strip() for x in args.cf.split(",") if x.strip()]
-    if not cf or any(x not in CONTENT_FREE_INPUTS for x in cf):
-        raise SystemExit(f"csr debias calibrate: --cf takes a subset of {','.join(CONTENT_FREE_INPUTS)}, "
+    if not cf or any(x not in CALIBRATION_INPUTS for x in cf):
+        raise SystemExit(f"csr debias calibrate: --cf takes a subset of {','.join(CALIBRATION_INPUTS)}, "
                          f"got {args.cf!r}")
     top_k = _pick(args.label_top_k, r.label_top_k)
     if top_k < 0:
@@ -195,7 +196,7 @@ def calibration_settings(args) -> dict:
 
 
 def cmd_calibrate(args) -> dict:
-    from csr.debias.calibration import calibrate_file
+    from csr.debias.closed_set import calibrate_file
     from csr.io import atomic_write_json
     from csr.models import load_policy
 
@@ -210,7 +211,7 @@ def cmd_calibrate(args) -> dict:
                             epsilon=st["epsilon"], label_top_k=st["label_top_k"])
     result = {"model": args.model, "recipe": st["recipe"], **result}
     if kind == "pope" and args.greedy_baseline:
-        from csr.debias.calibration import load_closed_set
+        from csr.debias.closed_set import load_closed_set
         from csr.eval.pope import score_pope
         from csr.eval.run import generate_answers
 
@@ -258,7 +259,8 @@ def cmd_sample(args) -> dict:
     from csr.eval.chair import caption_report, load_synonyms
     from csr.eval.pope import parse_yes_no
     from csr.eval.run import DEFAULT_CAPTION_PROMPT
-    from csr.io import atomic_write_json, read_jsonl, write_jsonl
+    from csr.data import read_raw_records, record_image_paths
+    from csr.io import atomic_write_json, write_jsonl
     from csr.models import load_policy
 
     if not args.chair and not args.pope:
@@ -273,9 +275,8 @@ def cmd_sample(args) -> dict:
         if not path:
             continue
         path = Path(path)
-        recs = read_jsonl(path)[:args.limit]
-        root = Path(args.image_root) if args.image_root else path.parent
-        images = [p if p.is_absolute() else root / p for p in (Path(r["image"]) for r in recs)]
+        recs = read_raw_records(path)[:args.limit]
+        images = record_image_paths(recs, path, args.image_root)
         table = None
         if task == "chair":
             syn = Path(args.synonyms) if args.synonyms else path.parent / "synonyms.json"

@@ -13,7 +13,7 @@ The content-free branch (`ContentFreeBranch`) is built from text alone: it takes
 removes the image placeholder (``none``), replaces it with the unknown token (``unk``), or runs
 both and averages their logits (``mean``), and keeps its own key/value cache. It has no argument
 through which image features could reach it, and every batch it encodes is checked to hold no
-pixel values and no image placeholder tokens (`csr.debias.calibration.check_text_only`).
+pixel values and no image placeholder tokens (`csr.content_free.check_text_only`).
 
 Entry points:
 - `debias_logits` / `debiased_logprobs`: the pure rule on two logit tensors.
@@ -30,12 +30,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from csr.debias.calibration import _as_image, _encode, content_free_prompt
-from csr.models import output_cache, with_cache
+from csr.content_free import SAMPLING_INPUTS, TEXT_ONLY_INPUTS, content_free_prompt
+from csr.data import as_rgb_image
+from csr.models import encode_left_padded, output_cache, with_cache
 
 log = logging.getLogger(__name__)
 
-CF_MODES = ("none", "unk", "mean")
 DEFAULT_ALPHA = 1.0
 DEFAULT_BETA = 0.1
 
@@ -142,7 +142,8 @@ class ImageBranch(_Branch):
         self.processor = processor
 
     def prefill(self, images: Sequence, prompts: Sequence[str]) -> torch.Tensor:
-        return self._prefill(_encode(self.processor, self.model, list(prompts), [_as_image(x) for x in images]))
+        return self._prefill(encode_left_padded(self.processor, self.model, list(prompts),
+                                                [as_rgb_image(x) for x in images]))
 
 
 class _TextOnlyBranch(_Branch):
@@ -152,7 +153,7 @@ class _TextOnlyBranch(_Branch):
 
     def prefill(self, prompts: Sequence[str]) -> torch.Tensor:
         texts = [content_free_prompt(p, self.processor, self.mode) for p in prompts]
-        return self._prefill(_encode(self.processor, self.model, texts, None))  # checked text-only
+        return self._prefill(encode_left_padded(self.processor, self.model, texts, None))  # checked text-only
 
 
 class ContentFreeBranch:
@@ -164,10 +165,10 @@ class ContentFreeBranch:
     """
 
     def __init__(self, model, processor, mode: str = "none"):
-        if mode not in CF_MODES:
-            raise ValueError(f"unknown content-free mode {mode!r}: choose from {CF_MODES}")
+        if mode not in SAMPLING_INPUTS:
+            raise ValueError(f"unknown content-free mode {mode!r}: choose from {SAMPLING_INPUTS}")
         self.mode = mode
-        modes = ("none", "unk") if mode == "mean" else (mode,)
+        modes = TEXT_ONLY_INPUTS if mode == "mean" else (mode,)
         self.branches = [_TextOnlyBranch(model, processor, m) for m in modes]
 
     @staticmethod

@@ -245,7 +245,8 @@ def run_study(model_path: str | None = None, *, pope_path=None, chair_path=None,
     from csr.eval.chair import chair_metrics, load_synonyms
     from csr.eval.pope import parse_yes_no, score_pope
     from csr.eval.run import DEFAULT_CAPTION_PROMPT
-    from csr.io import atomic_write_json, read_jsonl, write_jsonl
+    from csr.data import read_raw_records, record_image_paths
+    from csr.io import atomic_write_json, write_jsonl
     from csr.models import load_policy
 
     if pope_path is None and chair_path is None:
@@ -259,24 +260,18 @@ def run_study(model_path: str | None = None, *, pope_path=None, chair_path=None,
         raise ValueError("decoding settings need distinct names")
     out_dir = Path(out_dir)
 
-    def resolve(image, root):
-        p = Path(image)
-        return p if p.is_absolute() else root / p
-
     tasks = {}
     if pope_path is not None:
-        recs = read_jsonl(pope_path)[:limit]
-        root = Path(image_root) if image_root else Path(pope_path).parent
-        tasks["pope"] = (recs, [resolve(r["image"], root) for r in recs],
+        recs = read_raw_records(pope_path)[:limit]
+        tasks["pope"] = (recs, record_image_paths(recs, pope_path, image_root),
                          [(r["text"] + (" " + pope_suffix if pope_suffix else "")).strip() for r in recs])
     if chair_path is not None:
-        recs = read_jsonl(chair_path)[:limit]
-        root = Path(image_root) if image_root else Path(chair_path).parent
+        recs = read_raw_records(chair_path)[:limit]
         syn = Path(synonyms_path) if synonyms_path else Path(chair_path).parent / "synonyms.json"
         if not syn.is_file():
             raise FileNotFoundError(f"CHAIR needs a synonym table: '{syn}' does not exist (pass --synonyms)")
         table = load_synonyms(syn)
-        tasks["chair"] = (recs, [resolve(r["image"], root) for r in recs],
+        tasks["chair"] = (recs, record_image_paths(recs, chair_path, image_root),
                           [r.get("prompt") or DEFAULT_CAPTION_PROMPT for r in recs])
 
     rows = []

@@ -1,7 +1,7 @@
 """The `csr eval` command line: argument parsing over `csr.eval.run` (see its docstring for the formats).
 
-An entry point above the eval library: `--calibrate` composes `csr.debias.calibration`, which itself
-builds on `csr.eval.run`, so the library modules of `csr.eval` never import the debias package.
+An entry point above the eval library: `--calibrate` composes the debias package's closed-set
+calibration (`csr.debias.closed_set`), so the library modules of `csr.eval` never import another stage.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from csr.content_free import CALIBRATION_INPUTS
 from csr.eval.run import evaluate_model
 from csr.io import atomic_write_json
 
@@ -60,7 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibrate", action="store_true",
                    help="also score --pope / --mc closed-set from first-token label probabilities, before and "
                         "after post-hoc calibration against content-free inputs (Zhang et al. 2024)")
-    g.add_argument("--cf", default="none,unk,blank,noise",
+    g.add_argument("--cf", default=",".join(CALIBRATION_INPUTS),
                    help="content-free inputs averaged into p_cf (paper: no image, <unk>, blank, noise)")
     g.add_argument("--calibration-mode", default="diag", choices=("diag", "bias"),
                    help="diag: W = diag(p_cf)^-1 (paper); bias: W = I, b = -p_cf")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                   chair_mode=args.chair_mode))
         atomic_write_json(Path(args.out) / "metrics.json", result)
     if args.calibrate:
-        from csr.debias.calibration import calibrate_file
+        from csr.debias.closed_set import calibrate_file
 
         cf = [x.strip() for x in args.cf.split(",") if x.strip()]
         for kind, path in (("pope", args.pope), ("mc", args.mc)):

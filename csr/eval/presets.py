@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from csr.data import BadInput
+from csr.data import BadInput, resolve_image_path
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,9 @@ def run_chair_preset(preset: Preset, model, processor, *, coco_annotations, imag
     images = val2014_images(coco_annotations, preset.n_images, preset.seed)[:limit]
     tokens = max_new_tokens or preset.max_new_tokens
     hits: list[bool] = []
-    captions = generate_answers(model, processor, [Path(image_root) / f for _, f in images],
+    paths = [resolve_image_path(f, image_root, allow_absolute=True, resolve=False, record=f"COCO image {i}")
+             for i, f in images]
+    captions = generate_answers(model, processor, paths,
                                 [preset.prompt] * len(images), max_new_tokens=tokens, batch_size=batch_size,
                                 desc=preset.name, hit_limit=hits)
     records = [{"image_id": i, "caption": c, "hit_token_limit": h} for (i, _), c, h in zip(images, captions, hits)]
@@ -127,7 +129,9 @@ def run_pope_preset(preset: Preset, model, processor, *, pope_dir, image_root, o
     questions, answers = [], []
     for f in preset.files:
         qs = read_pope_questions(Path(pope_dir) / f)[:limit]
-        texts = generate_answers(model, processor, [Path(image_root) / q["image"] for q in qs],
+        paths = [resolve_image_path(q["image"], image_root, allow_absolute=True, resolve=False, record=f"{f}:{n}")
+                 for n, q in enumerate(qs, 1)]
+        texts = generate_answers(model, processor, paths,
                                  [f"{q['text']} {preset.suffix}".strip() for q in qs], max_new_tokens=tokens,
                                  batch_size=batch_size, desc=f"{preset.name} {split_name(f)}")
         # the questions asked and LLaVA-format answers, so `csr eval --pope-questions` rescores them

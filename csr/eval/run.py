@@ -40,20 +40,15 @@ import logging
 import time
 from pathlib import Path
 
-from csr.data import BadInput
+from csr.data import BadInput, read_raw_records, record_image_paths
 from csr.eval.chair import chair_metrics, load_synonyms
 from csr.eval.pope import parse_yes_no, score_pope
-from csr.io import atomic_write_json, read_jsonl, write_jsonl
+from csr.io import atomic_write_json, write_jsonl
 
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in detail."
-
-
-def _resolve(image: str, root: Path) -> Path:
-    p = Path(image)
-    return p if p.is_absolute() else root / p
 
 
 def _eos_ids(model, tok) -> set[int]:
@@ -156,8 +151,10 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
         raise BadInput("bad_limit", f"limit={limit} must be at least 1 (or none for every record).")
     if batch_size < 1:
         raise BadInput("bad_batch_size", f"batch_size={batch_size} must be at least 1.")
-    pope_recs = check_pope_records(Path(pope_path), read_jsonl(pope_path)[:limit]) if pope_path is not None else None
-    chair_recs = check_chair_records(Path(chair_path), read_jsonl(chair_path)[:limit]) if chair_path is not None else None
+    pope_recs = (check_pope_records(Path(pope_path), read_raw_records(pope_path)[:limit])
+                 if pope_path is not None else None)
+    chair_recs = (check_chair_records(Path(chair_path), read_raw_records(chair_path)[:limit])
+                  if chair_path is not None else None)
     if chair_path is not None:  # the synonym table too, before anything is generated
         syn = Path(synonyms_path) if synonyms_path else Path(chair_path).parent / "synonyms.json"
         if not syn.is_file():
@@ -180,9 +177,8 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
     if pope_path is not None:
         pope_path = Path(pope_path)
         recs = pope_recs
-        root = Path(image_root) if image_root else pope_path.parent
         questions = [(r["text"] + (" " + pope_suffix if pope_suffix else "")).strip() for r in recs]
-        answers = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], questions,
+        answers = generate_answers(model, processor, record_image_paths(recs, pope_path, image_root), questions,
                                    max_new_tokens=pope_max_new_tokens, batch_size=batch_size, desc="pope")
         if out_dir is not None:  # what was generated is saved before it is scored
             write_jsonl(out_dir / "pope_answers.jsonl",
@@ -196,10 +192,9 @@ def evaluate_model(model_path: str | None = None, pope_path: str | Path | None =
     if chair_path is not None:
         chair_path = Path(chair_path)
         recs = chair_recs
-        root = Path(image_root) if image_root else chair_path.parent
         prompts = [caption_prompt or r.get("prompt") or DEFAULT_CAPTION_PROMPT for r in recs]
         hits: list[bool] = []
-        captions = generate_answers(model, processor, [_resolve(r["image"], root) for r in recs], prompts,
+        captions = generate_answers(model, processor, record_image_paths(recs, chair_path, image_root), prompts,
                                     max_new_tokens=caption_max_new_tokens, batch_size=batch_size, desc="chair",
                                     hit_limit=hits)
         if out_dir is not None:  # what was generated is saved before it is scored (rewritten with the details below)

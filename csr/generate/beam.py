@@ -74,8 +74,7 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
     stop = torch.zeros(V, dtype=torch.bool, device=device)
     stop_set = set(stop_ids) | set(eos_ids) if eos_stops else set(stop_ids) - set(eos_ids)
     stop[list(stop_set)] = True
-    eos = torch.zeros(V, dtype=torch.bool, device=device)
-    eos[list(eos_ids)] = True
+    eos_set = set(eos_ids)
 
     blocked = torch.zeros(V, dtype=torch.bool, device=device)
     if suppress_ids:
@@ -87,24 +86,27 @@ def diverse_group_search(first_logits: torch.Tensor, step: StepFn, *, num_groups
         logp = torch.log_softmax(logits.float(), dim=-1)  # [M, G, V]
         counts = torch.zeros(M, V, device=device)
         chosen = torch.full((M, G), pad_id, dtype=torch.long, device=device)
+        live = ~done  # the groups still growing at this step
+        tok_logp, tok_score = logp.new_empty(M, G), logp.new_empty(M, G)
         for g in range(G):
-            live = ~done[:, g]
             scores = (logp[:, g] - diversity_penalty * counts).masked_fill(blocked, float("-inf"))
             tok = scores.argmax(dim=-1)
-            tok_score = scores.gather(1, tok[:, None]).squeeze(1)
-            tok_logp = logp[:, g].gather(1, tok[:, None]).squeeze(1)
-            chosen[:, g] = torch.where(live, tok, torch.full_like(tok, pad_id))
-            counts.scatter_add_(1, tok[:, None], live.float()[:, None])
-            for m in torch.nonzero(live).flatten().tolist():
-                c = cands[m][g]
-                c.token_ids.append(int(tok[m]))
-                c.logprobs.append(float(tok_logp[m]))
-                c.penalised_sum += float(tok_score[m])
-                if eos[tok[m]]:
-                    c.has_eos = True
-                if stop[tok[m]]:
-                    c.ended_by = "eos" if eos[tok[m]] else "stop"
-            done[:, g] |= live & stop[tok]
+            tok_score[:, g] = scores.gather(1, tok[:, None]).squeeze(1)
+            tok_logp[:, g] = logp[:, g].gather(1, tok[:, None]).squeeze(1)
+            chosen[:, g] = torch.where(live[:, g], tok, torch.full_like(tok, pad_id))
+            counts.scatter_add_(1, tok[:, None], live[:, g].float()[:, None])
+        done |= live & stop[chosen]
+        # the candidates' bookkeeping from one host copy per step (not one device read per row)
+        for (m, g), t_id, lp, sc in zip(torch.nonzero(live).tolist(), chosen[live].tolist(),
+                                        tok_logp[live].tolist(), tok_score[live].tolist()):
+            c = cands[m][g]
+            c.token_ids.append(t_id)
+            c.logprobs.append(lp)
+            c.penalised_sum += sc
+            if t_id in eos_set:
+                c.has_eos = True
+            if t_id in stop_set:
+                c.ended_by = "eos" if t_id in eos_set else "stop"
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         logits = step(chosen.reshape(-1)).reshape(M, G, V)

@@ -11,8 +11,9 @@ Two implementations with the same results:
   flight at once. The node's text is still tokenised jointly with the prompt, as the reference does;
   the shared prefix is used only where that tokenisation starts with the prompt's own tokens.
 
-Both then run the G token-level groups of every node as one batch of rows over a cache repeated G
-times (see `beam.py`).
+Both then run the G token-level groups of every node as one batch of rows (see `beam.py`). In the
+fast path the rows read their tree's prompt keys/values either from one copy per tree
+(`generate.prefix_attention: cascade`, `cascade.py`) or from a copy each (`copies`, `kvcache.py`).
 
 Positions are passed explicitly, as generate() computes them for left-padded rows, for every class
 in `csr.models.SUPPORTED_CLASSES`. With 3-D multimodal rope (Qwen2.5-VL) the prefix's positions
@@ -25,15 +26,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from functools import partial
-
 import torch
-from transformers import Cache, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
 
 from csr.generate.beam import Candidate, diverse_group_search
-from csr.generate.tree import prefix_text
+from csr.generate.cascade import CascadeCache, cascade_attention, unsupported_reason
+from csr.generate.kvcache import select_rows
 from csr.models import ContinuationDecoder, class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
+from csr.tree_format import prefix_text
 
 log = logging.getLogger(__name__)
 
@@ -41,77 +41,13 @@ Children = list[tuple[str, Candidate]]
 # How a node's next level is conditioned: on exactly the tokens generated so far (csr), or on the
 # decoded text re-tokenised with the prompt (the released code; a sentence's first token can change).
 CONTINUATIONS = ("tokens", "text")
+# How the fast path's rows read their prompt's keys/values (generate.prefix_attention).
+PREFIX_ATTENTION = ("copies", "cascade")
 
 
 def prefix_tokens(prefix) -> list[int] | None:
     """The generated token ids a tree prefix carries (`csr.generate.tree.Prefix`), or None."""
     return getattr(prefix, "token_ids", None)
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer that appends into spare capacity instead of concatenating.
-
-    transformers' DynamicLayer copies the whole cache at every decoding step (torch.cat); with
-    M*G rows over a long image prefix that copy, not the matmuls, dominates a step. Here keys and
-    values are views into a buffer with `reserve` free positions, grown geometrically when full.
-    """
-
-    def __init__(self, reserve: int = 64):
-        super().__init__()
-        self.reserve = reserve
-        self.length = 0
-
-    def _ensure(self, batch: int, extra: int, like: torch.Tensor) -> None:
-        need = self.length + extra
-        if self.is_initialized and self.length and self._k.shape[0] == batch and self._k.shape[2] >= need:
-            return
-        capacity = max(need + self.reserve, 2 * self.length)
-        shape = (batch, like.shape[1], capacity, like.shape[3])
-        k, v = like.new_empty(shape), like.new_empty(shape)
-        if self.length:
-            k[:, :, :self.length] = self._k[:, :, :self.length]
-            v[:, :, :self.length] = self._v[:, :, :self.length]
-        self._k, self._v = k, v
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        self._ensure(key_states.shape[0], n, key_states)
-        self._k[:, :, self.length:self.length + n] = key_states
-        self._v[:, :, self.length:self.length + n] = value_states
-        self.length += n
-        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
-        return self.keys, self.values
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.length:
-            b, h, _, d = self._k.shape
-            shape = (b * repeats, h, self.length + self.reserve, d)
-            k, v = self._k.new_empty(shape), self._v.new_empty(shape)
-            n = self.length  # broadcast-copy each row into its `repeats` slots: no temporary
-            k.view(b, repeats, h, -1, d)[:, :, :, :n] = self.keys[:, None]
-            v.view(b, repeats, h, -1, d)[:, :, :, :n] = self.values[:, None]
-            self._k, self._v = k, v
-            self.keys, self.values = k[:, :, :n], v[:, :, :n]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length:
-            self._k, self._v = self.keys[indices], self.values[indices]
-            self.keys, self.values = self._k, self._v
-
-
-class PreallocatedCache(DynamicCache):
-    def __init__(self, reserve: int = 64):
-        Cache.__init__(self, layer_class_to_replicate=partial(PreallocatedLayer, reserve))
-
-
-def select_rows(cache: DynamicCache, rows: torch.Tensor, reserve: int = 64) -> DynamicCache:
-    """A new cache holding `rows` of `cache` (left untouched), with room for `reserve` more tokens."""
-    out = PreallocatedCache(reserve)
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys[rows], layer.values[rows], i)
-    return out
 
 
 class LlavaExpander:
@@ -156,7 +92,7 @@ class LlavaExpander:
     def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor,
                 offsets: torch.Tensor, prefix_texts: list[str]) -> list[Children]:
         """Run the G groups of every row of `first_logits` over `cache` (rows = nodes)."""
-        model, G = self.model, self.G
+        G = self.G
         cache.batch_repeat_interleave(G)
         attention = attention.repeat_interleave(G, dim=0)
         offsets = offsets.repeat_interleave(G, dim=0)
@@ -164,9 +100,8 @@ class LlavaExpander:
         def step(tokens: torch.Tensor) -> torch.Tensor:
             nonlocal attention
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
-            res = model(input_ids=tokens[:, None], attention_mask=attention,
-                        position_ids=self._text_positions(attention, offsets, 1),
-                        **with_cache(model, cache), use_cache=True)
+            res = self._forward(cache, input_ids=tokens[:, None], attention_mask=attention,
+                                position_ids=self._text_positions(attention, offsets, 1))
             return res.logits[:, -1]
 
         if self.debias is not None:  # contrastive against the image-free model (its own cache)
@@ -176,6 +111,13 @@ class LlavaExpander:
                                      eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops,
                                      suppress_ids=self.suppress_ids)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
+
+    def _forward(self, cache, **inputs):
+        """A forward that appends to `cache`; over a `CascadeCache`, with the shared-prefix attention."""
+        if isinstance(cache, CascadeCache):
+            with cascade_attention(self.model):
+                return self.model(**inputs, **with_cache(self.model, cache), cascade=cache, use_cache=True)
+        return self.model(**inputs, **with_cache(self.model, cache), use_cache=True)
 
     def _append_tokens(self, enc: dict, extra: list[list[int]]) -> dict:
         """`enc` (left-padded processor output) with each row's `extra` token ids after its text, re-padded."""
@@ -259,7 +201,22 @@ class PromptCache:
 
 
 class CachedLlavaExpander(LlavaExpander):
-    """The fast path: a prompt cache per tree, all trees' active nodes expanded together."""
+    """The fast path: a prompt cache per tree, all trees' active nodes expanded together.
+
+    `prefix_attention`: "cascade" keeps one copy of each tree's prompt keys/values that all its
+    rows read (`csr.generate.cascade`); "copies" gives every row its own copy. Both are exact; a
+    model whose attention the cascade cannot honour gets the copies, with one log line.
+    """
+
+    def __init__(self, model, processor, *, prefix_attention: str = "cascade", **kwargs):
+        super().__init__(model, processor, **kwargs)
+        if prefix_attention not in PREFIX_ATTENTION:
+            raise ValueError(f"unknown generate.prefix_attention '{prefix_attention}' ({', '.join(PREFIX_ATTENTION)})")
+        reason = unsupported_reason(model) if prefix_attention == "cascade" else None
+        if reason:
+            log.warning("generate.prefix_attention=cascade does not support this model (%s): using copies", reason)
+            prefix_attention = "copies"
+        self.prefix_attention = prefix_attention
 
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -299,7 +256,11 @@ class CachedLlavaExpander(LlavaExpander):
         device = prompts.attention.device
         rows = torch.tensor([row for row, _, _ in chunk], device=device)
         width = max(len(ids) for _, _, ids in chunk)
-        cache = select_rows(prompts.cache, rows, reserve=width + self.max_new_tokens + 1)
+        reserve = width + self.max_new_tokens + 1
+        if self.prefix_attention == "cascade":  # one prompt copy per tree, shared by its rows
+            cache = CascadeCache(prompts.cache, prompts.attention, rows, reserve=reserve)
+        else:
+            cache = select_rows(prompts.cache, rows, reserve=reserve)
         attention, offsets = prompts.attention[rows], prompts.offsets[rows]
         first = prompts.last_logits[rows]
         if width:
@@ -312,9 +273,8 @@ class CachedLlavaExpander(LlavaExpander):
                     ids[j, width - len(toks):] = torch.tensor(toks, device=device)
                     mask[j, width - len(toks):] = 1
             attention = torch.cat([attention, mask], dim=1)
-            out = self.model(input_ids=ids, attention_mask=attention,
-                             position_ids=self._text_positions(attention, offsets, width),
-                             **with_cache(self.model, cache), use_cache=True)
+            out = self._forward(cache, input_ids=ids, attention_mask=attention,
+                                position_ids=self._text_positions(attention, offsets, width))
             has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
         texts = [prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]

@@ -28,7 +28,7 @@ from csr.runstate import StageGuard, lock_if_main_process
 from csr.io import (JsonlAppender, StageInputMissing, StageSummary, is_done, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, write_jsonl)
 from csr.models import build_chat_prompt, load_policy, prepare_image, sentence_end_ids
-from csr.score.reward import score_siblings, self_reward
+from csr.score.reward import calibrated_rewards, reward_term, term_raw_fields
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,13 @@ def dist_info() -> tuple[int, int, int]:
 
 def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None, vig=None, prompt: str = ""):
     """The search score of new siblings: self-score only (official) or the calibrated reward (paper),
-    the same reward the score stage stores, the VIG term included when `score.vig_weight` > 0
-    (`vig`: (model, processor, VIGOptions); `prompt`: the record's question)."""
+    the same reward the score stage stores (`calibrated_rewards`, every active term included). The
+    raw fields the terms read are filled first: `clip`, and node VIG when `vig` is given
+    ((model, processor, VIGOptions), see `_search_vig`; `prompt`: the record's question)."""
     s = cfg.score
     if cfg.generate.selection == "self":
-        return lambda siblings: [self_reward(n, s.self_reward) for n in siblings]
+        self_term = reward_term("self")
+        return lambda siblings: [self_term.value(n, s) for n in siblings]
     image_feat = clip.image_features([image])[0]
 
     def calibrated(siblings, nodes):
@@ -55,16 +57,13 @@ def make_sibling_scorer(cfg: CSRConfig, clip=None, image=None, vig=None, prompt:
         clip_scores = (100.0 * clip.text_features(texts) @ image_feat).tolist()
         for n, c in zip(siblings, clip_scores):
             n["clip"] = c  # reused by the score stage
-        if vig is None:
-            return score_siblings(siblings, lam=s.reward_lambda, mode=s.calibration,
-                                  self_kind=s.self_reward, clamp=s.clip_clamp)
-        from csr.vig.reward import add_node_vig, score_siblings_with_vig
+        if vig is not None:
+            from csr.vig.reward import add_node_vig
 
-        model, processor, options = vig
-        add_node_vig([{"prompt": prompt, "nodes": nodes}], [image], model, processor, options,
-                     only={n["id"] for n in siblings})
-        return score_siblings_with_vig(siblings, lam=s.reward_lambda, mode=s.calibration, self_kind=s.self_reward,
-                                       clamp=s.clip_clamp, w_vig=s.vig_weight, vig_scale=s.vig_scale)
+            model, processor, options = vig
+            add_node_vig([{"prompt": prompt, "nodes": nodes}], [image], model, processor, options,
+                         only={n["id"] for n in siblings})
+        return calibrated_rewards(siblings, s)
     return calibrated
 
 
@@ -84,9 +83,9 @@ def _grow_batch(cfg, expander, clip, processor, batch: list[tuple[PromptRecord, 
 
 def _search_vig(cfg: CSRConfig, expander):
     """(model, processor, VIGOptions) when the search's reward has a VIG term, else None."""
-    if cfg.generate.selection != "calibrated" or cfg.score.vig_weight <= 0:
+    if cfg.generate.selection != "calibrated" or "vig" not in term_raw_fields(cfg.score):
         return None
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     return expander.model, expander.processor, VIGOptions.from_score_config(cfg.score)
 
@@ -143,7 +142,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
     expander = cls(model, processor, num_candidates=g.num_candidates, diversity_penalty=g.diversity_penalty,
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),
                    node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos,
-                   continuation=g.continuation)
+                   continuation=g.continuation,
+                   **({"prefix_attention": g.prefix_attention} if cls is CachedLlavaExpander else {}))
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
     n_candidates, start = 0, time.perf_counter()

@@ -14,7 +14,9 @@ the official code counts it: `length_limit`), or when the path reaches `max_sent
 cap not in the paper). Pruned nodes stay in the tree, flagged, so the file shows the whole search.
 
 Everything here is model-free: the model enters through `expand`, the reward through
-`score_siblings`, which makes the search testable against scripted candidates.
+`score_siblings`, which makes the search testable against scripted candidates. The node format it
+writes, and the pure readers of it (paths, siblings, final paths, prefix text), live in
+`csr.tree_format`, so that the later stages read trees without this search code.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from csr.generate.beam import Candidate
+from csr.tree_format import ROOT, join_sentences, path_ids, path_sentences, prefix_text
 
-ROOT = 0
 LENGTH_LIMITS = ("response", "prompt_and_response")
 
 
@@ -38,26 +40,6 @@ class TreeSettings:
     length_limit: str = "response"  # or "prompt_and_response" (official)
 
 
-def join_sentences(sentences: Sequence[str]) -> str:
-    """A response: its sentences' exact texts concatenated, ends stripped.
-
-    A sentence's text keeps the whitespace the model wrote before it (' The cat.', or 'A dog.'
-    after a '.\\n'), so the concatenation is what the model wrote, newlines included.
-    """
-    return "".join(sentences).strip()
-
-
-def continue_text(context: str, text: str) -> str:
-    """`context` (a chat prompt and earlier sentences) followed by `text` exactly as generated: LLaVA's
-    'ASSISTANT:' is followed by the model's ' The ...', ChatML's 'assistant\\n' by 'The ...'."""
-    return context + text
-
-
-def prefix_text(prompt_text: str, sentences: Sequence[str]) -> str:
-    """The text a node continues from: the chat prompt followed by the node's sentences so far."""
-    return continue_text(prompt_text, "".join(sentences))
-
-
 class Prefix(list):
     """A node's sentences so far (their exact texts, as a list) and the token ids they were generated
     as (None when a node lacks them), so that the next level can continue from exactly those tokens."""
@@ -65,19 +47,6 @@ class Prefix(list):
     def __init__(self, sentences: Sequence[str] = (), token_ids: list[int] | None = None):
         super().__init__(sentences)
         self.token_ids = token_ids
-
-
-def path_ids(nodes: list[dict], node_id: int) -> list[int]:
-    """Node ids from the first sentence down to `node_id` (the root, which holds no text, excluded)."""
-    ids = []
-    while node_id != ROOT:
-        ids.append(node_id)
-        node_id = nodes[node_id]["parent"]
-    return ids[::-1]
-
-
-def path_sentences(nodes: list[dict], node_id: int) -> list[str]:
-    return [nodes[i]["text"] for i in path_ids(nodes, node_id)]
 
 
 def path_prefix(nodes: list[dict], node_id: int) -> Prefix:
@@ -209,31 +178,3 @@ def grow_trees(expand_many: ExpandManyFn, scorers: list[ScoreSiblingsFn], settin
         results = iter(expand_many(requests))
         for t in live:
             searches[t].advance([next(results) for _ in pending[t]])
-
-
-def children_of(nodes: list[dict]) -> dict[int, list[int]]:
-    """Child ids of every node, in generation order."""
-    children: dict[int, list[int]] = {n["id"]: [] for n in nodes}
-    for n in nodes[1:]:
-        children[n["parent"]].append(n["id"])
-    return children
-
-
-def final_paths(nodes: list[dict], keep: set[int] | None = None) -> list[list[int]]:
-    """Every root-to-final path (node ids, first sentence first), in depth-first order.
-
-    Depth-first with children in generation order is the order the official code lists paths in,
-    which decides its ties. With `keep`, only paths whose every node is in `keep`.
-    """
-    children, out, stack = children_of(nodes), [], [(ROOT, [])]
-    while stack:
-        node_id, path = stack.pop()
-        if node_id != ROOT:
-            if keep is not None and node_id not in keep:
-                continue
-            path = path + [node_id]
-            if nodes[node_id].get("final"):
-                out.append(path)
-                continue
-        stack.extend((c, path) for c in reversed(children[node_id]))
-    return out

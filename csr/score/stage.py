@@ -1,7 +1,8 @@
 """Stage score: self-reward and CLIP visual constraint for every node, calibrated among siblings.
 
 Reads generate/trees.jsonl, writes score/scored.jsonl: the same trees with, on every node,
-`clip` (100·cos), `self_reward`, `visual_reward` and `reward` (see `csr.score.reward`).
+`clip` (100·cos), `self_reward`, `visual_reward`, `reward` and the part of every further active
+term (`vig_reward` with `score.vig_weight` > 0; see `csr.score.reward`).
 CLIP scores computed during the search (selection=calibrated) are reused, not recomputed.
 
 Before rewards are ranked, nodes that the pairs cleaning drops (`csr.cleaning`: short sentences,
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -28,24 +28,19 @@ from csr.data import BadInput, load_image
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
-from csr.cleaning import dropped_nodes, is_end_marker
+from csr.cleaning import dropped_nodes
 from csr.runstate import StageGuard, lock_if_main_process
-from csr.score.reward import score_siblings
+from csr.score.reward import calibrated_rewards, term_raw_fields
+from csr.tree_format import is_end_marker, siblings_by_parent
 
 log = logging.getLogger(__name__)
 
 SCORED = "scored.jsonl"
 
 
-def siblings_by_parent(nodes: list[dict]) -> dict[int, list[dict]]:
-    groups: dict[int, list[dict]] = defaultdict(list)
-    for n in nodes[1:]:
-        groups[n["parent"]].append(n)
-    return groups
-
-
 def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:
-    """Fill self/visual/reward on the nodes of a tree whose nodes hold `clip` (and `vig`) (in place).
+    """Fill the reward and its parts (`csr.score.reward.calibrated_rewards`) on the nodes of a tree whose
+    nodes hold their raw scores (`clip`, and `vig` with the VIG term), in place.
 
     With `pairs_cfg`, the nodes its cleaning drops are marked `dropped` (reason) with reward None,
     and siblings are calibrated among the survivors only.
@@ -61,17 +56,8 @@ def calibrate_tree(tree: dict, score_cfg, pairs_cfg=None) -> dict:
             n.pop("dropped", None)
     for group in siblings_by_parent(tree["nodes"]).values():
         siblings = [n for n in group if n["id"] not in unranked]
-        if not siblings:
-            continue
-        if score_cfg.vig_weight > 0:
-            from csr.vig.reward import score_siblings_with_vig
-
-            score_siblings_with_vig(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
-                                    self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp,
-                                    w_vig=score_cfg.vig_weight, vig_scale=score_cfg.vig_scale)
-        else:
-            score_siblings(siblings, lam=score_cfg.reward_lambda, mode=score_cfg.calibration,
-                           self_kind=score_cfg.self_reward, clamp=score_cfg.clip_clamp)
+        if siblings:
+            calibrated_rewards(siblings, score_cfg)
     return tree
 
 
@@ -116,13 +102,18 @@ def _batches(iterable, size):
         yield batch
 
 
+def needs_node_vig(cfg: CSRConfig) -> bool:
+    """Whether the reward or the pair filter under `cfg` reads a node field that `add_node_vig` fills."""
+    return any(f in required_raw_fields(cfg) for f in ("vig", "vig_sum", "vig_n_tokens"))
+
+
 def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
     """(trees, images) -> None adding node VIG, when the reward or the pair filter needs it."""
-    if not (cfg.score.vig_weight > 0 or cfg.pairs.vig_filter):
+    if not needs_node_vig(cfg):
         return None
     from csr.models import load_policy
     from csr.vig.reward import add_node_vig
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     model, processor = load_policy(policy_path or cfg.model.model_name_or_path, dtype=cfg.model.torch_dtype,
                                    device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
@@ -134,7 +125,7 @@ def _vig_scorer(cfg: CSRConfig, policy_path: str | None):
 
 def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, policy_path: str | None = None) -> dict:
     out_dir = Path(out_dir)
-    vig_policy = (policy_path or cfg.model.model_name_or_path) if (cfg.score.vig_weight > 0 or cfg.pairs.vig_filter) else None
+    vig_policy = (policy_path or cfg.model.model_name_or_path) if needs_node_vig(cfg) else None
     guard = StageGuard(out_dir, "score", cfg, inputs=(generate_dir, vig_policy))
     done = guard.finished()
     if done is not None:
@@ -173,16 +164,9 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
     return read_done(out_dir)
 
 
-# raw node fields each setting reads, and the stage that writes them
-_SELF_FIELDS = {"prob": "logprob_sum", "sum_logprob": "logprob_sum", "mean_prob": "logprob_mean",
-                "mean_logprob": "logprob_mean", "beam_score": "beam_score"}
-
-
 def required_raw_fields(cfg: CSRConfig) -> dict[str, str]:
     """{node field: the stage that writes it} that recomputing rewards and pairs under `cfg` needs."""
-    need = {_SELF_FIELDS[cfg.score.self_reward]: "generate", "clip": "score"}
-    if cfg.score.vig_weight > 0:
-        need["vig"] = "score (with score.vig_weight > 0)"
+    need = term_raw_fields(cfg.score)
     if cfg.pairs.vig_filter:
         need.update(vig_sum="score (with pairs.vig_filter=true)", vig_n_tokens="score (with pairs.vig_filter=true)")
     return need

@@ -7,6 +7,7 @@
     csr vig train  --model DIR --scores DIR --out DIR [--selection vig|none] [--keep-percent 70]
                    [--tau-mode ...] [--no-token-mask] [--full] [key=value ...]
     csr vig rescore       --scored DIR --policy DIR --out DIR --config RECIPE [--vig-weight W] ...
+                          (W and the scale: the recipe's score.vig_weight / vig_scale unless given)
     csr vig filter-pairs  --pairs DIR --policy DIR --out DIR [--min-gap G] ...
 
 `score` writes vig.jsonl (one line per sample: token ids and strings, log-probs under the image and
@@ -21,7 +22,11 @@ import argparse
 import json
 import sys
 
-from csr.vig.score import BLUR_UNITS, BOS_MODES, CONTENT_FREE, TAU_MODES, TEXT_ONLY_MODES, TURN_MODES
+from csr.content_free import BLUR_UNITS, VIG_INPUTS
+from csr.score.reward import VIG_SCALES
+from csr.vig.collate import BOS_MODES
+from csr.vig.maths import TAU_MODES
+from csr.vig.records import TEXT_ONLY_MODES, TURN_MODES
 
 
 def _color(text: str) -> tuple:
@@ -33,7 +38,7 @@ def _color(text: str) -> tuple:
 
 def _add_vig_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("content-free input and batching")
-    g.add_argument("--content-free", choices=CONTENT_FREE, default="blur",
+    g.add_argument("--content-free", choices=VIG_INPUTS, default="blur",
                    help="I_cf: blur (paper: Gaussian-blurred copy), none (no image), blank (plain image).")
     g.add_argument("--blur-radius", type=float, default=0.1,
                    help="Gaussian blur radius (sigma); see --blur-units (default 0.1 of the shorter side: the "
@@ -52,7 +57,7 @@ def _add_vig_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(a):
-    from csr.vig.score import VIGOptions
+    from csr.vig.logprobs import VIGOptions
 
     return VIGOptions(content_free=a.content_free, blur_radius=a.blur_radius, blur_units=a.blur_units,
                       blank_color=a.blank_color, batch_size=a.batch_size, max_length=a.max_length,
@@ -83,7 +88,8 @@ def _score(a) -> int:
 
 
 def _view(a) -> int:
-    from csr.vig.score import read_scores, selection_threshold
+    from csr.vig.maths import selection_threshold
+    from csr.vig.score import read_scores
     from csr.vig.view import heatmap_html, heatmap_terminal, histogram_png
 
     records = read_scores(a.scores)
@@ -119,14 +125,19 @@ def _train(a) -> int:
 
 
 def _rescore(a) -> int:
+    import dataclasses
+
     from csr.config import load_config
     from csr.vig.reward import run_rescore
 
     cfg = load_config(a.config, a.overrides)
-    s = cfg.score
-    summary = run_rescore(a.scored, a.out, a.policy, _options(a), lam=s.reward_lambda, mode=s.calibration,
-                          self_kind=s.self_reward, clamp=s.clip_clamp, w_vig=a.vig_weight, vig_scale=a.vig_scale,
-                          device=a.device, dtype=a.dtype)
+    flags = {k: v for k, v in (("vig_weight", a.vig_weight), ("vig_scale", a.vig_scale)) if v is not None}
+    score_cfg = dataclasses.replace(cfg.score, **flags)  # a flag given on the command line beats the recipe
+    score_cfg.validate()
+    if score_cfg.vig_weight == 0:
+        print("csr vig rescore: the VIG weight is 0 (score.vig_weight of the recipe): node VIG is stored but the "
+              "reward stays CSR's; set score.vig_weight or pass --vig-weight W to add the term.", file=sys.stderr)
+    summary = run_rescore(a.scored, a.out, a.policy, _options(a), score_cfg, device=a.device, dtype=a.dtype)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -180,10 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scored", required=True, help="Folder of a finished score stage.")
     r.add_argument("--policy", required=True, help="The round's policy (the model that generated the trees).")
     r.add_argument("--out", required=True, help="Output folder (scored.jsonl, DONE.json) for `csr pairs --scored`.")
-    r.add_argument("--config", default=None, help="Recipe (score.reward_lambda, calibration, self_reward, clip_clamp).")
-    r.add_argument("--vig-weight", type=float, default=1.0, help="w_vig in R = λR_I + (1-λ)R_T + w_vig·R_VIG.")
-    r.add_argument("--vig-scale", choices=("contrast", "nats"), default="contrast",
-                   help="contrast: R_VIG = 100·tanh(VIG/2); nats: VIG itself.")
+    r.add_argument("--config", default=None, help="Recipe (score.reward_lambda, calibration, self_reward, clip_clamp, "
+                                                 "vig_weight, vig_scale).")
+    r.add_argument("--vig-weight", type=float, default=None,
+                   help="w_vig in R = λR_I + (1-λ)R_T + w_vig·R_VIG. Default: the recipe's score.vig_weight (0 "
+                        "without --config or a score.vig_weight override: node VIG is stored, the reward is "
+                        "CSR's); given, it overrides the recipe.")
+    r.add_argument("--vig-scale", choices=VIG_SCALES, default=None,
+                   help="contrast: R_VIG = 100·tanh(VIG/2); nats: VIG itself. Default: the recipe's "
+                        "score.vig_scale (contrast); given, it overrides the recipe.")
     r.add_argument("overrides", nargs="*", help="section.key=value recipe overrides, e.g. score.reward_lambda=0.5")
     _add_vig_options(r)
     r.set_defaults(func=_rescore)

@@ -1,29 +1,17 @@
-"""VIG inside CSR: a reward term beside CLIP's visual constraint, and a preference-pair filter.
+"""VIG inside CSR: the model side of the VIG reward term, and a preference-pair filter.
 
 None of the three papers combines them (docs/method.md §3); this is the project's proposal.
 
 Reward term
 -----------
-For a tree node (a sentence s), VIG(s) is the mean over s's tokens of
+The term itself is registered with the others in `csr.score.reward` (term `vig`, weight
+`score.vig_weight`, value `vig_reward`): R = λ·R_I + (1 − λ)·R_T + w_vig·R_VIG. This module fills the
+node field it reads. For a tree node (a sentence s), `add_node_vig` stores VIG(s), the mean over s's
+tokens of
 log p(t | image, prompt, earlier sentences, t_<) − log p(t | content-free input, same text),
 with the sentence tokenised in context exactly as the generate stage's expander does (chat prompt,
-then the earlier sentences and s joined by spaces, one tokenisation of the whole text; the tokens of
+then the earlier sentences and s as generated, one tokenisation of the whole text; the tokens of
 s are those after the longest common prefix with the tokenisation of the text before s).
-
-Scale. R_I (100·cos) and R_T (paper: product of token probabilities ×100) live on a 0–100 scale;
-VIG is a log-ratio in nats, unbounded. The term is mapped onto the same percent scale:
-
-    vig_scale=contrast (default):  R_VIG = 100 · tanh(VIG / 2) = 100 · (PPL_cf − PPL_I) / (PPL_cf + PPL_I)
-
-bounded in (−100, 100), 0 when the image does not change the sentence's perplexity, ≈ 50·VIG for
-small VIG; `vig_scale=nats` uses VIG itself. The calibrated reward becomes
-
-    R(s) = λ · R_I(s) + (1 − λ) · R_T(s) + w_vig · R_VIG(s)
-
-(`mix_reward`), i.e. the VIG term has its own weight beside λ and w_vig = 0 is CSR unchanged. With
-calibration=rank (the official code's), R_VIG is turned into its rank fraction among siblings like
-the other two, and the rank mix becomes −(λ·rank_I + (1 − λ)·rank_T + w_vig·rank_VIG).
-With λ = 0 and w_vig > 0 the visual constraint is VIG alone: no CLIP needed.
 
 Pair filter
 -----------
@@ -42,64 +30,14 @@ from typing import Sequence
 
 import torch
 
-from csr.vig.score import VIGOptions, content_free_image, target_logprobs
+from csr.content_free import no_image_prompt, vig_content_free_image
+from csr.vig.logprobs import VIGOptions, target_logprobs
 
 log = logging.getLogger(__name__)
 
-VIG_SCALES = ("contrast", "nats")
-
-
 # ---------------------------------------------------------------------------------------------
-# Pure: the reward term and the filter
+# Pure: the pair filter
 # ---------------------------------------------------------------------------------------------
-
-
-def vig_reward(vig: float | None, scale: str = "contrast") -> float:
-    """R_VIG on the reward's percent scale (see the module docstring); 0 for a node without VIG."""
-    if vig is None or (isinstance(vig, float) and math.isnan(vig)):
-        return 0.0
-    if scale == "contrast":
-        return 100.0 * math.tanh(float(vig) / 2.0)
-    if scale == "nats":
-        return float(vig)
-    raise ValueError(f"unknown vig_scale {scale!r} ({', '.join(VIG_SCALES)})")
-
-
-def mix_reward(r_visual: float, r_self: float, r_vig: float, lam: float, w_vig: float) -> float:
-    """R = λ·R_I + (1 − λ)·R_T + w_vig·R_VIG (raw calibration)."""
-    return lam * r_visual + (1.0 - lam) * r_self + w_vig * r_vig
-
-
-def add_vig_term(siblings: list[dict], *, w_vig: float, mode: str = "raw", scale: str = "contrast") -> list[float]:
-    """Add w_vig·R_VIG to the `reward` already on sibling nodes (after `score_siblings`); returns the rewards.
-
-    Stores `vig_reward` (R_VIG) on every node. raw: reward += w·R_VIG; rank: reward −= w·rank_fraction(R_VIG)
-    (the rank mix is negated in `csr.score.reward`, so higher stays better).
-    """
-    from csr.score.reward import rank_fractions
-
-    values = [vig_reward(n.get("vig"), scale) for n in siblings]
-    for n, v in zip(siblings, values):
-        n["vig_reward"] = v
-    if w_vig:
-        if mode == "raw":
-            for n, v in zip(siblings, values):
-                n["reward"] = n["reward"] + w_vig * v
-        elif mode == "rank":
-            for n, r in zip(siblings, rank_fractions(values)):
-                n["reward"] = n["reward"] - w_vig * r
-        else:
-            raise ValueError(f"unknown calibration '{mode}' (raw, rank)")
-    return [n["reward"] for n in siblings]
-
-
-def score_siblings_with_vig(siblings: list[dict], *, lam: float, mode: str, self_kind: str, clamp: bool,
-                            w_vig: float = 0.0, vig_scale: str = "contrast") -> list[float]:
-    """`csr.score.reward.score_siblings` plus the VIG term: a drop-in replacement (same result at w_vig=0)."""
-    from csr.score.reward import score_siblings
-
-    score_siblings(siblings, lam=lam, mode=mode, self_kind=self_kind, clamp=clamp)
-    return add_vig_term(siblings, w_vig=w_vig, mode=mode, scale=vig_scale)
 
 
 def path_vig(nodes: Sequence[dict]) -> float | None:
@@ -126,15 +64,6 @@ def vig_pair_filter(pair: dict, min_gap: float = 0.0) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def no_image_prompt(processor, question: str) -> str:
-    """The chat prompt around the question without any image placeholder (the `none` content-free input)."""
-    from csr.models import strip_image_tokens
-
-    question = strip_image_tokens(processor, question)
-    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -153,7 +82,7 @@ def continuation_logprobs(model, processor, contexts: list[str], continuations: 
     tokens are those of `full` after the longest common prefix with `context`'s tokens. Right
     padding (natural positions). `images` None: text only.
     """
-    from csr.generate.tree import continue_text
+    from csr.tree_format import continue_text
 
     tok = processor.tokenizer
     fulls = [continue_text(c, s) for c, s in zip(contexts, continuations)]
@@ -187,16 +116,16 @@ def add_node_vig(trees: list[dict], images: list, model, processor, options: VIG
     sentence's context is the chat prompt and the sentences before it on its path. Batches of
     `options.batch_size` nodes across trees. Returns the number of nodes scored.
     """
-    from csr.generate.tree import path_sentences, prefix_text
     from csr.models import build_chat_prompt
-    from csr.vig.score import vig_from_logprobs
+    from csr.tree_format import path_sentences, prefix_text
+    from csr.vig.maths import vig_from_logprobs
 
     options.validate()
     requests = []  # (node, context_real, context_cf, image, cf_image)
     for tree, image in zip(trees, images):
         p_real = build_chat_prompt(processor, tree["prompt"])
         p_cf = no_image_prompt(processor, tree["prompt"]) if options.content_free == "none" else p_real
-        cf_img = content_free_image(image, options)
+        cf_img = vig_content_free_image(image, options)
         nodes = tree["nodes"]
         for n in nodes[1:]:
             if only is not None and n["id"] not in only:
@@ -229,7 +158,7 @@ def add_response_vigs(pairs: list[dict], model, processor, options: VIGOptions) 
     """`chosen_vig` / `rejected_vig` on pairs ({image: path, prompt, chosen, rejected} as `csr.pairs.pick_pair`
     returns them, texts as strings): the sample VIG of each whole response (`csr.vig.score`)."""
     from csr.data import load_image
-    from csr.vig.score import score_items
+    from csr.vig.logprobs import score_items
 
     items = []
     for p in pairs:
@@ -246,15 +175,16 @@ def add_response_vigs(pairs: list[dict], model, processor, options: VIGOptions) 
 # ---------------------------------------------------------------------------------------------
 
 
-def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, options: VIGOptions, *,
-                lam: float, mode: str = "raw", self_kind: str = "prob", clamp: bool = True,
-                w_vig: float = 0.0, vig_scale: str = "contrast", device: str = "auto", dtype: str = "auto") -> dict:
-    """Read a finished score stage (nodes with `clip`), add node VIG with `policy`, recalibrate with
-    the VIG term, write `<out_dir>/scored.jsonl` + DONE.json (what `csr pairs --scored` reads)."""
+def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, options: VIGOptions, score_cfg, *,
+                device: str = "auto", dtype: str = "auto") -> dict:
+    """Read a finished score stage (nodes with `clip`), add node VIG with `policy`, recalibrate every
+    sibling group under `score_cfg` (a ScoreConfig: λ, calibration, self_reward, clip_clamp, vig_weight,
+    vig_scale), write `<out_dir>/scored.jsonl` + DONE.json (what `csr pairs --scored` reads)."""
     from csr.data import BadInput, load_image
     from csr.io import StageSummary, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
     from csr.models import load_policy
-    from csr.score.stage import siblings_by_parent
+    from csr.score.reward import calibrated_rewards
+    from csr.tree_format import siblings_by_parent
 
     out_dir = Path(out_dir)
     if is_done(out_dir):
@@ -272,13 +202,13 @@ def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, option
     n_nodes = add_node_vig(kept, images, model, processor, options)
     for t in kept:
         for sib in siblings_by_parent(t["nodes"]).values():
-            score_siblings_with_vig(sib, lam=lam, mode=mode, self_kind=self_kind, clamp=clamp,
-                                    w_vig=w_vig, vig_scale=vig_scale)
+            calibrated_rewards(sib, score_cfg)
         summary.processed += 1
     write_jsonl(out_dir / "scored.jsonl", kept)
     vigs = [n["vig"] for t in kept for n in t["nodes"][1:] if n.get("vig") is not None]
     summary.extra.update(trees=len(kept), nodes_scored=n_nodes, policy=str(policy), options=options.as_dict(),
-                         reward_lambda=lam, vig_weight=w_vig, vig_scale=vig_scale, calibration=mode,
+                         reward_lambda=score_cfg.reward_lambda, vig_weight=score_cfg.vig_weight,
+                         vig_scale=score_cfg.vig_scale, calibration=score_cfg.calibration,
                          node_vig_mean=sum(vigs) / len(vigs) if vigs else None)
     summary.log()
     mark_done(out_dir, summary.as_dict())

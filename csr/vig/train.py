@@ -46,8 +46,10 @@ import torch
 from trl import SFTConfig
 
 from csr.train_config import FineTuneFields
-from csr.vig.score import (IGNORE_INDEX, TAU_MODES, apply_token_masks, plan_records_selection, read_scores,
-                           record_turns, vig_example)
+from csr.vig.collate import vig_example
+from csr.vig.maths import IGNORE_INDEX, TAU_MODES, apply_token_masks, plan_records_selection
+from csr.vig.records import record_turns
+from csr.vig.score import read_scores
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,7 @@ def build_trainer(model_path: str, dataset, args: SelectiveSFTConfig, *, trust_r
     from transformers import AutoModelForImageTextToText, set_seed
 
     from csr.models import DTYPES, check_model_source, load_processor
-    from csr.vig.score import sft_collator
+    from csr.vig.collate import sft_collator
 
     set_seed(args.seed)
     check_model_source(model_path)

@@ -8,6 +8,7 @@ scripts/world_diagnostics.py:
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
     python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
     python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl] [--plot PNG]
+    python scripts/world_diagnostics.py yesno  --run DIR [--world data/world]   (a run with closed.enabled)
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -44,11 +45,6 @@ from pathlib import Path
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
-def _reply_text(turns: list[dict]) -> str:
-    """The text of a TRL conversational reply ([{"role": "assistant", "content": [{"text"}]}])."""
-    return turns[0]["content"][0]["text"]
-
-
 def _auc_resampled(scores, truth, idx):
     """ROC-AUC of `scores` for `truth` on each row of resample indices `idx` (ties counted half)."""
     import numpy as np
@@ -76,8 +72,7 @@ def _auc(pos: list[float], neg: list[float]) -> float:
 
 
 def clip_accuracy(world: Path, clip_dir: Path) -> dict:
-    from PIL import Image
-
+    from csr.data import load_image, resolve_image_path
     from csr.io import read_jsonl
     from csr.score.clip import load_clip
     from csr.world.generate import SHAPES
@@ -85,7 +80,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
     clip = load_clip("open_clip", str(clip_dir), "", device="cpu")
     images, texts, truth, small = [], [], [], []
     for scene in read_jsonl(world / "train" / "prompt_scenes.jsonl"):
-        image = Image.open(world / "train" / scene["image"]).convert("RGB")
+        image = load_image(resolve_image_path(scene["image"], world / "train", allow_absolute=True, resolve=False))
         for o in scene["objects"]:
             images.append(image)
             texts.append([f"A {o['color']} {s} is at the {o['position']}." for s in SHAPES])
@@ -102,6 +97,7 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
 def pair_quality(world: Path, run: Path) -> list[dict]:
     from csr.config import PairsConfig
     from csr.eval.chair import caption_report, chair_metrics, load_synonyms
+    from csr.data import message_text
     from csr.io import read_jsonl
     from csr.pairs import candidate_paths
 
@@ -118,7 +114,7 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
         gts = [truth[p["id"]] for p in pairs]
         row = {"round": rnd.name, "pairs": len(pairs)}
         for side in ("chosen", "rejected"):
-            m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
+            m = chair_metrics([message_text(p[side]) for p in pairs], gts, table)
             row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
@@ -310,12 +306,13 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
 def greedy_chair(world: Path, model: Path) -> dict:
     import tempfile
 
+    from csr.data import resolve_image_path, strip_image_token
     from csr.eval.run import evaluate_model
     from csr.io import read_jsonl, write_jsonl
 
-    questions = {r["id"]: r["input"].replace("<image>", "").strip()
+    questions = {r["id"]: strip_image_token(r["input"])
                  for r in read_jsonl(world / "train" / "prompts.jsonl")}
-    records = [{"id": r["id"], "image": str((world / "train" / r["image"]).resolve()),
+    records = [{"id": r["id"], "image": str(resolve_image_path(r["image"], world / "train", allow_absolute=True)),
                 "objects": [o["shape"] for o in r["objects"]], "prompt": questions[r["id"]]}
                for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,12 +322,42 @@ def greedy_chair(world: Path, model: Path) -> dict:
     return {"model": str(model), **{k: result["chair"][k] for k in ("chair_i", "chair_s", "recall")}}
 
 
+def yesno_quality(world: Path, run: Path) -> list[dict]:
+    """How often each signal of the closed stage (csr.closedset) answers its yes/no questions right, per round:
+    the reward's choice, the calibrated and raw probabilities, CLIP against its reference; by question source."""
+    from csr.io import read_jsonl
+
+    truth = {r["id"]: {o["shape"] for o in r["objects"]} for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+    rows = []
+    for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
+        f = rnd / "closed" / "questions.jsonl"
+        if not f.is_file():
+            continue
+        qs = read_jsonl(f)
+        row = {"round": rnd.name, "questions": len(qs)}
+        for source in ("all", "named", "prior"):
+            sel = [q for q in qs if source == "all" or q["source"] == source]
+            if not sel:
+                continue
+            present = [q["object"] in truth[q["id"]] for q in sel]
+            signals = {"reward": [q["reward_yes"] >= q["reward_no"] for q in sel],
+                       "calibrated": [q["q_yes"] >= 0.5 for q in sel], "raw": [q["p_yes"] >= 0.5 for q in sel],
+                       "clip": [q["clip"] >= q["reference"] for q in sel]}
+            row[f"{source}_n"], row[f"{source}_present"] = len(sel), sum(present) / len(sel)
+            for name, says_yes in signals.items():
+                row[f"{source}_acc_{name}"] = sum(a == b for a, b in zip(says_yes, present)) / len(sel)
+            kept = [(q["reward_yes"] >= q["reward_no"]) == t for q, t in zip(sel, present) if q["kept"]]
+            row[f"{source}_kept_acc"] = sum(kept) / len(kept) if kept else None
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope", "scores"))
+    p.add_argument("what", choices=("clip", "pairs", "causes", "greedy", "pope", "scores", "yesno"))
     p.add_argument("--world", default="data/world", type=Path)
     p.add_argument("--clip", type=Path, help="open_clip folder (default: <world>/models/clip)")
-    p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs)")
+    p.add_argument("--run", type=Path, help="a `csr run` output folder (for pairs, yesno)")
     p.add_argument("--captions", type=Path, help="chair_captions.jsonl (for causes)")
     p.add_argument("--model", type=Path, help="a model folder (for greedy)")
     p.add_argument("--answers", type=Path, help="pope_answers.jsonl (for pope)")
@@ -345,6 +372,10 @@ def main(argv=None) -> int:
         if args.run is None:
             p.error("pairs needs --run")
         result = pair_quality(args.world, args.run)
+    elif args.what == "yesno":
+        if args.run is None:
+            p.error("yesno needs --run")
+        result = yesno_quality(args.world, args.run)
     elif args.what == "greedy":
         if args.model is None:
             p.error("greedy needs --model")

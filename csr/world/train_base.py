@@ -20,7 +20,7 @@
   projector alignment and before instruction tuning, where the VIG paper scores its data and from
   which it instruction-tunes (docs/method.md §3). LLaVA starts from a pretrained chat language
   model (Vicuna); the world has none, so stage 1 trains the tiny Llama as one: the world's
-  conversations as text with the image removed (`csr.debias.calibration.content_free_prompt`,
+  conversations as text with the image removed (`csr.content_free.content_free_prompt`,
   'none'), loss on the answers; the projector and vision tower do not train. Stage 2 is LLaVA's
   alignment: the caption records with their images, the projector alone trained (language model
   and vision tower frozen).
@@ -103,6 +103,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = DEFAU
                batch_size: int = DEFAULT_CLIP["batch_size"], lr: float = DEFAULT_CLIP["lr"], seed: int = 0,
                config: dict | None = None, max_images: int | None = None) -> dict:
     """Train the world CLIP on train/scenes.jsonl and save it to `out_dir`; returns a summary."""
+    from csr.data import record_image_paths
     from csr.world.generate import CAPTION_TEMPLATES, COLORS, POSITIONS, SHAPES
 
     world = Path(world_dir)
@@ -112,7 +113,7 @@ def train_clip(world_dir: str | Path, out_dir: str | Path, *, steps: int = DEFAU
     image_size = json.loads((world / "vocab.json").read_text())["config"]["image_size"]
     config = config or world_clip_config(image_size=image_size)
     model, preprocess, tokenizer = create_open_clip(WORLD_CLIP_NAME, config)
-    images = _image_tensor([world / "train" / s["image"] for s in scenes], preprocess)
+    images = _image_tensor(record_image_paths(scenes, world / "train" / "scenes.jsonl"), preprocess)
 
     # Every possible object (shape, colour, position) is a column in every step: each image is
     # contrasted with all 160 object sentences (a random template each), so every wrong shape,
@@ -282,12 +283,9 @@ def _new_world_llava(records: list[dict], clip_dir, out_dir, *, vocab_size: int,
 
 def _train_images(world: Path, paths: list[str], processor) -> tuple[list, torch.Tensor]:
     """The world's training images (RGB) and their pixel values through the saved processor, in `paths` order."""
-    from PIL import Image
+    from csr.data import load_image, resolve_image_path
 
-    pil = []
-    for p in paths:
-        with Image.open(world / "train" / p) as im:
-            pil.append(im.convert("RGB"))
+    pil = [load_image(resolve_image_path(p, world / "train", allow_absolute=True, resolve=False)) for p in paths]
     pixels = torch.cat([processor.image_processor(pil[i:i + 512], return_tensors="pt")["pixel_values"]
                         for i in range(0, len(pil), 512)])
     return pil, pixels
@@ -355,7 +353,7 @@ def train_aligned_llava(world_dir: str | Path, clip_dir: str | Path, out_dir: st
     `train_llava`, so instruction tuning from it is comparable with the world's base LLaVA.
     """
 
-    from csr.debias.calibration import content_free_prompt
+    from csr.content_free import content_free_prompt
     from csr.models import build_chat_prompt
 
     world = Path(world_dir)

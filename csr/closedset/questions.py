@@ -1,0 +1,101 @@
+"""Yes/no self-rewarding, the pure part: questions from the model's own sentences, answer rewards, pairs.
+
+CSR's preference pairs are captions only, so a round never scores a closed-set answer and the yes/no
+channel drifts through the shared weights. This stage adds yes/no pairs made by the model itself:
+
+1. Objects: those its candidate sentences name (present or not: the model cannot know which), most
+   often named first, and those it names *without the image* right after one of its own sentences
+   (its language prior's partners, the field's "adversarial" POPE negatives). No ground truth.
+2. Answers: "Yes, there is a X." / "No, there is no X.". Their reward mixes, with CSR's λ,
+   - R_I, the visual constraint: CLIP on the affirmative statement, taken relative to a reference
+     (a quantile of CLIP over every vocabulary object's statement on the same image):
+     R_I(yes) = CLIP(statement) − reference, R_I(no) = −R_I(yes);
+   - R_T, the self-reward: 100 · the answer's first-token probability calibrated against content-free
+     inputs (post-hoc debias, q ∝ p / p_cf; docs/method.md §2), so the language prior's lean toward
+     "yes" is divided out before the answer is rewarded.
+   R = λ · R_I + (1 − λ) · R_T; chosen = the higher, kept when the two differ by the margin.
+3. The round's DPO data: the caption pairs plus a seeded sample of yes/no pairs (`closed.ratio` per
+   caption pair), in the same TRL format (a pair is a pair).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import NamedTuple, Sequence
+
+
+class Question(NamedTuple):
+    object: str        # canonical object name
+    source: str        # "named" (its candidate sentences name it) or "prior" (its no-image continuation)
+    question: str
+    yes: str
+    no: str
+    statement: str     # what CLIP scores
+
+
+def named_objects(sentences: Sequence[str], table) -> list[str]:
+    """Canonical objects the sentences name, most often named first (ties: first named first).
+
+    `table`: a `csr.eval.chair.SynonymTable` (surface forms and plurals → canonical names)."""
+    counts: Counter = Counter()
+    first: dict[str, int] = {}
+    for sentence in sentences:
+        for _, canonical in table.mentions(sentence):
+            counts[canonical] += 1
+            first.setdefault(canonical, len(first))
+    return sorted(counts, key=lambda c: (-counts[c], first[c]))
+
+
+def prior_partners(continuations: Sequence[str], named: Sequence[str], table) -> list[str]:
+    """Objects the no-image continuations name that the candidate sentences do not, most often first."""
+    return [c for c in named_objects(continuations, table) if c not in set(named)]
+
+
+def form_questions(named: Sequence[str], prior: Sequence[str], cfg) -> list[Question]:
+    """Up to `cfg.max_named` questions about named objects and `cfg.max_prior` about prior partners."""
+    chosen = [(o, "named") for o in named[:cfg.max_named]]
+    chosen += [(o, "prior") for o in [p for p in prior if p not in set(named)][:cfg.max_prior]]
+    return [Question(o, source, cfg.question_template.format(object=o), cfg.yes_template.format(object=o),
+                     cfg.no_template.format(object=o), cfg.statement_template.format(object=o))
+            for o, source in chosen]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), for a short list."""
+    if not values:
+        raise ValueError("quantile of no values")
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def answer_rewards(clip_statement: float, reference: float, q_yes: float, lam: float) -> dict:
+    """The two answers' reward parts: R_I from CLIP relative to the reference, R_T = 100 · calibrated prob."""
+    visual_yes = clip_statement - reference
+    self_yes, self_no = 100.0 * q_yes, 100.0 * (1.0 - q_yes)
+    return {"visual_yes": visual_yes, "visual_no": -visual_yes, "self_yes": self_yes, "self_no": self_no,
+            "reward_yes": lam * visual_yes + (1.0 - lam) * self_yes,
+            "reward_no": lam * -visual_yes + (1.0 - lam) * self_no}
+
+
+def pick_answer(question: Question, rewards: dict, margin: float) -> tuple[dict | None, str | None]:
+    """(chosen/rejected texts with scores, None) or (None, why it is skipped)."""
+    yes_first = rewards["reward_yes"] >= rewards["reward_no"]
+    hi, lo = (("yes", "no") if yes_first else ("no", "yes"))
+    gap = rewards[f"reward_{hi}"] - rewards[f"reward_{lo}"]
+    if gap < margin:
+        return None, "below_margin"
+    return {"chosen": getattr(question, hi), "rejected": getattr(question, lo), "chosen_answer": hi,
+            "chosen_score": rewards[f"reward_{hi}"], "rejected_score": rewards[f"reward_{lo}"], "margin": gap}, None
+
+
+def mix_pairs(caption_pairs: list, closed_pairs: list, ratio: float, seed: int) -> tuple[list, list]:
+    """The caption pairs followed by a seeded sample of at most round(ratio · len(caption_pairs)) yes/no
+    pairs (all when fewer). Returns (mixed, the sampled yes/no pairs)."""
+    want = min(len(closed_pairs), round(ratio * len(caption_pairs)))
+    picked = sorted(random.Random(seed).sample(range(len(closed_pairs)), want))
+    sample = [closed_pairs[i] for i in picked]
+    return list(caption_pairs) + sample, sample

@@ -1,0 +1,188 @@
+"""Stage closed (optional, `closed.enabled`): yes/no pairs from the model itself, mixed into the round's pairs.
+
+    round_N/closed/questions.jsonl   every question asked: object, source, CLIP, p, p_cf, q, rewards, kept or why not
+    round_N/closed/pairs.jsonl       the round's caption pairs + the sampled yes/no pairs (TRL format): what train reads
+    round_N/closed/DONE.json         counts, skip reasons, the yes-share of the chosen answers
+
+The rules are in `csr.closedset.questions`. An image whose sentences name no object of the vocabulary
+gets no question (skipped with a counted reason); the caption pairs train as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from csr.closedset.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
+                                     prior_partners, quantile)
+from csr.config import CSRConfig
+from csr.data import BadInput, load_image
+from csr.io import StageSummary, iter_jsonl, mark_done, read_done, read_jsonl, require_done, write_jsonl
+from csr.runstate import StageGuard
+
+log = logging.getLogger(__name__)
+
+QUESTIONS = "questions.jsonl"
+PAIRS = "pairs.jsonl"
+
+
+def vocabulary(cfg: CSRConfig):
+    """The synonym table the questions ask about (closed.objects, else synonyms.json beside run.eval_chair)."""
+    from csr.eval.chair import load_synonyms
+
+    path = cfg.closed.objects or (str(Path(cfg.run.eval_chair).parent / "synonyms.json") if cfg.run.eval_chair else "")
+    if not path or not Path(path).is_file():
+        raise BadInput("closed_objects", f"closed.objects: no object vocabulary at {path or '(unset)'}; set "
+                                         f"closed.objects=FILE (JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
+    return load_synonyms(path)
+
+
+@torch.no_grad()
+def no_image_continuations(model, processor, prompts: list[str], sentences: list[str], max_new_tokens: int,
+                           batch_size: int) -> list[str]:
+    """Greedy text-only continuation of each (user prompt, the model's own sentence): what the language
+    prior says comes next when there is no image to look at."""
+    from csr.content_free import content_free_prompt
+    from csr.models import build_chat_prompt
+    from csr.tree_format import prefix_text
+
+    tok = processor.tokenizer
+    texts = [prefix_text(content_free_prompt(build_chat_prompt(processor, p), processor, "none"), [s])
+             for p, s in zip(prompts, sentences)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[str] = []
+    old, tok.padding_side = tok.padding_side, "left"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], padding=True, return_tensors="pt").to(model.device)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = old
+    return out
+
+
+def _sentences(tree: dict) -> list[str]:
+    return [n["text"] for n in tree["nodes"] if n.get("parent") is not None and n.get("text")]
+
+
+def _first_naming(sentences: list[str], obj: str, table) -> str | None:
+    return next((s for s in sentences if obj in {c for _, c in table.mentions(s)}), None)
+
+
+def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) -> list[list[Question]]:
+    """Each tree's questions: its named objects, then its no-image partners of them."""
+    per_tree = [(t, _sentences(t)) for t in trees]
+    named = [named_objects(s, table) for _, s in per_tree]
+    asks = [(i, _first_naming(s, o, table)) for i, (_, s) in enumerate(per_tree) for o in named[i]]
+    asks = [(i, s) for i, s in asks if s]
+    continuations = no_image_continuations(model, processor, [trees[i]["prompt"] for i, _ in asks],
+                                           [s for _, s in asks], cfg.closed.prior_tokens,
+                                           cfg.closed.batch_size) if cfg.closed.max_prior and asks else []
+    by_tree: dict[int, list[str]] = {}
+    for (i, _), text in zip(asks, continuations):
+        by_tree.setdefault(i, []).append(text)
+    return [form_questions(named[i], prior_partners(by_tree.get(i, []), named[i], table), cfg.closed)
+            for i in range(len(trees))]
+
+
+def score_questions(images: list, questions: list[list[Question]], table, cfg: CSRConfig, model, processor,
+                    clip) -> list[list[dict]]:
+    """Every question's CLIP score, reference, calibrated yes-probability and answer rewards."""
+    from csr.debias.label_probs import calibrated_predictions, score_closed_set
+
+    statements = [cfg.closed.statement_template.format(object=o) for o in table.canonicals]
+    clip_all = clip.scores_many(images, [statements] * len(images))
+    flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
+    if not flat:
+        return [[] for _ in questions]
+    kinds = [k.strip() for k in cfg.closed.content_free.split(",") if k.strip()]
+    scores = score_closed_set(model, processor, [images[i] for i, _ in flat], [q.question for _, q in flat],
+                              ["yes", "no"], cf_inputs=kinds, batch_size=cfg.closed.batch_size, seed=cfg.run.seed)
+    calibrated = calibrated_predictions(scores, cf_inputs=kinds)
+    out: list[list[dict]] = [[] for _ in questions]
+    for row, (i, q) in enumerate(flat):
+        by_object = dict(zip(table.canonicals, clip_all[i]))
+        reference = quantile(clip_all[i], cfg.closed.reference_quantile)
+        q_yes = float(calibrated["q"][row][0])
+        out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[q.object],
+                       "reference": reference, "p_yes": float(scores.p[row][0]),
+                       "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": q_yes,
+                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.closed.reward_lambda)})
+    return out
+
+
+def closed_pair(tree: dict, question: Question, scored: dict, margin: float) -> tuple[dict | None, str | None]:
+    """A TRL-format yes/no pair for one question of a tree, or (None, reason)."""
+    from csr.pairs import to_trl
+
+    picked, reason = pick_answer(question, scored, margin)
+    if picked is None:
+        return None, reason
+    pair = {"id": f"{tree['id']}/yesno/{question.object}/{picked['chosen_answer']}", "image": tree["image"], "prompt": question.question,
+            "chosen": picked["chosen"], "rejected": picked["rejected"], "chosen_score": picked["chosen_score"],
+            "rejected_score": picked["rejected_score"], "margin": picked["margin"]}
+    # exactly the caption pairs' keys (one datasets column set); the answer is in the id and questions.jsonl
+    return to_trl(pair), None
+
+
+def run_closed(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir: str | Path,
+               out_dir: str | Path) -> dict:
+    out_dir = Path(out_dir)
+    guard = StageGuard(out_dir, "closed", cfg, inputs=(score_dir, pairs_dir, policy_path))
+    done = guard.finished()
+    if done is not None:
+        log.info("[closed] %s is finished; skipping", out_dir)
+        return done
+    scored_path = require_done(score_dir, "score") / "scored.jsonl"
+    caption_pairs = read_jsonl(require_done(pairs_dir, "pairs") / PAIRS)
+    table = vocabulary(cfg)
+    guard.start()
+
+    from csr.models import load_policy
+    from csr.score.clip import load_clip_from_config
+
+    model, processor = load_policy(policy_path, dtype=cfg.model.torch_dtype, device=cfg.model.device,
+                                   trust_remote_code=cfg.model.trust_remote_code,
+                                   chat_template=cfg.model.chat_template)
+    clip = load_clip_from_config(cfg.score, cfg.model.device)
+    summary = StageSummary("closed")
+    records, closed = [], []
+    trees = list(iter_jsonl(scored_path))
+    step = max(1, cfg.closed.batch_size // max(1, cfg.closed.max_named + cfg.closed.max_prior))
+    for start in tqdm(range(0, len(trees), step), desc="closed", unit="batch"):
+        batch, images = [], []
+        for tree in trees[start:start + step]:
+            try:
+                images.append(load_image(tree["image"]))
+                batch.append(tree)
+            except BadInput as e:
+                summary.skip(e.reason, f"tree {tree['id']} ({e})")
+        questions = questions_for(batch, table, cfg, model, processor)
+        scored = score_questions(images, questions, table, cfg, model, processor, clip)
+        for tree, qs, rows in zip(batch, questions, scored):
+            if not qs:
+                summary.skip("no_object_named", f"tree {tree['id']}")
+                continue
+            summary.processed += 1
+            for q, row in zip(qs, rows):
+                pair, reason = closed_pair(tree, q, row, cfg.closed.margin)
+                records.append({"id": tree["id"], **row, "kept": pair is not None, "why_not": reason})
+                if pair is None:
+                    summary.skipped[f"question_{reason}"] += 1
+                else:
+                    closed.append(pair)
+    mixed, sample = mix_pairs(caption_pairs, closed, cfg.closed.ratio, cfg.run.seed)
+    write_jsonl(out_dir / QUESTIONS, records)
+    write_jsonl(out_dir / PAIRS, mixed)
+    yes = sum(p["id"].endswith("/yes") for p in sample)  # ids end with the chosen answer
+    summary.extra.update(questions=len(records), yesno_pairs_available=len(closed), yesno_pairs=len(sample),
+                         caption_pairs=len(caption_pairs), pairs=len(mixed),
+                         chosen_yes_share=(yes / len(sample)) if sample else None,
+                         questions_by_source={s: sum(r["source"] == s for r in records) for s in ("named", "prior")})
+    summary.log()
+    mark_done(out_dir, guard.record(summary.as_dict()))
+    return read_done(out_dir)

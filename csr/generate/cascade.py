@@ -1,0 +1,214 @@
+"""Shared-prefix ("cascade") attention: one stored copy of each tree's image+prompt keys/values.
+
+The sentence search decodes many rows per tree (its open nodes times the G token-level groups),
+and all of them attend to the same image+prompt prefix. Instead of a copy of that prefix per row,
+`CascadeCache` keeps the prompt cache once per tree and each row's own suffix (its node's sentence
+tokens and the tokens generated since) apart. Softmax attention over [prefix; suffix] is the two
+partial attentions combined by their log-sum-exp (Hydragen, Juravsky et al. 2024; FlashInfer's
+cascade attention):
+
+    out = (e^(lse_p - m) o_p + e^(lse_s - m) o_s) / (e^(lse_p - m) + e^(lse_s - m)),  m = max(lse_p, lse_s)
+
+The prefix part batches the queries of all rows of a tree against that tree's single prefix (rows
+grouped per tree, padded to the largest tree: one matmul per layer); the suffix part is per row.
+Exact up to float rounding; `tests/test_generate_equivalence.py` holds it to the reference.
+
+It plugs into transformers through its public interfaces: the attention function and a mask
+function (the rows' 2-D padding mask, passed through) are registered under `ATTENTION_NAME`, and
+`cascade_attention(model)` switches the language model to it for the duration of a forward. The
+rotary embedding is applied before the cache, so stored prefix keys are already rotated.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, Cache
+from transformers.masking_utils import AttentionMaskInterface
+
+from csr.generate.kvcache import PreallocatedLayer
+
+ATTENTION_NAME = "csr_cascade"
+# Language models whose attention is plain scaled softmax attention over a causal cache, as the
+# function below computes it (the text models of csr.models.SUPPORTED_CLASSES).
+TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_5_vl_text", "qwen2_5_vl")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which tree each row reads, and where the row's queries sit when grouped per tree."""
+    trees: torch.Tensor  # [R] the row's tree (index into the prefix batch)
+    slots: torch.Tensor  # [T, S] the row in each (tree, slot); R (an empty slot) where a tree has fewer rows
+    flat: torch.Tensor   # [R] the row's place in the flattened [T*S] grouping
+
+    @classmethod
+    def of(cls, trees: torch.Tensor, n_trees: int) -> "RowLayout":
+        rows = trees.numel()
+        counts = torch.bincount(trees, minlength=n_trees)
+        width = int(counts.max()) if rows else 0
+        order = torch.argsort(trees, stable=True)
+        slot = torch.empty_like(trees)
+        slot[order] = torch.arange(rows, device=trees.device) - (counts.cumsum(0) - counts)[trees[order]]
+        flat = trees * width + slot
+        slots = torch.full((n_trees * width,), rows, dtype=torch.long, device=trees.device)
+        slots[flat] = torch.arange(rows, device=trees.device)
+        return cls(trees, slots.view(n_trees, width), flat)
+
+
+# Most attention scores held at once (float32): a node-sentence encode has many queries per tree
+# (rows x sentence tokens x heads), so its queries are taken in slices; softmax is per query, exact.
+MAX_SCORES = 2**26
+
+
+def _partial_attention(query, keys, values, mask, scaling: float):
+    """Softmax attention restricted to `mask` (True = attend), with its log-sum-exp.
+
+    query [B, Hkv, n, D], keys/values [B, Hkv, L, D], mask [B or 1, 1, n or 1, L].
+    Returns (output [B, Hkv, n, D] in float32, lse [B, Hkv, n]); a query that sees no key gets
+    output 0 and lse -inf, so it weighs nothing when combined.
+    """
+    B, Hkv, n, _ = query.shape
+    per_query = B * Hkv * keys.shape[-2]
+    size = max(1, MAX_SCORES // per_query)
+    if n > size:
+        parts = [_partial_attention(query[:, :, i:i + size], keys, values,
+                                    mask if mask.shape[-2] == 1 else mask[:, :, i:i + size], scaling)
+                 for i in range(0, n, size)]
+        return torch.cat([o for o, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)).float() * scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
+    return torch.matmul(probs.to(values.dtype), values).float(), lse
+
+
+def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
+                            prefix_mask: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
+                            suffix_mask: torch.Tensor, layout: RowLayout, scaling: float) -> torch.Tensor:
+    """Attention of each row's queries over its tree's prefix followed by its own suffix.
+
+    query [R, H, q, D]; prefix_keys/values [T, Hkv, Lp, D] (one per tree), prefix_mask [T, Lp];
+    suffix_keys/values [R, Hkv, Ls, D], suffix_mask [R, Ls] (True = a real token). The q queries
+    are the last q suffix positions, causal among themselves. H may be a multiple of Hkv (grouped-
+    query attention: head h reads key/value head h // (H / Hkv)). Returns [R, q, H, D], the layout
+    transformers' attention functions return.
+    """
+    R, H, q, D = query.shape
+    T, Hkv, _, _ = prefix_keys.shape
+    rep = H // Hkv
+    S = layout.slots.shape[1]
+    # prefix: each tree's rows' queries as one block [T, Hkv, rep*S*q, D] against its single prefix
+    padded = torch.cat([query, query.new_zeros(1, H, q, D)])  # row R: the empty slot
+    grouped = padded[layout.slots].transpose(1, 2).reshape(T, Hkv, rep * S * q, D)
+    o_p, lse_p = _partial_attention(grouped, prefix_keys, prefix_values, prefix_mask.bool()[:, None, None, :],
+                                    scaling)
+    o_p = o_p.view(T, H, S, q, D).transpose(1, 2).reshape(T * S, H, q, D)[layout.flat]
+    lse_p = lse_p.view(T, H, S, q).transpose(1, 2).reshape(T * S, H, q)[layout.flat]
+    # suffix: per row; query i sits at suffix column Ls - q + i and sees columns up to it
+    Ls = suffix_keys.shape[-2]
+    causal = torch.arange(Ls, device=query.device)[None, :] <= torch.arange(Ls - q, Ls, device=query.device)[:, None]
+    mask = (suffix_mask.bool()[:, None, :] & causal)[:, None, None]  # [R, 1, 1, q, Ls]
+    mask = mask.expand(R, 1, rep, q, Ls).reshape(R, 1, rep * q, Ls)
+    o_s, lse_s = _partial_attention(query.reshape(R, Hkv, rep * q, D), suffix_keys, suffix_values, mask, scaling)
+    o_s, lse_s = o_s.view(R, H, q, D), lse_s.view(R, H, q)
+    # combined by log-sum-exp; every row sees its prompt, so lse_p (and m) is finite
+    m = torch.maximum(lse_p, lse_s)
+    w_p, w_s = torch.exp(lse_p - m)[..., None], torch.exp(lse_s - m)[..., None]
+    out = (w_p * o_p + w_s * o_s) / (w_p + w_s)
+    return out.to(query.dtype).transpose(1, 2)
+
+
+class CascadeLayer(PreallocatedLayer):
+    """One layer: the trees' prefix keys/values (shared, never copied per row) and each row's
+    suffix in preallocated room. `update` stores and returns the suffix only."""
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, reserve: int = 64):
+        super().__init__(reserve)
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[-2] + self.length
+
+
+class CascadeCache(Cache):
+    """The key/value cache of the rows of several trees: one prefix per tree, a suffix per row.
+
+    `prompt_cache` holds the trees' encoded prompts ([T_all] rows, left-padded, mask
+    `prompt_mask`); `trees` [R] names each row's tree. Only the trees the rows use are kept, and a
+    cache whose rows use every tree keeps the prompt cache's own tensors (no copy at all).
+    """
+
+    def __init__(self, prompt_cache: Cache, prompt_mask: torch.Tensor, trees: torch.Tensor, reserve: int = 64):
+        used, trees = torch.unique(trees, return_inverse=True)
+        every = used.numel() == prompt_mask.shape[0]  # unique() sorts: all trees used = all, in order
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if every else t[used]
+        super().__init__(layers=[CascadeLayer(pick(layer.keys), pick(layer.values), reserve)
+                                 for layer in prompt_cache.layers])
+        self.prefix_mask = pick(prompt_mask).bool()
+        self.layout = RowLayout.of(trees, used.numel())
+
+    @property
+    def n_trees(self) -> int:
+        return self.prefix_mask.shape[0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # the suffixes; the prefixes stay one per tree
+        self.layout = RowLayout.of(self.layout.trees.repeat_interleave(repeats), self.n_trees)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.layout = RowLayout.of(self.layout.trees[indices], self.n_trees)
+
+
+def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              cascade: CascadeCache | None = None, **kwargs):
+    """transformers attention function: `key`/`value` are the rows' suffixes the cache returned;
+    `attention_mask` is the rows' 2-D padding mask over [prefix; suffix] (see `_padding_mask`)."""
+    if cascade is None:
+        raise RuntimeError(f"attention '{ATTENTION_NAME}' needs the forward's cascade=<CascadeCache> argument")
+    if kwargs.get("sliding_window") is not None:
+        raise RuntimeError(f"attention '{ATTENTION_NAME}' does not support sliding-window layers")
+    layer = cascade.layers[module.layer_idx]
+    rows, ls = key.shape[0], key.shape[-2]
+    suffix_mask = attention_mask[:, -ls:] if attention_mask is not None else \
+        torch.ones(rows, ls, dtype=torch.bool, device=key.device)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = prefix_suffix_attention(query, layer.prefix_keys, layer.prefix_values, cascade.prefix_mask,
+                                  key, value, suffix_mask, cascade.layout, scaling)
+    return out, None
+
+
+def _padding_mask(*, attention_mask=None, **_):
+    """The 2-D padding mask as the caller passed it (bool): the attention function splits it."""
+    return attention_mask
+
+
+AttentionInterface.register(ATTENTION_NAME, cascade_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the cascade path cannot run this model's language model exactly, or None."""
+    config = model.config.get_text_config()
+    if config.model_type not in TEXT_MODEL_TYPES:
+        return f"its language model is '{config.model_type}' (cascade supports {', '.join(TEXT_MODEL_TYPES)})"
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        return "its language model uses sliding-window attention"
+    return None
+
+
+@contextmanager
+def cascade_attention(model):
+    """Run the language model's attention through `cascade_attention_forward` inside the block."""
+    config = model.config.get_text_config()
+    before = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
