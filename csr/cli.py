@@ -17,7 +17,7 @@ COMMANDS = {
     "merge": ("csr.train.merge:main", "Stage 5: merge the LoRA into a model folder."),
     "view": ("csr.view:main", "Static HTML of a run's sentence trees and pairs, per prompt and round."),
     "push": ("csr.push:main", "Upload a round's model (and pairs) to the Hugging Face Hub, with cards."),
-    "eval": ("csr.eval.run:main", "POPE, CHAIR: a model folder, the standard protocols, or existing answers."),
+    "eval": ("csr.eval.cli:main", "POPE, CHAIR: a model folder, the standard protocols, or existing answers."),
     "debias": ("csr.debias.cli:main", "Debiasing: post-hoc calibration, debias sampling, decoding study."),
     "vig": ("csr.vig.cli:main", "Visual Information Gain: score, view, selective SFT, CSR reward term."),
     "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,7 +416,7 @@ class CSRConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     closed: ClosedConfig = field(default_factory=ClosedConfig)
-    # trl.DPOConfig fields plus LoRA fields, validated against csr.train.config.TrainConfig and
+    # trl.DPOConfig fields plus LoRA fields, validated against csr.train_config.TrainConfig and
     # instantiated by the train stage (DPOConfig's __post_init__ probes devices, so not here).
     train: dict = field(default_factory=dict)
 
@@ -437,7 +438,7 @@ def _require(ok: bool, key: str, value: Any, why: str):
 
 
 def _train_fields() -> dict[str, dataclasses.Field]:
-    from csr.train.config import TrainConfig  # imports trl: only when a train section is checked
+    from csr.train_config import TrainConfig  # imports trl: only when a train section is checked
 
     return {f.name: f for f in dataclasses.fields(TrainConfig) if f.init}
 
@@ -459,8 +460,11 @@ def _closest(name: str, options) -> str:
 def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
     """Check `value` against the field's annotation; YAML already typed it."""
     tp = f.type
-    if isinstance(tp, str):  # postponed annotations in third-party dataclasses
-        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.split("|")[0].strip(), Any)
+    if isinstance(tp, str):  # postponed annotations (`from __future__ import annotations`): "int | None"
+        parts = [t.strip() for t in tp.split("|")]
+        if "None" in parts and value is None:
+            return None
+        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(parts[0], Any)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     optional = origin is typing.Union and type(None) in args or (origin is not None and "UnionType" in str(origin))
@@ -469,7 +473,7 @@ def _coerce(key: str, value: Any, f: dataclasses.Field) -> Any:
             return None
         non_none = [a for a in args if a is not type(None)]
         tp = non_none[0] if len(non_none) == 1 else Any
-    if isinstance(value, bool) and (tp is str or isinstance(f.default, str)):
+    if isinstance(value, bool) and (tp is str or isinstance(f.default, (str, enum.Enum))):
         value = "yes" if value else "no"  # YAML 1.1 reads an unquoted `no` (save_strategy: no) as false
     choices = f.metadata.get("choices") if f.metadata else None
     if choices and value not in choices:
@@ -515,26 +519,38 @@ def _merge(raw: dict, source: str) -> dict[str, dict]:
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values.")
-        fields = _section_fields(section)
-        checked = {}
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_closest(key, fields)} "
-                                  f"`csr config {section}` lists the valid keys.")
-            checked[key] = _coerce(f"{section}.{key}", value, fields[key])
-        out[section] = checked
+        out[section] = check_section_values(section, values, _section_fields(section), source)
     return out
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """['generate.num_candidates=3', 'train.beta=0.2'] -> nested dict with YAML-typed values."""
+def check_section_values(section: str, values: dict, fields: dict[str, dataclasses.Field], source: str,
+                         listing: str | None = None) -> dict:
+    """Refuse a key that is not one of `fields` (the closest named), type-check the values.
+
+    `listing` names where the valid keys are listed (default: `csr config SECTION`)."""
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'.{_closest(key, fields)} "
+                              f"{listing or f'`csr config {section}`'} lists the valid keys.")
+        checked[key] = _coerce(f"{section}.{key}", value, fields[key])
+    return checked
+
+
+def parse_overrides(overrides: list[str], default_section: str | None = None) -> dict:
+    """['generate.num_candidates=3', 'train.beta=0.2'] -> nested dict with YAML-typed values.
+
+    With `default_section`, a key without a section ('beta=0.2') belongs to that section (a command
+    with one section, such as `csr vig train`). Keys are checked by `load_config` /
+    `check_section_values`, not here."""
     raw: dict[str, dict] = {}
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override '{item}' must look like section.key=value "
-                              f"(e.g. generate.num_candidates=3).")
-        dotted, text = item.split("=", 1)
-        section, key = dotted.split(".", 1)
+        dotted = item.split("=", 1)[0]
+        if "=" not in item or ("." not in dotted and default_section is None):
+            raise ConfigError(f"override '{item}' must look like {'key=value or ' if default_section else ''}"
+                              f"section.key=value (e.g. generate.num_candidates=3).")
+        text = item.split("=", 1)[1]
+        section, key = dotted.split(".", 1) if "." in dotted else (default_section, dotted)
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as e:
@@ -620,9 +636,10 @@ HELP_WIDTH = 100
 
 
 def _own_train_fields() -> set[str]:
-    from csr.train.config import TrainConfig
+    from csr.train_config import FineTuneFields, TrainConfig
 
-    return set(TrainConfig.__dict__.get("__annotations__", {})) | set(TRAIN_COMMON)
+    own = set(TrainConfig.__dict__.get("__annotations__", {})) | set(FineTuneFields.__dict__.get("__annotations__", {}))
+    return own | set(TRAIN_COMMON)
 
 
 def describe_keys(section: str, all_keys: bool = False) -> str:

@@ -194,7 +194,7 @@ def check_before_work(cfg: CSRConfig) -> None:
 
     check_output_dir(cfg.run.output_dir, "run.output_dir")
     if cfg.train:  # the train section is checked now, not when round 1 reaches it
-        from csr.train.stage import build_train_args
+        from csr.train.args import build_train_args
 
         build_train_args(cfg, Path(cfg.run.output_dir) / "round_1" / "train")
 
@@ -233,8 +233,7 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
     spec = check_model_class(cfg.model.model_name_or_path, trust_remote_code=cfg.model.trust_remote_code,
                              allow_pickle=cfg.model.allow_pickle_weights)
     log.info("model %s: %s", cfg.model.model_name_or_path, spec.architecture)
-    from csr.io import read_jsonl
-    from csr.tracking import flatten, make_tracker, pairs_stage_data, score_stage_data
+    from csr.tracking import log_eval, log_round_stages, make_tracker
 
     tracker = make_tracker(cfg.run.report_to, run_dir, cfg.to_dict())
     policy = cfg.model.model_name_or_path
@@ -242,7 +241,7 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
     base_metrics = evaluate(cfg, policy, run_dir / "eval" / "round_0.json")
     if base_metrics is not None:
         summary["base_eval"] = base_metrics
-        tracker.stage(0, "eval", {"scalars": flatten(base_metrics)})
+        log_eval(tracker, 0, base_metrics)
     for r in range(1, cfg.run.rounds + 1):
         rd = round_dir(run_dir, r)
         started = time.perf_counter()
@@ -251,12 +250,11 @@ def _run_locked(cfg: CSRConfig, run_dir: Path, accelerate_config) -> dict:
         policy, stages = run_round(cfg, policy, rd, accelerate_config, tracker.train_env(r))
         entry = {"round": r, "model": policy, "stages": stages,
                  "seconds": round(time.perf_counter() - started, 1)}
-        tracker.stage(r, "score", score_stage_data(read_jsonl(rd / "score" / "scored.jsonl")))
-        tracker.stage(r, "pairs", pairs_stage_data(read_jsonl(rd / "pairs" / "pairs.jsonl"), stages["pairs"]))
+        log_round_stages(tracker, r, rd, stages["pairs"])
         metrics = evaluate(cfg, policy, run_dir / "eval" / f"round_{r}.json")
         if metrics is not None:
             entry["eval"] = metrics
-            tracker.stage(r, "eval", {"scalars": flatten(metrics)})
+            log_eval(tracker, r, metrics)
         from csr.card import write_round_card
 
         for folder in model_folders(rd):  # after the eval, so the card holds the round's metrics

@@ -28,7 +28,7 @@ class ModelClass:
     """What the stages need to know about one supported architecture class.
 
     Every class here keeps its language model under a `language_model` module, which is where the
-    default LoRA targets (`csr.train.config.LM_LINEAR_REGEX`) point.
+    default LoRA targets (`csr.train_config.LM_LINEAR_REGEX`) point.
     """
     model_type: str      # config.json's model_type
     architecture: str    # the class AutoModelForImageTextToText builds for it

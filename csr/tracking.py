@@ -171,6 +171,10 @@ class WandbTracker(NullTracker):
             self.ledger.add(self.name, f"summary-round{row['round']}")
 
     def train_env(self, round_: int) -> dict[str, str]:
+        # wandb reads WANDB_* from the environment once per process, when it is first set up; this
+        # tracker's own runs set it up, so without a teardown an in-process train stage's TRL run
+        # would ignore the id, name and folder below (a random id, logged to ./wandb)
+        self.wandb.teardown()
         name = f"round{round_}-train"
         return {"WANDB_PROJECT": self.project, "WANDB_RUN_GROUP": self.group, "WANDB_DIR": self.dir,
                 "WANDB_JOB_TYPE": "train", "WANDB_RUN_ID": run_id(self.run_dir, name), "WANDB_RESUME": "allow",
@@ -278,3 +282,18 @@ def pairs_stage_data(pairs: list[dict], summary: dict, n_samples: int = 8) -> di
             "tables": {"sample_pairs": samples},
             "scalars": {k: summary.get(k) for k in ("pairs", "chosen_score_mean", "rejected_score_mean",
                                                      "margin_mean", "skipped_total")}}
+
+
+def log_eval(tracker, round_: int, metrics: dict | None) -> None:
+    """A model's eval metrics (round 0: the base model), as `eval/<metric path>`."""
+    if metrics is not None:
+        tracker.stage(round_, "eval", {"scalars": flatten(metrics)})
+
+
+def log_round_stages(tracker, round_: int, round_dir: Path, pairs_summary: dict) -> None:
+    """A finished round's score distributions and pairs, read from the round's score and pairs files."""
+    from csr.io import read_jsonl
+
+    tracker.stage(round_, "score", score_stage_data(read_jsonl(Path(round_dir) / "score" / "scored.jsonl")))
+    tracker.stage(round_, "pairs", pairs_stage_data(read_jsonl(Path(round_dir) / "pairs" / "pairs.jsonl"),
+                                                    pairs_summary))

@@ -121,7 +121,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--dpo-no-checkpointing", action="store_true",
                    help="Turn activation checkpointing off (paper and default: on).")
 
-    g = p.add_argument_group("LoRA and merge (defaults: the paper's, csr.train.config.TrainConfig)")
+    g = p.add_argument_group("LoRA and merge (defaults: the paper's, csr.train_config.TrainConfig)")
     g.add_argument("--lora-r", type=int, default=128, help="LoRA rank (paper: 128).")
     g.add_argument("--lora-alpha", type=int, default=256, help="LoRA alpha (paper: 256).")
     g.add_argument("--lr", type=float, default=1e-7, help="Learning rate (paper: 1e-7).")

@@ -117,7 +117,7 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
                                                                                tiny_clip_dir):
     from csr.closedset.stage import run_closed
     from csr.io import read_jsonl
-    from csr.train.stage import read_pairs
+    from csr.train.data import read_pairs
 
     tmp = closed_inputs
     cfg = load_config(None, [f"score.clip_model={tiny_clip_dir}", "score.clip_pretrained=", "model.device=cpu",

@@ -22,7 +22,7 @@ def test_paper_defaults():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_recipe_parses_and_starts_with_its_command(recipe, tmp_path):
-    from csr.train.stage import build_train_args
+    from csr.train.args import build_train_args
 
     cfg = load_config(recipe)
     assert cfg.run.rounds >= 1

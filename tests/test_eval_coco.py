@@ -305,7 +305,7 @@ def test_cli_errors_are_one_line(coco, tmp_path, capsys):
 
 
 def test_cli_scores_captions_without_a_model(coco, tmp_path, capsys):
-    from csr.eval.run import main
+    from csr.eval.cli import main
 
     caps = tmp_path / "caps.jsonl"
     caps.write_text("".join(json.dumps(r) + "\n" for r in CAPTIONS))
@@ -401,7 +401,7 @@ def test_pope_bad_files_without_the_official_ones(tmp_path):
 
 
 def test_cli_scores_pope_answers(tmp_path, capsys):
-    from csr.eval.run import main
+    from csr.eval.cli import main
 
     q = tmp_path / "coco_pope_random.json"
     q.write_text("".join(json.dumps({"question_id": i, "image": "a.jpg", "text": "Is there a dog?", "label": lab}) + "\n"
@@ -439,7 +439,7 @@ def _tiny_protocol_inputs(root: Path):
 
 
 def test_presets_end_to_end_and_rescored_from_their_files(tiny_llava_dir, tmp_path, capsys):
-    from csr.eval.run import main
+    from csr.eval.cli import main
 
     coco, images, pope = _tiny_protocol_inputs(tmp_path)
     out = tmp_path / "ev"

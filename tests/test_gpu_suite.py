@@ -100,7 +100,7 @@ def test_bad_arguments_are_refused_in_one_line(capsys):
 
 
 def test_defaults_are_the_issue_and_paper_settings():
-    from csr.train.config import TrainConfig
+    from csr.train_config import TrainConfig
 
     a = suite.resolve(suite.make_parser().parse_args(["--device", "cpu", "--size", "tiny"]))
     paper = TrainConfig(use_cpu=True, bf16=False)

@@ -29,6 +29,7 @@ def weights(folder) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+@pytest.mark.slow  # two tiny rounds, then a resume: ~6-9 s (one round stays in the fast suite)
 def test_two_rounds_end_to_end_then_resume(tiny_recipe, tmp_path, tiny_llava_dir):
     summary = run(tiny_recipe("run.rounds=1"))
     assert [r["round"] for r in summary["rounds"]] == [1]

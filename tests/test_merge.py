@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from csr.io import is_done, read_done
 from csr.models import build_chat_prompt, load_processor
-from csr.train.config import TrainConfig
+from csr.train_config import TrainConfig
 from csr.train.merge import MergeError, merge_lora
 
 
@@ -79,11 +79,16 @@ def test_merge_matches_the_adapter_and_round_trips(tmp_path, tiny_llava_dir, ima
                if "multi_modal_projector.modules_to_save.default." in n}
     merged_proj = dict(reloaded.model.multi_modal_projector.named_parameters())
     assert trained and all(torch.equal(trained[k], merged_proj[k]) for k in trained)
-    assert processor_loads(out)
+    assert processor_matches(out, tiny_llava_dir)
 
 
-def processor_loads(folder):
-    return load_processor(str(folder)) is not None
+def processor_matches(folder, base):
+    """The folder's processor turns a chat prompt with an image into the base's tokens and pixels."""
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    got, want = load_processor(str(folder)), load_processor(str(base))
+    enc = [p(text=[build_chat_prompt(p, "What is red?")], images=[image], return_tensors="pt") for p in (got, want)]
+    return (torch.equal(enc[0]["input_ids"], enc[1]["input_ids"])
+            and torch.equal(enc[0]["pixel_values"], enc[1]["pixel_values"]))
 
 
 def test_merge_skips_when_done_and_never_overwrites_a_folder_it_did_not_finish(tmp_path, tiny_llava_dir):
@@ -96,7 +101,9 @@ def test_merge_skips_when_done_and_never_overwrites_a_folder_it_did_not_finish(t
     assert (foreign / "model.safetensors").read_bytes() == b"a user's file"
     (foreign / "model.safetensors").unlink()  # an empty folder is fine
     merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)
-    assert is_done(foreign) and load_base(foreign) is not None
+    merged, base = load_base(foreign).state_dict(), load_base(tiny_llava_dir).state_dict()
+    assert is_done(foreign) and merged.keys() == base.keys()
+    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapter folded in
     stamp = (foreign / "DONE.json").stat().st_mtime_ns
     merge_lora(tiny_llava_dir, tmp_path / "adapter", foreign)  # done: untouched
     assert (foreign / "DONE.json").stat().st_mtime_ns == stamp
@@ -170,7 +177,7 @@ def test_merged_and_exported_folders_are_sharded_with_the_base_tokenizer_files(t
             assert (folder / name).read_bytes() == (tiny_llava_dir / name).read_bytes(), name
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype="auto")
         assert {p.dtype for p in model.parameters()} == {dtype}
-        assert processor_loads(folder)
+        assert processor_matches(folder, tiny_llava_dir)
     reference = load_base(merged).state_dict()
     for name, value in AutoModelForImageTextToText.from_pretrained(exported, dtype="auto").state_dict().items():
         assert torch.equal(value, reference[name].to(torch.bfloat16)), name

@@ -217,7 +217,9 @@ def test_llava_hf_template_dpo_completions_end_with_eos(which, request, tmp_path
 
 def _dpo_completions_end_with_eos(real_llava_dir, tmp_path):
     from csr.config import load_config
-    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+    from csr.train.args import build_train_args
+    from csr.train.data import pairs_dataset
+    from csr.train.trainer import build_trainer
 
     image = tmp_path / "im.png"
     __import__("PIL.Image").Image.new("RGB", (40, 40), (10, 200, 10)).save(image)
@@ -238,7 +240,9 @@ def _dpo_completions_end_with_eos(real_llava_dir, tmp_path):
 
 def test_token_budget_is_checked_before_training(real_llava_dir, tmp_path):
     from csr.config import ConfigError, load_config
-    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+    from csr.train.args import build_train_args
+    from csr.train.data import pairs_dataset
+    from csr.train.trainer import build_trainer
 
     image = tmp_path / "im.png"
     __import__("PIL.Image").Image.new("RGB", (80, 40)).save(image)

@@ -1,5 +1,5 @@
-"""Tracking: wandb (offline) runs per round and stage and TensorBoard events from a tiny run; a rerun
-of the finished run adds no run and no point."""
+"""Tracking: wandb (offline) runs per round and stage and TensorBoard events, fed the round loop's calls
+with scripted stage files and metrics; a rerun of the finished run adds no run and no point."""
 
 import json
 import os
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from csr.config import ConfigError, load_config
-from csr.loop import run
 from csr.tracking import flatten, run_id, summary_rows, tracker_names
 
 ROOT = Path(__file__).parent.parent
@@ -88,42 +87,133 @@ def test_summary_rows_start_at_round_0():
                                      {"round": 1, "eval/pope/f1": 0.6, "pairs/pairs": 4}]
 
 
-def test_wandb_and_tensorboard_then_a_rerun_logs_nothing_twice(tiny_llava_dir, tiny_clip_dir, tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    pytest.importorskip("tensorboard")
+def scripted_round(run_dir: Path) -> dict:
+    """Round 1's score and pairs files as those stages write them, and the pairs stage's summary."""
+    from PIL import Image
+
+    from csr.io import write_jsonl
+
+    rd = run_dir / "round_1"
+    image = run_dir / "im.png"
+    run_dir.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(image)
+    nodes = [{"text": ""}] + [{"clip": 20.0 + i, "self_reward": 50.0 - i, "reward": 30.0 + i} for i in range(4)]
+    write_jsonl(rd / "score" / "scored.jsonl", [{"id": "a", "nodes": nodes}, {"id": "b", "nodes": nodes[:3]}])
+    pair = {"id": "a", "images": [str(image)], "margin": 1.5,
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "A blue dog."}]}]}
+    write_jsonl(rd / "pairs" / "pairs.jsonl", [pair])
+    return {"pairs": 1, "chosen_score_mean": 33.0, "rejected_score_mean": 31.5, "margin_mean": 1.5, "skipped_total": 1}
+
+
+def train_with_trl_callbacks(cfg, train_dir: Path) -> None:
+    """What TRL's trainer does with the train stage's args about tracking: the reporting callbacks of
+    `report_to`, built and run (begin, one logged step, end) in this process."""
+    from transformers.integrations import get_reporting_integration_callbacks
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    from csr.train.args import build_train_args
+    from csr.tracking import tracker_names
+
+    args = build_train_args(cfg, train_dir, cuda_available=False)
+    assert args.report_to == tracker_names(cfg.run.report_to) and args.run_name == "round1-train"
+    callbacks = [cls() for cls in get_reporting_integration_callbacks(args.report_to)]
+    state, control = TrainerState(global_step=1), TrainerControl()
+    for cb in callbacks:
+        cb.on_train_begin(args, state, control)
+        cb.on_log(args, state, control, logs={"loss": 0.69, "rewards/margins": 0.1, "epoch": 1.0})
+        cb.on_train_end(args, state, control)
+
+
+METRICS = [{"pope": {"f1": 0.5, "n": 8}}, {"pope": {"f1": 0.6, "n": 8}}]
+
+
+def track_a_round(tmp_path: Path, monkeypatch, report_to: str):
+    """The round loop's tracking calls (csr.loop.run's order) on scripted stage files and metrics, from
+    a clean environment; returns the run folder and `again()`, which repeats them as a rerun of the
+    finished run does (the train stage is then skipped, so TRL logs nothing)."""
+    from csr.tracking import environment, log_eval, log_round_stages, make_tracker
+
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     for key in ("WANDB_DIR", "WANDB_RUN_GROUP", "WANDB_PROJECT", "TENSORBOARD_LOGGING_DIR"):
         monkeypatch.setenv(key, "")  # set then unset, so monkeypatch restores them
         monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)  # a stray ./runs folder (TensorBoard's default) would show here
     out = tmp_path / "csr-group-check"
-    cfg = tiny(tiny_llava_dir, tiny_clip_dir, out, "run.report_to=wandb,tensorboard")
-    run(cfg)
-    assert "WANDB_RUN_GROUP" not in os.environ and "WANDB_RUN_ID" not in os.environ  # put back
-    wandb.teardown()  # the service closes the logs asynchronously after run.finish(); wait for it
-    runs = wandb_runs(out)
-    by_name = {r["name"]: r for r in runs}
-    assert sorted(by_name) == ["round1-pairs", "round1-score", "round1-train", "summary"]
-    assert all(r["group"] == out.name for r in runs)
-    assert {n: r["job_type"] for n, r in by_name.items()} == {
-        "round1-pairs": "pairs", "round1-score": "score", "round1-train": "train", "summary": "summary"}
-    assert all(r["id"] == run_id(out, n) for n, r in by_name.items())  # stable ids, TRL's included
-    assert any("train/rewards/margins" in h or "rewards/margins" in h for h in by_name["round1-train"]["history"])
-    score_keys = set(by_name["round1-score"]["history"][0])  # histograms are stored as nested keys
-    assert {"score/clip_score/bins", "score/self_reward/bins", "score/reward/bins", "score/trees", "round"} <= score_keys
-    # the summary: round 0 (the base model) and round 1, against the round
-    assert [h["round"] for h in by_name["summary"]["history"]] == [0, 1]
-    assert by_name["summary"]["history"][1]["pairs/pairs"] >= 1
+    pairs_summary = scripted_round(out)
+    cfg = load_config(None, [f"run.output_dir={out}", f"run.report_to={report_to}", "run.rounds=1"])
+    summary = {"base_eval": METRICS[0],
+               "rounds": [{"round": 1, "eval": METRICS[1], "stages": {"pairs": pairs_summary}}]}
 
+    def loop(train: bool):
+        tracker = make_tracker(cfg.run.report_to, out, cfg.to_dict())
+        log_eval(tracker, 0, METRICS[0])  # a tracker run before TRL's, as with a base eval
+        if train:
+            with environment(tracker.train_env(1)):
+                train_with_trl_callbacks(cfg, out / "round_1" / "train")
+        log_round_stages(tracker, 1, out / "round_1", pairs_summary)
+        log_eval(tracker, 1, METRICS[1])
+        tracker.finish(summary)
+        if "wandb" in report_to:
+            import wandb
+
+            wandb.teardown()  # the service closes the logs asynchronously after run.finish(); wait for it
+
+    loop(train=True)
+    return out, lambda: loop(train=False)
+
+
+def check_tensorboard(tmp_path: Path, out: Path) -> Counter:
     tb = tensorboard_points(out / "tensorboard")
     assert {folder for folder, _, _ in tb} == {"csr", "round1-train"}  # one root for the run
     tags = {tag for _, tag, _ in tb}
-    assert {"score/sentences", "pairs/margin_mean"} <= tags and not any("eval/eval" in t for t in tags)
+    assert {"score/sentences", "pairs/margin_mean", "eval/pope/f1", "train/rewards/margins"} <= tags
+    assert not any("eval/eval" in t for t in tags)
     assert not (tmp_path / "runs").exists() and not list((out / "round_1" / "train").glob("runs"))
     # each of csr's points once (the Trainer itself writes train/epoch twice at its last step)
     assert [p for p, n in tb.items() if n > 1 and p[0] == "csr"] == []
+    return tb
 
-    run(cfg)  # the finished run again: nothing to log
-    wandb.teardown()
+
+def test_tensorboard_under_one_root_then_a_rerun_logs_nothing_twice(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    out, again = track_a_round(tmp_path, monkeypatch, "tensorboard")
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # put back after the train stage
+    tb = check_tensorboard(tmp_path, out)
+    again()
+    assert tensorboard_points(out / "tensorboard") == tb
+
+
+@pytest.mark.slow  # wandb's service takes seconds to start
+def test_wandb_and_tensorboard_then_a_rerun_logs_nothing_twice(tmp_path, monkeypatch):
+    """One wandb run per round and stage (TRL's train run among them) with stable ids, TensorBoard
+    beside it, and a rerun of the finished run adds no run and no point."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    out, again = track_a_round(tmp_path, monkeypatch, "wandb,tensorboard")
+    assert "WANDB_RUN_GROUP" not in os.environ and "WANDB_RUN_ID" not in os.environ  # put back
+    runs = wandb_runs(out)
+    by_name = {r["name"]: r for r in runs}
+    assert sorted(by_name) == ["round0-eval", "round1-eval", "round1-pairs", "round1-score", "round1-train",
+                               "summary"]
+    assert all(r["group"] == out.name for r in runs)
+    assert {n: r["job_type"] for n, r in by_name.items()} == {
+        "round0-eval": "eval", "round1-eval": "eval", "round1-pairs": "pairs", "round1-score": "score",
+        "round1-train": "train", "summary": "summary"}
+    # stable ids, TRL's included (its run starts after csr's own runs have set wandb up in this process)
+    assert all(r["id"] == run_id(out, n) for n, r in by_name.items())
+    assert any("train/rewards/margins" in h or "rewards/margins" in h for h in by_name["round1-train"]["history"])
+    score_keys = set(by_name["round1-score"]["history"][0])  # histograms are stored as nested keys
+    assert {"score/clip_score/bins", "score/self_reward/bins", "score/reward/bins", "score/trees", "round"} <= score_keys
+    assert by_name["round1-score"]["history"][0]["score/sentences"] == 6   # the ranked nodes, roots excluded
+    assert by_name["round1-eval"]["history"][0]["eval/pope/f1"] == 0.6
+    # the summary: round 0 (the base model) and round 1, against the round
+    assert [h["round"] for h in by_name["summary"]["history"]] == [0, 1]
+    assert by_name["summary"]["history"][1]["pairs/pairs"] >= 1
+    tb = check_tensorboard(tmp_path, out)
+
+    again()
     assert [r["id"] for r in wandb_runs(out)] == [r["id"] for r in runs]
     assert tensorboard_points(out / "tensorboard") == tb

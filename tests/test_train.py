@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import shutil
 import logging
 
@@ -11,9 +12,11 @@ from PIL import Image
 
 from csr.config import ConfigError, load_config
 from csr.io import StageInputMissing, is_done, mark_done, read_done, write_jsonl
-from csr.train.config import LM_LINEAR_REGEX, TrainConfig
-from csr.train.stage import (TrainInputError, build_train_args, build_trainer, lora_module_names, pairs_dataset,
-                             read_pairs, run_train, shipped_deepspeed_configs)
+from csr.train_config import LM_LINEAR_REGEX, TrainConfig
+from csr.train.args import build_train_args, shipped_deepspeed_configs
+from csr.train.data import TrainInputError, pairs_dataset, read_pairs
+from csr.train.stage import run_train
+from csr.train.trainer import build_trainer, lora_module_names
 
 # Small and fast: a few steps at a learning rate high enough to move the weights visibly.
 FAST = {"max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 1.0e-3, "lora_r": 8,
@@ -95,7 +98,7 @@ def test_defaults_are_the_papers():
 
 def test_cpu_turns_bf16_off_with_a_note(tmp_path, caplog):
     cfg = load_config(None, ["run.seed=7", "run.report_to=none"])
-    with caplog.at_level(logging.INFO, logger="csr.train.stage"):
+    with caplog.at_level(logging.INFO, logger="csr.train.args"):
         args = build_train_args(cfg, tmp_path / "out", cuda_available=False)
     assert args.bf16 is False and args.use_cpu is True and args.seed == 7
     assert args.output_dir == str(tmp_path / "out") and args.report_to in ([], ["none"], "none")
@@ -184,8 +187,8 @@ def test_run_train_writes_adapter_and_summary_then_skips(tmp_path, tiny_llava_di
     summary = run_train(cfg, str(tiny_llava_dir), pairs, out)
     assert is_done(out) and read_done(out) == json.loads(json.dumps(summary))
     assert summary["steps"] == 3 and summary["num_pairs"] == 6 and summary["reference_unchanged"] is True
-    assert summary["final_loss"] is not None and summary["final_rewards_margins"] is not None
-    assert summary["final_rewards_accuracies"] is not None
+    assert summary["final_loss"] > 0 and math.isfinite(summary["final_rewards_margins"])  # DPO's loss is > 0
+    assert 0 <= summary["final_rewards_accuracies"] <= 1
     adapter = out / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert not list(adapter.glob("*.bin")) and not list(out.glob("checkpoint-*"))  # cleaned up once done
@@ -215,7 +218,9 @@ def test_run_train_resumes_from_a_checkpoint(tmp_path, tiny_llava_dir, images_di
 def test_dpo_batches_start_with_bos_like_generation(tiny_llava_dir, tmp_path):
     """TRL tokenises the chat without special tokens; the stage puts back the BOS generation sees."""
     from csr.models import build_chat_prompt, load_processor
-    from csr.train.stage import build_train_args, build_trainer, pairs_dataset
+    from csr.train.args import build_train_args
+    from csr.train.data import pairs_dataset
+    from csr.train.trainer import build_trainer
 
     processor = load_processor(str(tiny_llava_dir))
     image = tmp_path / "im.png"

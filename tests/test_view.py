@@ -131,6 +131,7 @@ def browse(tmp_path, url, *args):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a headless browser: ~6-7 s
 def test_view_in_a_headless_browser(tmp_path):
     run = make_run(tmp_path, rounds=2, n_trees=130)  # two index pages of 100
     write_view(run)

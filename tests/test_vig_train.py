@@ -127,7 +127,7 @@ def test_selective_sft_trains_on_the_selection(tiny_llava_dir, scored_dir, tmp_p
     # one epoch over the kept samples: the collator supervised exactly the planned tokens
     assert tr["examples_seen"] == 3 and tr["supervised_tokens_seen"] == want
     assert tr["answer_tokens_seen"] == sum(r["n_tokens"] for r in recs if r["id"] in kept_ids)
-    assert tr["steps"] == 2 and tr["final_loss"] is not None
+    assert tr["steps"] == 2 and tr["final_loss"] > 0   # a cross-entropy, logged
     assert (out / "model" / "config.json").is_file() and (out / "DONE.json").is_file()
     assert (out / "adapter").is_dir() == use_lora
     # the saved model loads and differs from the start
@@ -157,7 +157,7 @@ def test_plain_sft_supervises_every_answer_token(tiny_llava_dir, scored_dir, tmp
 
 
 def test_train_config_and_overrides():
-    from csr.vig.train import SelectiveSFTConfig, build_args, parse_overrides
+    from csr.vig.train import build_args, parse_overrides
 
     vals = parse_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile",
                             "save_strategy=no", "activation_checkpointing=false", "keep_percent=50"])
@@ -165,13 +165,38 @@ def test_train_config_and_overrides():
                     "save_strategy": "no", "activation_checkpointing": False, "keep_percent": 50.0}
     with pytest.raises(ValueError, match="Did you mean"):
         parse_overrides(["keep_percnt=50"])
+    # csr.config's parser: an optional field of a postponed annotation ("int | None") takes null,
+    # and a value of the wrong type is refused naming the key
+    assert parse_overrides(["save_total_limit=null"]) == {"save_total_limit": None}
+    with pytest.raises(ValueError, match="train.use_lora='maybe' must be true or false"):
+        parse_overrides(["use_lora=maybe"])
+    with pytest.raises(ValueError, match="only SelectiveSFTConfig"):
+        parse_overrides(["score.reward_lambda=0.5"])
     with pytest.raises(ValueError):
         build_args("/tmp/x", {"remove_unused_columns": True}, cuda_available=False)
     with pytest.raises(ValueError):
         build_args("/tmp/x", {"keep_percent": 150.0}, cuda_available=False)
+    with pytest.raises(ValueError, match="lora_r=0 must be >= 1"):   # the shared LoRA checks (csr.train_config)
+        build_args("/tmp/x", {"lora_r": 0}, cuda_available=False)
     args = build_args("/tmp/x", {}, cuda_available=False)
-    assert isinstance(args, SelectiveSFTConfig) and args.keep_percent == 70.0 and not args.bf16
+    assert args.keep_percent == 70.0 and not args.bf16 and args.use_cpu and args.output_dir == "/tmp/x"
     assert args.lora_config().r == 128
+    assert args.lora_config().modules_to_save is None and args.activation_checkpointing is True
+
+
+def test_selective_sft_and_dpo_share_the_lora_fields():
+    """One definition of the LoRA / dtype fields: the same LoRA from both configs' defaults, and
+    vig train's projector default (LLaVA's) over the DPO stage's auto."""
+    from csr.train_config import TrainConfig
+    from csr.vig.train import build_args
+
+    sft = build_args("/tmp/x", {"train_projector": True}, cuda_available=False)
+    dpo = TrainConfig(output_dir="/tmp/x", use_cpu=True, bf16=False)
+    a, b = sft.lora_config(), dpo.lora_config()
+    assert (a.r, a.lora_alpha, a.lora_dropout, a.target_modules) == (b.r, b.lora_alpha, b.lora_dropout,
+                                                                     b.target_modules) == (128, 256, 0.05, b.target_modules)
+    assert a.modules_to_save == ["multi_modal_projector"] and b.modules_to_save is None
+    assert sft.resolved_model_dtype() == dpo.resolved_model_dtype() == "float32"
 
 
 def test_prepend_bos_matches_generation_tokenisation(processor):

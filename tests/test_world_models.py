@@ -104,7 +104,7 @@ def test_build_is_cached_and_rebuilds_only_what_changed(tiny_world, monkeypatch)
 
 
 def test_csr_eval_on_the_world(tiny_world, tmp_path):
-    from csr.eval.run import main
+    from csr.eval.cli import main
 
     out, _ = tiny_world
     rc = main(["--model", str(out / "models/llava"), "--pope", str(out / "test/pope.jsonl"),

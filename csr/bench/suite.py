@@ -176,7 +176,9 @@ def dpo_arm(a, arm: str, record, deadline: float) -> dict:
     from transformers import TrainerCallback
 
     from csr.config import load_config
-    from csr.train.stage import build_train_args, build_trainer, lora_module_names, pairs_dataset
+    from csr.train.args import build_train_args
+    from csr.train.data import pairs_dataset
+    from csr.train.trainer import build_trainer, lora_module_names
 
     cuda = a.device.startswith("cuda")
     steps = a.dpo_warmup_steps + a.dpo_steps

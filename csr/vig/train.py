@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from trl import SFTConfig
 
-from csr.train.config import LM_LINEAR_REGEX
+from csr.train_config import FineTuneFields
 from csr.vig.collate import vig_example
 from csr.vig.maths import IGNORE_INDEX, TAU_MODES, apply_token_masks, plan_records_selection
 from csr.vig.records import record_turns
@@ -64,8 +64,9 @@ def _help(text: str, **extra) -> dict:
 
 
 @dataclass
-class SelectiveSFTConfig(SFTConfig):
-    """`trl.SFTConfig` with LLaVA-1.5's fine-tuning defaults, LoRA fields and the VIG selection."""
+class SelectiveSFTConfig(FineTuneFields, SFTConfig):
+    """`trl.SFTConfig` with LLaVA-1.5's fine-tuning defaults, the shared LoRA / dtype fields
+    (`csr.train_config.FineTuneFields`) and the VIG selection."""
 
     # ---- VIG selection -------------------------------------------------------------------------
     selection: str = field(default="vig", metadata=_help(
@@ -83,14 +84,8 @@ class SelectiveSFTConfig(SFTConfig):
     # ---- what trains ---------------------------------------------------------------------------
     use_lora: bool = field(default=True, metadata=_help(
         "LoRA on the language model (PEFT); off: full fine-tuning of the language model and projector."))
-    lora_r: int = field(default=128, metadata=_help("LoRA rank (LLaVA-1.5 LoRA recipe: 128)."))
-    lora_alpha: int = field(default=256, metadata=_help("LoRA alpha (LLaVA-1.5 LoRA recipe: 256)."))
-    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout (LLaVA-1.5 LoRA recipe: 0.05)."))
-    lora_target_modules: str | list[str] = field(default=LM_LINEAR_REGEX, metadata=_help(
-        "Modules that get LoRA (regex or name suffixes); default: every linear layer of the language model."))
-    train_projector: bool = field(default=False, metadata=_help(
-        "With LoRA, also train the projector fully (PEFT modules_to_save). Full fine-tuning always trains it."))
-    projector_module: str = field(default="multi_modal_projector", metadata=_help("Name of the projector module."))
+    projector_module: str = field(default="multi_modal_projector", metadata=_help(
+        "Name of the projector module, for train_projector (LLaVA's: multi_modal_projector)."))
     train_vision_tower: bool = field(default=False, metadata=_help(
         "Full fine-tuning only: also train the vision tower (LLaVA keeps it frozen)."))
     merge: bool = field(default=True, metadata=_help(
@@ -99,9 +94,6 @@ class SelectiveSFTConfig(SFTConfig):
         "BOS before the chat prompt, as generation has it (auto: when the tokenizer adds one on plain calls; "
         "never: TRL's collation unchanged). Must match the `csr vig score --add-bos` of the scores.",
         choices=("auto", "always", "never")))
-    model_dtype: str = field(default="auto", metadata=_help(
-        "Dtype the model is loaded in: auto = bfloat16 with bf16, float16 with fp16, else float32.",
-        choices=("auto", "float32", "bfloat16", "float16")))
 
     # ---- defaults changed from SFTConfig (LLaVA-1.5 fine-tuning) ----------------------------------
     learning_rate: float = field(default=2e-4, metadata=_help(
@@ -112,17 +104,10 @@ class SelectiveSFTConfig(SFTConfig):
     num_train_epochs: float = field(default=1.0, metadata=_help("Epochs (LLaVA-1.5: 1)."))
     logging_steps: float = field(default=1, metadata=_help("Log every N steps."))
     save_total_limit: int | None = field(default=1, metadata=_help("Checkpoint folders kept while training."))
-    gradient_checkpointing: bool | None = field(default=None, metadata=_help(
-        "Deprecated alias of activation_checkpointing; used only when that is not set."))
-    activation_checkpointing: bool | None = field(default=None, metadata=_help(
-        "Recompute activations in the backward pass (None: on unless gradient_checkpointing is false). "
-        "Turn off for tiny models on the CPU."))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "Must stay False: the vig_keep column has to reach the collator."))
 
     def __post_init__(self):
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for VIG-selective SFT: the per-token mask "
                              "column has to reach the data collator.")
@@ -133,19 +118,6 @@ class SelectiveSFTConfig(SFTConfig):
         if self.tau_mode not in TAU_MODES:
             raise ValueError(f"tau_mode={self.tau_mode!r} is not one of {TAU_MODES}")
         super().__post_init__()
-
-    def resolved_model_dtype(self) -> str:
-        if self.model_dtype != "auto":
-            return self.model_dtype
-        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
-
-    def lora_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=self.lora_target_modules,
-                          modules_to_save=[self.projector_module] if self.train_projector else None,
-                          bias="none", task_type="CAUSAL_LM")
 
 
 def build_args(out_dir: str | Path, values: dict | None = None, *, cuda_available: bool | None = None) -> SelectiveSFTConfig:
@@ -380,31 +352,20 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig."""
+    """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig.
+
+    `csr.config`'s parser and type checks; a key may carry the `train.` prefix."""
     import dataclasses
-    import difflib
-    from enum import Enum
 
-    import yaml
+    from csr.config import ConfigError, check_section_values, parse_overrides as parse_dotted
 
+    raw = parse_dotted(items, default_section="train")
+    if set(raw) - {"train"}:
+        raise ConfigError(f"override section '{sorted(set(raw) - {'train'})[0]}': `csr vig train` takes only "
+                          f"SelectiveSFTConfig / SFTConfig keys (key=value or train.key=value).")
     fields = {f.name: f for f in dataclasses.fields(SelectiveSFTConfig) if f.init}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' must look like key=value (any SelectiveSFTConfig / SFTConfig field)")
-        key, text = item.split("=", 1)
-        key = key.removeprefix("train.")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=2)
-            raise ValueError(f"unknown training key '{key}'." + (f" Did you mean {close}?" if close else ""))
-        value = yaml.safe_load(text) if text != "" else ""
-        default = fields[key].default
-        if isinstance(value, bool) and isinstance(default, (str, Enum)):
-            value = "yes" if value else "no"   # YAML 1.1 reads `save_strategy=no` as false
-        if isinstance(value, str) and (fields[key].type in ("float", float) or isinstance(default, float)):
-            value = float(value)
-        out[key] = value
-    return out
+    return check_section_values("train", raw.get("train", {}), fields, "csr vig train",
+                                listing="SelectiveSFTConfig in csr/vig/train.py (with trl.SFTConfig's fields)")
 
 
 def main_train(a: argparse.Namespace) -> int:
