@@ -123,7 +123,6 @@ def run_pairs(cfg: CSRConfig, score_dir: str | Path, out_dir: str | Path) -> dic
     guard = StageGuard(out_dir, "pairs", cfg, inputs=(score_dir,))
     done = guard.finished()
     if done is not None:
-        log.info("[pairs] %s is finished; skipping", out_dir)
         return done
     scored = require_done(score_dir, "score") / "scored.jsonl"
     guard.start()

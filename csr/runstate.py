@@ -265,7 +265,8 @@ class StageGuard:
         self.fingerprint = _digest({"settings": self.settings, "inputs": self.inputs})
 
     def finished(self) -> dict | None:
-        """The stored summary when the stage is done with these settings; None when it must run.
+        """The stored summary when the stage is done with these settings (logged: the stage skips its
+        work); None when it must run. The one "done? skip : run" of every stage.
 
         Raises SettingsChanged when the folder (finished or half-finished) was made with others.
         """
@@ -281,7 +282,10 @@ class StageGuard:
             what = "; ".join(keys) if keys else "its input (an earlier stage or the policy) changed"
             state = "finished" if is_done(self.out_dir) else "half-finished"
             raise SettingsChanged(f"{self.out_dir} was {state} with other settings: {what}. {ways_forward(self.stage)}")
-        return read_done(self.out_dir) if is_done(self.out_dir) else None
+        if not is_done(self.out_dir):
+            return None
+        log.info("[%s] %s is finished; skipping", self.stage, self.out_dir)
+        return read_done(self.out_dir)
 
     def start(self) -> None:
         atomic_write_json(self.out_dir / STARTED, {"stage": self.stage, "fingerprint": self.fingerprint,

@@ -135,7 +135,6 @@ def run_closed(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_di
     guard = StageGuard(out_dir, "closed", cfg, inputs=(score_dir, pairs_dir, policy_path))
     done = guard.finished()
     if done is not None:
-        log.info("[closed] %s is finished; skipping", out_dir)
         return done
     scored_path = require_done(score_dir, "score") / "scored.jsonl"
     caption_pairs = read_jsonl(require_done(pairs_dir, "pairs") / PAIRS)

@@ -192,7 +192,6 @@ def run_generate(cfg: CSRConfig, policy_path: str, out_dir: str | Path) -> dict:
     guard = StageGuard(out_dir, "generate", cfg, inputs=(policy_path,))
     done = guard.finished()  # refuses a folder made with other settings
     if done is not None:
-        log.info("[generate] %s is finished; skipping", out_dir)
         return done
     rank, world, local_rank = dist_info()
     if rank == 0:

@@ -129,7 +129,6 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
     guard = StageGuard(out_dir, "score", cfg, inputs=(generate_dir, vig_policy))
     done = guard.finished()
     if done is not None:
-        log.info("[score] %s is finished; skipping", out_dir)
         return done
     trees_path = require_done(generate_dir, "generate") / "trees.jsonl"
     guard.start()

@@ -210,7 +210,6 @@ def merge_lora(policy_path: str | Path, adapter_dir: str | Path, out_dir: str | 
     guard = StageGuard(out_dir, "merge", None, inputs=(policy_path, adapter_dir.parent),
                        settings={"merge.dtype": dtype})
     if guard.finished() is not None:
-        log.info("merge: %s is done, skipping", out_dir)
         return out_dir
     refuse_unfinished(out_dir)
     if dtype not in SAVE_DTYPES:

@@ -117,7 +117,6 @@ def run_train(cfg: CSRConfig, policy_path: str, pairs_dir: Path, out_dir: Path) 
     guard = StageGuard(out_dir, "train", cfg, inputs=(pairs_dir, policy_path))
     done = guard.finished()  # a checkpoint made with another recipe is refused, not resumed
     if done is not None:
-        log.info("train: %s is done, skipping", out_dir)
         return done
     args = build_train_args(cfg, out_dir)  # config errors first, before reading data or loading models
     records = read_pairs(pairs_dir)
