@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from csr.config import ConfigError
+from csr.data import resolve_image_path
 from csr.io import iter_jsonl, require_done
 
 PAIRS_FILE = "pairs.jsonl"
@@ -34,7 +35,8 @@ def read_pairs(pairs_dir: Path) -> list[dict]:
             raise TrainInputError(f"{path}:{n}: record lacks {missing}; expected TRL's conversational "
                                   f"preference format with keys {list(PAIR_KEYS)}.")
         images = rec["images"] if isinstance(rec["images"], list) else [rec["images"]]
-        images = [str(p if Path(p).is_absolute() else (pairs_dir / p)) for p in images]
+        images = [str(resolve_image_path(p, pairs_dir, allow_absolute=True, record=f"{path}:{n}", resolve=False))
+                  for p in images]  # relative paths are relative to the pairs folder
         for p in images:
             if not Path(p).is_file():
                 raise TrainInputError(f"{path}:{n}: image '{p}' does not exist.")

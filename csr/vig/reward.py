@@ -220,6 +220,7 @@ def run_filter_pairs(pairs_dir: str | Path, out_dir: str | Path, policy: str, op
     """Copy a finished pairs stage, dropping pairs whose chosen response has lower (sample) VIG than the
     rejected one; adds chosen_vig / rejected_vig to every kept record."""
     from csr.io import StageSummary, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
+    from csr.data import message_text
     from csr.models import load_policy
 
     out_dir = Path(out_dir)
@@ -227,13 +228,7 @@ def run_filter_pairs(pairs_dir: str | Path, out_dir: str | Path, policy: str, op
         return read_done(out_dir)
     records = list(iter_jsonl(require_done(pairs_dir, "pairs") / "pairs.jsonl"))
     flat = [{"id": r["id"], "image": r["images"][0] if isinstance(r["images"], list) else r["images"],
-             "prompt": "".join(x.get("text", "") for m in r["prompt"] for x in m["content"] if x.get("type") == "text")
-             if isinstance(r["prompt"], list) else r["prompt"],
-             "chosen": "".join(x.get("text", "") for m in r["chosen"] for x in m["content"] if x.get("type") == "text")
-             if isinstance(r["chosen"], list) else r["chosen"],
-             "rejected": "".join(x.get("text", "") for m in r["rejected"] for x in m["content"]
-                                 if x.get("type") == "text") if isinstance(r["rejected"], list) else r["rejected"]}
-            for r in records]
+             **{k: message_text(r[k]) for k in ("prompt", "chosen", "rejected")}} for r in records]
     model, processor = load_policy(policy, dtype=dtype, device=device)
     add_response_vigs(flat, model, processor, options)
     summary = StageSummary("vig filter-pairs")

@@ -1,12 +1,12 @@
 """VIG-selective SFT (docs/method.md §3) through TRL's `SFTTrainer`, LoRA (PEFT) or full fine-tuning.
 
 Input: a `csr vig score` output (vig.jsonl: image, prompt, answer, per-token and sample VIG, scored
-by the model that is trained here). The selection (`csr.vig.score.plan_selection`):
+by the model that is trained here). The selection (`csr.vig.maths.plan_selection`):
 
 - keep the top `keep_percent`% of samples by sample VIG (default 70);
 - inside kept samples, set the label of every answer token with VIG_t < τ to -100 (the token stays
   in the input); τ per `tau_mode` (default keep_boundary: the smallest kept sample VIG; see
-  `csr.vig.score` for the two readings of "τ = the p-th percentile").
+  `csr.vig.maths` for the two readings of "τ = the p-th percentile").
 
 `selection=none` is plain SFT on every sample and token, the baseline. Text-only samples (no image,
 so no VIG) are kept and supervised in full by both (the paper's rule); multi-turn samples carry
@@ -24,7 +24,7 @@ pops that column, runs TRL's own `DataCollatorForVisionLanguageModeling` (built 
 builds it: completion-only loss), and sets the labels of masked answer tokens to -100. The answer
 tokens are those labelled by TRL's collator, the same positions `csr vig score` scored (it uses
 the same collator). `remove_unused_columns` is forced off so the column reaches the collator.
-With `add_bos` (default auto) BOS is put first, label -100, as in scoring (see `csr.vig.score`).
+With `add_bos` (default auto) BOS is put first, label -100, as in scoring (see `csr.vig.collate`).
 
 Output in `<out>`: `adapter/` (LoRA), `model/` (a full model folder: the merged LoRA or the
 fully fine-tuned weights, with the processor; what `csr eval` takes), `selection.jsonl` (kept
