@@ -360,9 +360,9 @@ class PairsConfig:
 
 
 @dataclass
-class ClosedConfig:
-    """The optional closed-set (yes/no) stage of a round (csr.closedset; not in the CSR paper)."""
-    enabled: bool = _f(False, "Add yes/no preference pairs to each round (csr.closedset): questions about the "
+class YesNoConfig:
+    """The optional yes/no stage of a round (csr.yesno; not in the CSR paper)."""
+    enabled: bool = _f(False, "Add yes/no preference pairs to each round (csr.yesno): questions about the "
                               "objects the model's own candidate sentences name and the objects its no-image "
                               "continuation pairs with them; the answer's reward mixes CLIP on the affirmative "
                               "statement with the answer's probability calibrated against content-free inputs. "
@@ -392,19 +392,19 @@ class ClosedConfig:
     def validate(self):
         for key in ("question_template", "yes_template", "no_template", "statement_template"):
             value = getattr(self, key)
-            _require("{object}" in value, f"closed.{key}", value, "must contain {object}")
+            _require("{object}" in value, f"yesno.{key}", value, "must contain {object}")
         _require(self.max_named >= 0 and self.max_prior >= 0 and self.max_named + self.max_prior >= 1,
-                 "closed.max_named", self.max_named, "max_named + max_prior must be >= 1 (both >= 0)")
-        _require(self.prior_tokens >= 1, "closed.prior_tokens", self.prior_tokens, "must be >= 1")
-        _require(0.0 <= self.reference_quantile <= 1.0, "closed.reference_quantile", self.reference_quantile,
+                 "yesno.max_named", self.max_named, "max_named + max_prior must be >= 1 (both >= 0)")
+        _require(self.prior_tokens >= 1, "yesno.prior_tokens", self.prior_tokens, "must be >= 1")
+        _require(0.0 <= self.reference_quantile <= 1.0, "yesno.reference_quantile", self.reference_quantile,
                  "must be in [0, 1]")
         kinds = [k.strip() for k in self.content_free.split(",") if k.strip()]
-        _require(bool(kinds) and all(k in CALIBRATION_INPUTS for k in kinds), "closed.content_free",
+        _require(bool(kinds) and all(k in CALIBRATION_INPUTS for k in kinds), "yesno.content_free",
                  self.content_free, f"must be a comma-separated subset of {', '.join(CALIBRATION_INPUTS)}")
-        _require(0.0 <= self.reward_lambda <= 1.0, "closed.reward_lambda", self.reward_lambda, "must be in [0, 1]")
-        _require(self.margin >= 0, "closed.margin", self.margin, "must be >= 0")
-        _require(self.ratio >= 0, "closed.ratio", self.ratio, "must be >= 0")
-        _require(self.batch_size >= 1, "closed.batch_size", self.batch_size, "must be >= 1")
+        _require(0.0 <= self.reward_lambda <= 1.0, "yesno.reward_lambda", self.reward_lambda, "must be in [0, 1]")
+        _require(self.margin >= 0, "yesno.margin", self.margin, "must be >= 0")
+        _require(self.ratio >= 0, "yesno.ratio", self.ratio, "must be >= 0")
+        _require(self.batch_size >= 1, "yesno.batch_size", self.batch_size, "must be >= 1")
 
 
 @dataclass
@@ -415,7 +415,7 @@ class CSRConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
-    closed: ClosedConfig = field(default_factory=ClosedConfig)
+    yesno: YesNoConfig = field(default_factory=YesNoConfig)
     # trl.DPOConfig fields plus LoRA fields, validated against csr.train_config.TrainConfig and
     # instantiated by the train stage (DPOConfig's __post_init__ probes devices, so not here).
     train: dict = field(default_factory=dict)

@@ -5,7 +5,7 @@
       round_1/generate/trees.jsonl    sentence-level search trees
       round_1/score/scored.jsonl      the same trees with calibrated rewards
       round_1/pairs/pairs.jsonl       chosen/rejected pairs (TRL format) + pairs_csr.json
-      round_1/closed/pairs.jsonl      with closed.enabled: those pairs + yes/no pairs (csr.closedset)
+      round_1/yesno/pairs.jsonl      with yesno.enabled: those pairs + yes/no pairs (csr.yesno)
       round_1/train/adapter/          the LoRA adapter (checkpoints while training)
       round_1/merge/                  the merged model folder: next round's policy and reference (float32,
                                       run.policy_dtype), with its model card README.md
@@ -126,10 +126,10 @@ def run_round(cfg: CSRConfig, policy: str, rd: Path, accelerate_config: str | No
         return follow_round(cfg, policy, rd, heavy), summaries
     summaries["score"] = run_score(cfg, rd / "generate", rd / "score", policy)
     summaries["pairs"] = run_pairs(cfg, rd / "score", rd / "pairs")
-    if cfg.closed.enabled:  # yes/no pairs from the model itself, mixed into the round's pairs
-        from csr.closedset.stage import run_closed
+    if cfg.yesno.enabled:  # yes/no pairs from the model itself, mixed into the round's pairs
+        from csr.yesno.stage import run_yesno
 
-        summaries["closed"] = run_closed(cfg, policy, rd / "score", rd / "pairs", rd / "closed")
+        summaries["yesno"] = run_yesno(cfg, policy, rd / "score", rd / "pairs", rd / "yesno")
     pairs_dir = train_pairs_dir(cfg, rd)
     with environment(train_env or {}):
         summaries["train"] = heavy("train", rd / "train", lambda: run_train(cfg, policy, pairs_dir, rd / "train"),
@@ -147,8 +147,8 @@ EXPORT = "export"
 
 
 def train_pairs_dir(cfg: CSRConfig, rd: Path) -> Path:
-    """The folder whose pairs.jsonl the round trains on: the pairs stage's, or the closed stage's mix."""
-    return rd / "closed" if cfg.closed.enabled else rd / "pairs"
+    """The folder whose pairs.jsonl the round trains on: the pairs stage's, or the yes/no stage's mix."""
+    return rd / "yesno" if cfg.yesno.enabled else rd / "pairs"
 
 
 def follow_round(cfg: CSRConfig, policy: str, rd: Path, heavy) -> str:

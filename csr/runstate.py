@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 MARKER = ".csr-owned"
 LOCK = ".csr-lock"
 STARTED = "STAGE.json"
-STAGES = ("generate", "score", "pairs", "closed", "train", "merge")  # closed: only with closed.enabled
+STAGES = ("generate", "score", "pairs", "yesno", "train", "merge")  # yesno: only with yesno.enabled
 
 # What csr itself writes in a run folder (a run made before the marker existed is recognised by these).
 RUN_ENTRIES = re.compile(r"^(config\.yaml|summary\.json|report\.md|metrics\.png|eval|round_\d+|wandb|tensorboard|"
@@ -202,8 +202,8 @@ def stage_settings(cfg: CSRConfig, stage: str) -> dict:
         parts = {"model": model, "score": _section(cfg, "score"), "pairs": _section(cfg, "pairs", CLEANING_KEYS)}
     elif stage == "pairs":
         parts = {"pairs": _section(cfg, "pairs")}
-    elif stage == "closed":  # the yes/no questions, their rewards (closed.reward_lambda, CLIP) and the mix
-        parts = {"model": model, "closed": _section(cfg, "closed"), "run": {"seed": cfg.run.seed},
+    elif stage == "yesno":  # the yes/no questions, their rewards (yesno.reward_lambda, CLIP) and the mix
+        parts = {"model": model, "yesno": _section(cfg, "yesno"), "run": {"seed": cfg.run.seed},
                  "score": _section(cfg, "score", ("clip_backend", "clip_model", "clip_pretrained"))}
     elif stage == "train":
         parts = {"model": model, "train": _section(cfg, "train"), "run": {"seed": cfg.run.seed}}

@@ -11,7 +11,7 @@ import pytest
 from test_import_graph import PACKAGE, import_graph  # one reader of the import graph
 
 STAGES = ("csr.generate", "csr.score", "csr.pairs", "csr.train", "csr.eval", "csr.debias", "csr.vig", "csr.world",
-          "csr.bench", "csr.closedset")
+          "csr.bench", "csr.yesno")
 ENTRY_POINTS = ("csr.loop", "csr.cli")
 GRAPH = import_graph(lazy=True)
 

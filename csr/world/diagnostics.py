@@ -8,7 +8,7 @@ scripts/world_diagnostics.py:
     python scripts/world_diagnostics.py greedy --model DIR [--world data/world]
     python scripts/world_diagnostics.py pope   --answers DIR/pope_answers.jsonl [--base BASE/pope_answers.jsonl]
     python scripts/world_diagnostics.py scores --probs DIR/label_probs.jsonl [--base BASE/label_probs.jsonl] [--plot PNG]
-    python scripts/world_diagnostics.py yesno  --run DIR [--world data/world]   (a run with closed.enabled)
+    python scripts/world_diagnostics.py yesno  --run DIR [--world data/world]   (a run with yesno.enabled)
 
 - clip:   the judge's shape accuracy. For each object of the CSR prompt images, CLIP ranks the 8
           sentences "A <colour> <shape> is at the <position>." that differ only in the shape;
@@ -323,14 +323,14 @@ def greedy_chair(world: Path, model: Path) -> dict:
 
 
 def yesno_quality(world: Path, run: Path) -> list[dict]:
-    """How often each signal of the closed stage (csr.closedset) answers its yes/no questions right, per round:
+    """How often each signal of the yes/no stage (csr.yesno) answers its yes/no questions right, per round:
     the reward's choice, the calibrated and raw probabilities, CLIP against its reference; by question source."""
     from csr.io import read_jsonl
 
     truth = {r["id"]: {o["shape"] for o in r["objects"]} for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
     rows = []
     for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
-        f = rnd / "closed" / "questions.jsonl"
+        f = rnd / "yesno" / "questions.jsonl"
         if not f.is_file():
             continue
         qs = read_jsonl(f)

@@ -1,10 +1,10 @@
-"""Stage closed (optional, `closed.enabled`): yes/no pairs from the model itself, mixed into the round's pairs.
+"""Stage yesno (optional, `yesno.enabled`): yes/no pairs from the model itself, mixed into the round's pairs.
 
-    round_N/closed/questions.jsonl   every question asked: object, source, CLIP, p, p_cf, q, rewards, kept or why not
-    round_N/closed/pairs.jsonl       the round's caption pairs + the sampled yes/no pairs (TRL format): what train reads
-    round_N/closed/DONE.json         counts, skip reasons, the yes-share of the chosen answers
+    round_N/yesno/questions.jsonl   every question asked: object, source, CLIP, p, p_cf, q, rewards, kept or why not
+    round_N/yesno/pairs.jsonl       the round's caption pairs + the sampled yes/no pairs (TRL format): what train reads
+    round_N/yesno/DONE.json         counts, skip reasons, the yes-share of the chosen answers
 
-The rules are in `csr.closedset.questions`. An image whose sentences name no object of the vocabulary
+The rules are in `csr.yesno.questions`. An image whose sentences name no object of the vocabulary
 gets no question (skipped with a counted reason); the caption pairs train as usual.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from csr.closedset.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
+from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
                                      prior_partners, quantile)
 from csr.config import CSRConfig
 from csr.data import BadInput, load_image
@@ -30,13 +30,13 @@ PAIRS = "pairs.jsonl"
 
 
 def vocabulary(cfg: CSRConfig):
-    """The synonym table the questions ask about (closed.objects, else synonyms.json beside run.eval_chair)."""
+    """The synonym table the questions ask about (yesno.objects, else synonyms.json beside run.eval_chair)."""
     from csr.eval.chair import load_synonyms
 
-    path = cfg.closed.objects or (str(Path(cfg.run.eval_chair).parent / "synonyms.json") if cfg.run.eval_chair else "")
+    path = cfg.yesno.objects or (str(Path(cfg.run.eval_chair).parent / "synonyms.json") if cfg.run.eval_chair else "")
     if not path or not Path(path).is_file():
-        raise BadInput("closed_objects", f"closed.objects: no object vocabulary at {path or '(unset)'}; set "
-                                         f"closed.objects=FILE (JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
+        raise BadInput("yesno_objects", f"yesno.objects: no object vocabulary at {path or '(unset)'}; set "
+                                         f"yesno.objects=FILE (JSON {{object: [forms]}} or CHAIR's synonyms.txt).")
     return load_synonyms(path)
 
 
@@ -80,12 +80,12 @@ def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) ->
     asks = [(i, _first_naming(s, o, table)) for i, (_, s) in enumerate(per_tree) for o in named[i]]
     asks = [(i, s) for i, s in asks if s]
     continuations = no_image_continuations(model, processor, [trees[i]["prompt"] for i, _ in asks],
-                                           [s for _, s in asks], cfg.closed.prior_tokens,
-                                           cfg.closed.batch_size) if cfg.closed.max_prior and asks else []
+                                           [s for _, s in asks], cfg.yesno.prior_tokens,
+                                           cfg.yesno.batch_size) if cfg.yesno.max_prior and asks else []
     by_tree: dict[int, list[str]] = {}
     for (i, _), text in zip(asks, continuations):
         by_tree.setdefault(i, []).append(text)
-    return [form_questions(named[i], prior_partners(by_tree.get(i, []), named[i], table), cfg.closed)
+    return [form_questions(named[i], prior_partners(by_tree.get(i, []), named[i], table), cfg.yesno)
             for i in range(len(trees))]
 
 
@@ -94,28 +94,28 @@ def score_questions(images: list, questions: list[list[Question]], table, cfg: C
     """Every question's CLIP score, reference, calibrated yes-probability and answer rewards."""
     from csr.debias.label_probs import calibrated_predictions, score_closed_set
 
-    statements = [cfg.closed.statement_template.format(object=o) for o in table.canonicals]
+    statements = [cfg.yesno.statement_template.format(object=o) for o in table.canonicals]
     clip_all = clip.scores_many(images, [statements] * len(images))
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
     if not flat:
         return [[] for _ in questions]
-    kinds = [k.strip() for k in cfg.closed.content_free.split(",") if k.strip()]
+    kinds = [k.strip() for k in cfg.yesno.content_free.split(",") if k.strip()]
     scores = score_closed_set(model, processor, [images[i] for i, _ in flat], [q.question for _, q in flat],
-                              ["yes", "no"], cf_inputs=kinds, batch_size=cfg.closed.batch_size, seed=cfg.run.seed)
+                              ["yes", "no"], cf_inputs=kinds, batch_size=cfg.yesno.batch_size, seed=cfg.run.seed)
     calibrated = calibrated_predictions(scores, cf_inputs=kinds)
     out: list[list[dict]] = [[] for _ in questions]
     for row, (i, q) in enumerate(flat):
         by_object = dict(zip(table.canonicals, clip_all[i]))
-        reference = quantile(clip_all[i], cfg.closed.reference_quantile)
+        reference = quantile(clip_all[i], cfg.yesno.reference_quantile)
         q_yes = float(calibrated["q"][row][0])
         out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[q.object],
                        "reference": reference, "p_yes": float(scores.p[row][0]),
                        "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": q_yes,
-                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.closed.reward_lambda)})
+                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.yesno.reward_lambda)})
     return out
 
 
-def closed_pair(tree: dict, question: Question, scored: dict, margin: float) -> tuple[dict | None, str | None]:
+def yesno_pair(tree: dict, question: Question, scored: dict, margin: float) -> tuple[dict | None, str | None]:
     """A TRL-format yes/no pair for one question of a tree, or (None, reason)."""
     from csr.pairs import to_trl
 
@@ -129,10 +129,10 @@ def closed_pair(tree: dict, question: Question, scored: dict, margin: float) -> 
     return to_trl(pair), None
 
 
-def run_closed(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir: str | Path,
+def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir: str | Path,
                out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
-    guard = StageGuard(out_dir, "closed", cfg, inputs=(score_dir, pairs_dir, policy_path))
+    guard = StageGuard(out_dir, "yesno", cfg, inputs=(score_dir, pairs_dir, policy_path))
     done = guard.finished()
     if done is not None:
         return done
@@ -148,11 +148,11 @@ def run_closed(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_di
                                    trust_remote_code=cfg.model.trust_remote_code,
                                    chat_template=cfg.model.chat_template)
     clip = load_clip_from_config(cfg.score, cfg.model.device)
-    summary = StageSummary("closed")
-    records, closed = [], []
+    summary = StageSummary("yesno")
+    records, yesno_pairs = [], []
     trees = list(iter_jsonl(scored_path))
-    step = max(1, cfg.closed.batch_size // max(1, cfg.closed.max_named + cfg.closed.max_prior))
-    for start in tqdm(range(0, len(trees), step), desc="closed", unit="batch"):
+    step = max(1, cfg.yesno.batch_size // max(1, cfg.yesno.max_named + cfg.yesno.max_prior))
+    for start in tqdm(range(0, len(trees), step), desc="yesno", unit="batch"):
         batch, images = [], []
         for tree in trees[start:start + step]:
             try:
@@ -168,17 +168,17 @@ def run_closed(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_di
                 continue
             summary.processed += 1
             for q, row in zip(qs, rows):
-                pair, reason = closed_pair(tree, q, row, cfg.closed.margin)
+                pair, reason = yesno_pair(tree, q, row, cfg.yesno.margin)
                 records.append({"id": tree["id"], **row, "kept": pair is not None, "why_not": reason})
                 if pair is None:
                     summary.skipped[f"question_{reason}"] += 1
                 else:
-                    closed.append(pair)
-    mixed, sample = mix_pairs(caption_pairs, closed, cfg.closed.ratio, cfg.run.seed)
+                    yesno_pairs.append(pair)
+    mixed, sample = mix_pairs(caption_pairs, yesno_pairs, cfg.yesno.ratio, cfg.run.seed)
     write_jsonl(out_dir / QUESTIONS, records)
     write_jsonl(out_dir / PAIRS, mixed)
     yes = sum(p["id"].endswith("/yes") for p in sample)  # ids end with the chosen answer
-    summary.extra.update(questions=len(records), yesno_pairs_available=len(closed), yesno_pairs=len(sample),
+    summary.extra.update(questions=len(records), yesno_pairs_available=len(yesno_pairs), yesno_pairs=len(sample),
                          caption_pairs=len(caption_pairs), pairs=len(mixed),
                          chosen_yes_share=(yes / len(sample)) if sample else None,
                          questions_by_source={s: sum(r["source"] == s for r in records) for s in ("named", "prior")})

@@ -14,7 +14,7 @@ channel drifts through the shared weights. This stage adds yes/no pairs made by 
      inputs (post-hoc debias, q ∝ p / p_cf; docs/method.md §2), so the language prior's lean toward
      "yes" is divided out before the answer is rewarded.
    R = λ · R_I + (1 − λ) · R_T; chosen = the higher, kept when the two differ by the margin.
-3. The round's DPO data: the caption pairs plus a seeded sample of yes/no pairs (`closed.ratio` per
+3. The round's DPO data: the caption pairs plus a seeded sample of yes/no pairs (`yesno.ratio` per
    caption pair), in the same TRL format (a pair is a pair).
 """
 
@@ -92,10 +92,10 @@ def pick_answer(question: Question, rewards: dict, margin: float) -> tuple[dict 
             "chosen_score": rewards[f"reward_{hi}"], "rejected_score": rewards[f"reward_{lo}"], "margin": gap}, None
 
 
-def mix_pairs(caption_pairs: list, closed_pairs: list, ratio: float, seed: int) -> tuple[list, list]:
+def mix_pairs(caption_pairs: list, yesno_pairs: list, ratio: float, seed: int) -> tuple[list, list]:
     """The caption pairs followed by a seeded sample of at most round(ratio · len(caption_pairs)) yes/no
     pairs (all when fewer). Returns (mixed, the sampled yes/no pairs)."""
-    want = min(len(closed_pairs), round(ratio * len(caption_pairs)))
-    picked = sorted(random.Random(seed).sample(range(len(closed_pairs)), want))
-    sample = [closed_pairs[i] for i in picked]
+    want = min(len(yesno_pairs), round(ratio * len(caption_pairs)))
+    picked = sorted(random.Random(seed).sample(range(len(yesno_pairs)), want))
+    sample = [yesno_pairs[i] for i in picked]
     return list(caption_pairs) + sample, sample

@@ -1,4 +1,4 @@
-"""Yes/no self-rewarding (csr.closedset): questions from the model's own sentences, the answer reward worked
+"""Yes/no self-rewarding (csr.yesno): questions from the model's own sentences, the answer reward worked
 out by hand, the mix into the round's pairs, and the stage on a tiny model with skips counted."""
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from csr.closedset.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
+from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
                                      prior_partners, quantile)
-from csr.config import ClosedConfig, ConfigError, load_config
+from csr.config import YesNoConfig, ConfigError, load_config
 from csr.eval.chair import SynonymTable
 
 ROOT = Path(__file__).parent.parent
@@ -29,7 +29,7 @@ def test_prior_partners_are_the_objects_only_the_no_image_continuation_names():
 
 
 def test_questions_take_named_objects_first_then_prior_partners_each_capped():
-    cfg = ClosedConfig(max_named=1, max_prior=1)
+    cfg = YesNoConfig(max_named=1, max_prior=1)
     qs = form_questions(["circle", "square"], ["square", "star", "heart"], cfg)
     assert [(q.object, q.source) for q in qs] == [("circle", "named"), ("star", "prior")]
     assert qs[0].question == "Is there a circle in the image?"
@@ -69,12 +69,12 @@ def test_mix_keeps_every_caption_pair_and_samples_yes_no_pairs_at_the_ratio():
     assert mix_pairs(captions, closed, 0.0, seed=0) == (captions, [])
 
 
-@pytest.mark.parametrize("override, key", [("closed.question_template=Is it there?", "closed.question_template"),
-                                           ("closed.content_free=none,photo", "closed.content_free"),
-                                           ("closed.max_named=0", "closed.max_named"),
-                                           ("closed.reward_lambda=1.5", "closed.reward_lambda")])
+@pytest.mark.parametrize("override, key", [("yesno.question_template=Is it there?", "yesno.question_template"),
+                                           ("yesno.content_free=none,photo", "yesno.content_free"),
+                                           ("yesno.max_named=0", "yesno.max_named"),
+                                           ("yesno.reward_lambda=1.5", "yesno.reward_lambda")])
 def test_bad_closed_settings_are_refused_naming_the_key(override, key):
-    extra = ["closed.max_prior=0"] if key == "closed.max_named" else []
+    extra = ["yesno.max_prior=0"] if key == "yesno.max_named" else []
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override, *extra])
 
@@ -115,28 +115,28 @@ def closed_inputs(tmp_path, images_dir):
 
 def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(closed_inputs, tiny_llava_dir,
                                                                                tiny_clip_dir):
-    from csr.closedset.stage import run_closed
+    from csr.yesno.stage import run_yesno
     from csr.io import read_jsonl
     from csr.train.data import read_pairs
 
     tmp = closed_inputs
     cfg = load_config(None, [f"score.clip_model={tiny_clip_dir}", "score.clip_pretrained=", "model.device=cpu",
-                             "model.torch_dtype=float32", f"closed.objects={tmp / 'objects.json'}",
-                             "closed.enabled=true", "closed.margin=0", "closed.ratio=1.0", "closed.max_prior=1",
-                             "closed.prior_tokens=4"])
-    done = run_closed(cfg, str(tiny_llava_dir), tmp / "score", tmp / "pairs", tmp / "closed")
-    questions = read_jsonl(tmp / "closed" / "questions.jsonl")
+                             "model.torch_dtype=float32", f"yesno.objects={tmp / 'objects.json'}",
+                             "yesno.enabled=true", "yesno.margin=0", "yesno.ratio=1.0", "yesno.max_prior=1",
+                             "yesno.prior_tokens=4"])
+    done = run_yesno(cfg, str(tiny_llava_dir), tmp / "score", tmp / "pairs", tmp / "yesno")
+    questions = read_jsonl(tmp / "yesno" / "questions.jsonl")
     named = [(q["id"], q["object"]) for q in questions if q["source"] == "named"]
     assert named == [("a", "circle"), ("a", "square"), ("c", "star")]
     assert done["skipped"]["no_object_named"] == 1 and done["processed"] == 2    # tree b names nothing
-    lam = cfg.closed.reward_lambda
+    lam = cfg.yesno.reward_lambda
     for q in questions:  # the stored parts obey the rule
         assert 0.0 <= q["q_yes"] <= 1.0
         assert math.isclose(q["reward_yes"], lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * q["q_yes"],
                             rel_tol=1e-9, abs_tol=1e-9)
         assert math.isclose(q["reward_no"], -lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * (1 - q["q_yes"]),
                             rel_tol=1e-9, abs_tol=1e-9)
-    mixed = read_jsonl(tmp / "closed" / "pairs.jsonl")
+    mixed = read_jsonl(tmp / "yesno" / "pairs.jsonl")
     assert [p["id"] for p in mixed[:3]] == ["a", "b", "c"]                          # every caption pair kept
     yesno = mixed[3:]
     assert len(yesno) == done["yesno_pairs"] == min(3, done["yesno_pairs_available"]) and yesno
@@ -147,22 +147,22 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
         assert p["prompt"][0]["content"][1]["text"] == f"Is there a {obj} in the image?"
         assert p["chosen"][0]["content"][0]["text"].startswith("Yes" if answer == "yes" else "No")
         assert set(p) == set(mixed[0])                                               # a pair is a pair
-    assert len(read_pairs(tmp / "closed")) == len(mixed)                             # the train stage reads it
+    assert len(read_pairs(tmp / "yesno")) == len(mixed)                             # the train stage reads it
 
 
 def test_closed_stage_without_a_vocabulary_is_refused_with_the_fix(closed_inputs, tiny_llava_dir):
-    from csr.closedset.stage import run_closed
+    from csr.yesno.stage import run_yesno
     from csr.data import BadInput
 
-    cfg = load_config(None, ["closed.enabled=true"])
-    with pytest.raises(BadInput, match="closed.objects"):
-        run_closed(cfg, str(tiny_llava_dir), closed_inputs / "score", closed_inputs / "pairs",
-                   closed_inputs / "closed")
-    assert not (closed_inputs / "closed" / "DONE.json").exists()
+    cfg = load_config(None, ["yesno.enabled=true"])
+    with pytest.raises(BadInput, match="yesno.objects"):
+        run_yesno(cfg, str(tiny_llava_dir), closed_inputs / "score", closed_inputs / "pairs",
+                   closed_inputs / "yesno")
+    assert not (closed_inputs / "yesno" / "DONE.json").exists()
 
 
 def test_no_image_continuation_gets_no_image_and_continues_the_models_own_sentence(tiny_llava_dir):
-    from csr.closedset.stage import no_image_continuations
+    from csr.yesno.stage import no_image_continuations
     from csr.models import load_policy
 
     model, processor = load_policy(str(tiny_llava_dir), dtype="float32", device="cpu")
@@ -182,7 +182,7 @@ def test_no_image_continuation_gets_no_image_and_continues_the_models_own_senten
     assert first.rstrip().endswith("A red disc is at the top.") and "Describe this image in detail." in first
 
 
-def test_a_round_with_the_closed_stage_trains_on_the_mixed_pairs(tiny_llava_dir, tiny_clip_dir, tmp_path):
+def test_a_round_with_the_yesno_stage_trains_on_the_mixed_pairs(tiny_llava_dir, tiny_clip_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from csr.io import read_jsonl
@@ -195,12 +195,12 @@ def test_a_round_with_the_closed_stage_trains_on_the_mixed_pairs(tiny_llava_dir,
     cfg = load_config(ROOT / "recipes" / "tiny" / "csr.yaml", [
         f"model.model_name_or_path={tiny_llava_dir}", f"score.clip_model={tiny_clip_dir}",
         f"data.prompts={ROOT / 'data' / 'tiny' / 'prompts.json'}", f"data.image_root={ROOT / 'data' / 'tiny' / 'images'}",
-        f"run.output_dir={tmp_path / 'run'}", "run.rounds=1", "closed.enabled=true",
-        f"closed.objects={tmp_path / 'objects.json'}", "closed.margin=0", "closed.ratio=1.0"])
+        f"run.output_dir={tmp_path / 'run'}", "run.rounds=1", "yesno.enabled=true",
+        f"yesno.objects={tmp_path / 'objects.json'}", "yesno.margin=0", "yesno.ratio=1.0"])
     summary = run(cfg)
     stages = summary["rounds"][0]["stages"]
     rd = tmp_path / "run" / "round_1"
-    mixed = read_jsonl(rd / "closed" / "pairs.jsonl")
-    assert stages["closed"]["yesno_pairs"] > 0
-    assert len(mixed) == stages["pairs"]["pairs"] + stages["closed"]["yesno_pairs"]
-    assert stages["train"]["pairs"] == str(rd / "closed") and stages["train"]["num_pairs"] == len(mixed)
+    mixed = read_jsonl(rd / "yesno" / "pairs.jsonl")
+    assert stages["yesno"]["yesno_pairs"] > 0
+    assert len(mixed) == stages["pairs"]["pairs"] + stages["yesno"]["yesno_pairs"]
+    assert stages["train"]["pairs"] == str(rd / "yesno") and stages["train"]["num_pairs"] == len(mixed)

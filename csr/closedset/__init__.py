@@ -1,1 +1,0 @@
-"""Yes/no self-rewarding: the optional closed-set stage of a CSR round (`closed.enabled`)."""
