@@ -157,21 +157,21 @@ def test_plain_sft_supervises_every_answer_token(tiny_llava_dir, scored_dir, tmp
 
 
 def test_train_config_and_overrides():
-    from csr.vig.train import build_args, parse_overrides
+    from csr.vig.train import build_args, sft_overrides
 
-    vals = parse_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile",
+    vals = sft_overrides(["learning_rate=1e-4", "use_lora=false", "train.max_steps=5", "tau_mode=percentile",
                             "save_strategy=no", "activation_checkpointing=false", "keep_percent=50"])
     assert vals == {"learning_rate": 1e-4, "use_lora": False, "max_steps": 5, "tau_mode": "percentile",
                     "save_strategy": "no", "activation_checkpointing": False, "keep_percent": 50.0}
     with pytest.raises(ValueError, match="Did you mean"):
-        parse_overrides(["keep_percnt=50"])
+        sft_overrides(["keep_percnt=50"])
     # csr.config's parser: an optional field of a postponed annotation ("int | None") takes null,
     # and a value of the wrong type is refused naming the key
-    assert parse_overrides(["save_total_limit=null"]) == {"save_total_limit": None}
+    assert sft_overrides(["save_total_limit=null"]) == {"save_total_limit": None}
     with pytest.raises(ValueError, match="train.use_lora='maybe' must be true or false"):
-        parse_overrides(["use_lora=maybe"])
+        sft_overrides(["use_lora=maybe"])
     with pytest.raises(ValueError, match="only SelectiveSFTConfig"):
-        parse_overrides(["score.reward_lambda=0.5"])
+        sft_overrides(["score.reward_lambda=0.5"])
     with pytest.raises(ValueError):
         build_args("/tmp/x", {"remove_unused_columns": True}, cuda_available=False)
     with pytest.raises(ValueError):

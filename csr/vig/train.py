@@ -351,15 +351,15 @@ def run_selective_sft(model_path: str, scores: str | Path, out_dir: str | Path, 
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_overrides(items: list[str]) -> dict:
+def sft_overrides(items: list[str]) -> dict:
     """['learning_rate=1e-4', 'use_lora=false'] -> typed values, keys checked against SelectiveSFTConfig.
 
     `csr.config`'s parser and type checks; a key may carry the `train.` prefix."""
     import dataclasses
 
-    from csr.config import ConfigError, check_section_values, parse_overrides as parse_dotted
+    from csr.config import ConfigError, check_section_values, parse_overrides
 
-    raw = parse_dotted(items, default_section="train")
+    raw = parse_overrides(items, default_section="train")
     if set(raw) - {"train"}:
         raise ConfigError(f"override section '{sorted(set(raw) - {'train'})[0]}': `csr vig train` takes only "
                           f"SelectiveSFTConfig / SFTConfig keys (key=value or train.key=value).")
@@ -369,7 +369,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main_train(a: argparse.Namespace) -> int:
-    values = parse_overrides(a.overrides)
+    values = sft_overrides(a.overrides)
     if a.selection is not None:
         values["selection"] = a.selection
     if a.keep_percent is not None:
