@@ -99,7 +99,8 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
             "top1_normal": sum(normal) / len(normal), "n_normal": len(normal)}
 
 
-def pair_quality(world: Path, run: Path) -> list[dict]:
+def pair_quality(world: Path, run: Path, rounds: list[int] | None = None) -> list[dict]:
+    """Pair quality of every round of `run` (or of `rounds` only), one row a round."""
     from csr.config import PairsConfig
     from csr.eval.chair import caption_report, chair_metrics, load_synonyms
     from csr.io import read_jsonl
@@ -111,6 +112,8 @@ def pair_quality(world: Path, run: Path) -> list[dict]:
     cfg = PairsConfig()
     rows = []
     for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
+        if rounds is not None and int(rnd.name.split("_")[1]) not in rounds:
+            continue
         pairs_file, scored_file = rnd / "pairs" / "pairs.jsonl", rnd / "score" / "scored.jsonl"
         if not pairs_file.is_file() or not scored_file.is_file():
             continue
