@@ -104,3 +104,20 @@ def test_resuming_skips_finished_arms(tmp_path):
     assert ws.run_arm(suite, tmp_path, "w1", "l0", runner=ran.append) is True
     assert [c.run.output_dir for c in ran] == [str(half)]
     assert (tmp_path / "suite" / "timings" / "arm-w1-l0.json").is_file()
+
+
+def test_correlations_rank_and_sign():
+    rows = [{"a": x, "b": -2 * x, "c": x ** 3, "flat": 1.0, "chair_i_change": -x} for x in (0.1, 0.2, 0.4, 0.3)]
+    corr = {c["cause"]: c for c in ws.correlations(rows, "chair_i_change", ("a", "b", "c", "flat", "missing"))}
+    assert corr["a"]["pearson"] == pytest.approx(-1.0) and corr["b"]["pearson"] == pytest.approx(1.0)
+    assert corr["c"]["spearman"] == pytest.approx(-1.0) and -1.0 < corr["c"]["pearson"] < -0.9
+    assert corr["flat"]["pearson"] is None and corr["missing"]["n"] == 0
+    assert ws._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_arm_differences_pair_the_worlds_arms():
+    rows = [{"world": "w1", "arm": "x", "chair_i_change": -0.6, "bias": 0.6},
+            {"world": "w1", "arm": "y", "chair_i_change": -0.4, "bias": 0.6},
+            {"world": "w2", "arm": "x", "chair_i_change": -0.5}]  # w2's other arm has not finished
+    diffs = ws.arm_differences(rows, "x", "y")
+    assert diffs == [{"world": "w1", "chair_i_change": pytest.approx(-0.2), "bias": 0.0}]

@@ -290,6 +290,83 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Candidate causes of how far CHAIR_I falls (issue 24): pair difficulty, DPO strength, CLIP quality,
+# base headroom, the world's settings. Each is a column of table_row (or derived in `with_gaps`).
+CAUSES = ("rejected_recall", "recall_gap", "chair_i_gap", "chosen_chair_i", "rejected_chair_i", "margin",
+          "dpo_final_rewards_margins", "dpo_final_rewards_accuracies", "auc_clip", "auc_self_reward", "auc_reward",
+          "clip_top1", "base_chair_i", "base_pope_f1", "bias", "caption_noise")
+
+
+def with_gaps(row: dict) -> dict:
+    """The row with the pairs' chosen-minus-rejected recall and rejected-minus-chosen CHAIR_I (the same
+    scale in both arms, unlike the reward margin)."""
+    def gap(a, b):
+        return None if row.get(a) is None or row.get(b) is None else row[a] - row[b]
+
+    return {**row, "recall_gap": gap("chosen_recall", "rejected_recall"),
+            "chair_i_gap": gap("rejected_chair_i", "chosen_chair_i")}
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(v: list[float]) -> list[float]:
+    """Ranks from 1, ties given their average rank."""
+    order = sorted(range(len(v)), key=v.__getitem__)
+    ranks = [0.0] * len(v)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def correlations(rows: list[dict], outcome: str, causes=CAUSES) -> list[dict]:
+    """Pearson and Spearman correlation of `outcome` with each cause over the rows that have both."""
+    out = []
+    for cause in causes:
+        pts = [(r[cause], r[outcome]) for r in rows if r.get(cause) is not None and r.get(outcome) is not None]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        pearson = _pearson(xs, ys)
+        out.append({"cause": cause, "n": len(pts), "pearson": pearson,
+                    "spearman": _pearson(_ranks(xs), _ranks(ys)) if pearson is not None else None})
+    return out
+
+
+def arm_differences(rows: list[dict], arm: str, other: str) -> list[dict]:
+    """Per world, `arm` minus `other` of every numeric column (negative chair_i_change: `arm` lowers
+    CHAIR_I more), for the worlds where both arms finished."""
+    by = {(r["world"], r["arm"]): r for r in rows}
+    out = []
+    for (world, a), row in by.items():
+        twin = by.get((world, other))
+        if a != arm or twin is None:
+            continue
+        diff = {"world": world}
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(twin.get(k), (int, float)):
+                diff[k] = v - twin[k]
+        out.append(diff)
+    return out
+
+
+def correlation_table(corr: list[dict]) -> str:
+    lines = ["| cause | n | Pearson r | Spearman ρ |", "|---|---|---|---|"]
+    for c in corr:
+        lines.append(f"| {c['cause']} | {c['n']} | {_cell(c['pearson'])} | {_cell(c['spearman'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def collect_rows(suite: Suite, data: Path) -> list[dict]:
     """A row for every world and arm whose run folder has a summary (finished or not)."""
     rows = []
@@ -308,10 +385,26 @@ def collect_rows(suite: Suite, data: Path) -> list[dict]:
     return rows
 
 
-def write_table(rows: list[dict], out_dir: Path) -> None:
-    """suite.md and suite.json in `out_dir`, each written atomically."""
-    atomic_write_json(out_dir / "suite.json", {"rows": rows})
-    atomic_write_text(out_dir / "suite.md", markdown_table(rows))
+def write_table(rows: list[dict], out_dir: Path, arms: tuple[str, str] | None = None) -> None:
+    """suite.md and suite.json in `out_dir`, each written atomically: the table, then the correlation
+    of the relative CHAIR_I change with each candidate cause across worlds and arms, and (with `arms`)
+    of the first arm's advantage over the second with the causes' differences across worlds."""
+    rows = [with_gaps(r) for r in rows]
+    corr = correlations(rows, "chair_i_change")
+    md = [markdown_table(rows), "", "Relative CHAIR_I change (round 3 against base) against each cause, "
+          f"over {len(rows)} world/arm rows (negative r: a larger cause value goes with a larger fall):", "",
+          correlation_table(corr)]
+    result = {"rows": rows, "correlations": {"chair_i_change": corr}}
+    if arms:
+        diffs = arm_differences(rows, *arms)
+        diff_corr = correlations(diffs, "chair_i_change")
+        md += ["", f"Arm {arms[0]} minus arm {arms[1]}, per world ({len(diffs)} worlds): the difference of the "
+               "relative CHAIR_I change (negative: the first arm lowers CHAIR_I more) against the "
+               "difference of each cause:", "", correlation_table(diff_corr)]
+        result["correlations"]["arm_difference"] = diff_corr
+        result["arm_differences"] = diffs
+    atomic_write_json(out_dir / "suite.json", result)
+    atomic_write_text(out_dir / "suite.md", "\n".join(md))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +428,7 @@ def main(argv=None) -> int:
     suite = load_suite(args.suite)
     names = _selected(suite, args.worlds.split(",") if args.worlds else None)
     data = args.data
+    arm_pair = tuple(suite.arms)[:2] if len(suite.arms) >= 2 else None
     if args.what != "table":
         _set_threads(suite)
         for world in names:
@@ -344,9 +438,9 @@ def main(argv=None) -> int:
                 for arm in suite.arms:
                     run_arm(suite, data, world, arm, args.overrides)
                     arm_diagnostics(data, world, arm)
-                    write_table(collect_rows(suite, data), data / "suite")
+                    write_table(collect_rows(suite, data), data / "suite", arm_pair)
     rows = collect_rows(suite, data)
-    write_table(rows, data / "suite")
+    write_table(rows, data / "suite", arm_pair)
     print(markdown_table(rows))
     print(f"table: {data / 'suite' / 'suite.md'} and suite.json")
     return 0
