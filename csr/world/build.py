@@ -206,7 +206,9 @@ def main(argv=None) -> int:
 
     d = WorldConfig()
     p = argparse.ArgumentParser(prog="csr world",
-                                description="Build the grounded synthetic world and its base models (cached).")
+                                description="Build the grounded synthetic world and its base models (cached). "
+                                            "`csr world align --help`: the alignment-only LLaVA; `csr world suite "
+                                            "--help`: several worlds, the recipe's arms on each, one table.")
     p.add_argument("--out", default="data/world", help="World folder.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, help=f"training images (default {d.n_train})")
