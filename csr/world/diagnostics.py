@@ -99,6 +99,25 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
             "top1_normal": sum(normal) / len(normal), "n_normal": len(normal)}
 
 
+def prompt_truth(world: Path) -> dict[str, list[str]]:
+    """The shapes in each CSR prompt image, by prompt id."""
+    from csr.io import read_jsonl
+
+    return {r["id"]: [o["shape"] for o in r["objects"]] for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+
+
+def pairs_chair(pairs: list[dict], truth: dict[str, list[str]], table) -> dict:
+    """The number of pairs and CHAIR_I, CHAIR_S and recall of their chosen and of their rejected responses."""
+    from csr.eval.chair import chair_metrics
+
+    gts = [truth[p["id"]] for p in pairs]
+    row = {"pairs": len(pairs)}
+    for side in ("chosen", "rejected"):
+        m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
+        row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+    return row
+
+
 def pair_quality(world: Path, run: Path, rounds: list[int] | None = None) -> list[dict]:
     """Pair quality of every round of `run` (or of `rounds` only), one row a round."""
     from csr.config import PairsConfig
@@ -107,8 +126,7 @@ def pair_quality(world: Path, run: Path, rounds: list[int] | None = None) -> lis
     from csr.pairs import candidate_paths
 
     table = load_synonyms(world / "test" / "synonyms.json")
-    truth = {r["id"]: [o["shape"] for o in r["objects"]]
-             for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+    truth = prompt_truth(world)
     cfg = PairsConfig()
     rows = []
     for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
@@ -117,12 +135,7 @@ def pair_quality(world: Path, run: Path, rounds: list[int] | None = None) -> lis
         pairs_file, scored_file = rnd / "pairs" / "pairs.jsonl", rnd / "score" / "scored.jsonl"
         if not pairs_file.is_file() or not scored_file.is_file():
             continue
-        pairs = read_jsonl(pairs_file)
-        gts = [truth[p["id"]] for p in pairs]
-        row = {"round": rnd.name, "pairs": len(pairs)}
-        for side in ("chosen", "rejected"):
-            m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
-            row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+        row = {"round": rnd.name, **pairs_chair(read_jsonl(pairs_file), truth, table)}
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
         for tree in read_jsonl(scored_file):
