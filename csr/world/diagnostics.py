@@ -95,8 +95,8 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
     hit = [max(range(len(s)), key=s.__getitem__) == t for s, t in zip(scores, truth)]
     tiny = [h for h, s in zip(hit, small) if s]
     normal = [h for h, s in zip(hit, small) if not s]
-    return {"clip": str(clip_dir), "top1_tiny": sum(tiny) / len(tiny), "n_tiny": len(tiny),
-            "top1_normal": sum(normal) / len(normal), "n_normal": len(normal)}
+    return {"clip": str(clip_dir), "top1_tiny": sum(tiny) / len(tiny) if tiny else None, "n_tiny": len(tiny),
+            "top1_normal": sum(normal) / len(normal) if normal else None, "n_normal": len(normal)}
 
 
 def prompt_truth(world: Path) -> dict[str, list[str]]:
