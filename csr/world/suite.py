@@ -215,6 +215,29 @@ def world_diagnostics(data: Path, world: str) -> dict:
     return result
 
 
+def rebuilt_pairs(suite: Suite, data: Path, world: str, arm: str, overrides: list[str]) -> dict | None:
+    """Round 1's pairs of a finished arm rebuilt from its stored scores under `overrides` (pairs.* keys),
+    into suite/pairs/<overrides>/<world>-<arm>/, with their CHAIR against the arm's own pairs; None
+    when round 1 has no scores yet. Nothing is generated or trained: this measures the pairs alone."""
+    from csr.eval.chair import load_synonyms
+    from csr.io import read_jsonl
+    from csr.pairs import PAIRS, run_pairs
+    from csr.world.diagnostics import pairs_chair, prompt_truth
+
+    if any(not o.startswith("pairs.") for o in overrides):
+        raise ConfigError(f"rebuilding pairs takes pairs.* overrides only, not {overrides}.")
+    rd = run_dir(data, world, arm) / "round_1"
+    if not (rd / "score" / "DONE.json").is_file() or not (rd / "pairs" / "DONE.json").is_file():
+        return None
+    tag = ",".join(overrides) or "recipe"
+    out = data / "suite" / "pairs" / tag / f"{world}-{arm}"
+    run_pairs(arm_config(suite, data, world, arm, overrides), rd / "score", out)
+    truth, table = prompt_truth(world_dir(data, world)), load_synonyms(world_dir(data, world) / "test" / "synonyms.json")
+    return {"world": world, "arm": arm, "overrides": tag,
+            "run": pairs_chair(read_jsonl(rd / "pairs" / PAIRS), truth, table),
+            "rebuilt": pairs_chair(read_jsonl(out / PAIRS), truth, table)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +439,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="csr world suite",
                                 description="Build several worlds and run the recipe's arms on each (resumable); "
                                             "one table of the results.")
-    p.add_argument("what", choices=("build", "run", "table"),
+    p.add_argument("what", choices=("build", "run", "table", "pairs"),
                    help="build: the worlds; run: the worlds, then every arm on each, then the table; table: "
-                        "the table of what has finished.")
+                        "the table of what has finished; pairs: round 1's pairs of every finished arm rebuilt "
+                        "from its stored scores under the pairs.* overrides, their CHAIR against the run's "
+                        "(suite/pairs/<overrides>.json).")
     p.add_argument("--data", required=True, type=Path,
                    help="Folder of the suite's worlds, runs and table (outside the git tree, so it survives it).")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"Suite file (default {DEFAULT_SUITE}).")
@@ -429,6 +454,12 @@ def main(argv=None) -> int:
     names = _selected(suite, args.worlds.split(",") if args.worlds else None)
     data = args.data
     arm_pair = tuple(suite.arms)[:2] if len(suite.arms) >= 2 else None
+    if args.what == "pairs":
+        rows = [r for w in names for a in suite.arms
+                if (r := rebuilt_pairs(suite, data, w, a, args.overrides)) is not None]
+        atomic_write_json(data / "suite" / "pairs" / f"{','.join(args.overrides) or 'recipe'}.json", {"rows": rows})
+        print(json.dumps(rows, indent=1))
+        return 0
     if args.what != "table":
         _set_threads(suite)
         for world in names:
