@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"Suite file (default {DEFAULT_SUITE}).")
     p.add_argument("--worlds", help="Comma-separated world names to build or run (default: all of the suite's).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every arm, e.g. run.rounds=2.")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
     suite = load_suite(args.suite)
     names = _selected(suite, args.worlds.split(",") if args.worlds else None)
     data = args.data
