@@ -86,7 +86,7 @@ def test_table_columns_from_scripted_summaries(tmp_path):
     md = (tmp_path / "suite.md").read_text().splitlines()
     assert md[0].count("|") == len(ws.MD_COLUMNS) + 1
     assert "CHAIR_I base → final" in md[0] and "rejected recall" in md[0] and "yes-ratio" in md[0]
-    assert md[2].startswith("| w1 | l09 |") and "0.100 → 0.040" in md[2] and "-60%" in md[2]
+    assert md[2].startswith("| w1 | l09 | 3 |") and "0.100 → 0.040" in md[2] and "-60%" in md[2]
     assert "0.010 / 0.500" in md[2] and "0.950 / 0.600" in md[2]
     assert json.loads((tmp_path / "suite.json").read_text())["rows"][1]["arm"] == "l0"
 
@@ -112,6 +112,7 @@ def test_correlations_rank_and_sign():
     assert corr["a"]["pearson"] == pytest.approx(-1.0) and corr["b"]["pearson"] == pytest.approx(1.0)
     assert corr["c"]["spearman"] == pytest.approx(-1.0) and -1.0 < corr["c"]["pearson"] < -0.9
     assert corr["flat"]["pearson"] is None and corr["missing"]["n"] == 0
+    assert "| a | 4 | -1.000 | -1.000 |" in ws.correlation_table(list(corr.values()))
     assert ws._ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
 
 

@@ -282,12 +282,10 @@ def table_row(world: str, arm: str, options: dict, summary: dict, diagnostics: d
 def _cell(v) -> str:
     if v is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:+.0%}" if abs(v) < 1 and v < 0 else f"{v:.3f}"
-    return str(v)
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-MD_COLUMNS = [("world", "world"), ("arm", "arm"), ("CHAIR_S base → final", ("base_chair_s", "final_chair_s")),
+MD_COLUMNS = [("world", "world"), ("arm", "arm"), ("rounds", "rounds"), ("CHAIR_S base → final", ("base_chair_s", "final_chair_s")),
               ("CHAIR_I base → final", ("base_chair_i", "final_chair_i")), ("CHAIR_I change", "chair_i_change"),
               ("recall base → final", ("base_recall", "final_recall")),
               ("POPE F1 base → final", ("base_pope_f1", "final_pope_f1")),
