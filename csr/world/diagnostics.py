@@ -41,6 +41,7 @@ import json
 import re
 from pathlib import Path
 
+SENTENCE_END = re.compile(r"(?<=\.)\s+")  # world sentences end with '.'
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
@@ -107,14 +108,17 @@ def prompt_truth(world: Path) -> dict[str, list[str]]:
 
 
 def pairs_chair(pairs: list[dict], truth: dict[str, list[str]], table) -> dict:
-    """The number of pairs and CHAIR_I, CHAIR_S and recall of their chosen and of their rejected responses."""
+    """The number of pairs and CHAIR_I, CHAIR_S, recall and mean sentence count of their chosen and of
+    their rejected responses."""
     from csr.eval.chair import chair_metrics
 
     gts = [truth[p["id"]] for p in pairs]
     row = {"pairs": len(pairs)}
     for side in ("chosen", "rejected"):
-        m = chair_metrics([_reply_text(p[side]) for p in pairs], gts, table)
+        texts = [_reply_text(p[side]) for p in pairs]
+        m = chair_metrics(texts, gts, table)
         row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+        row[f"{side}_sentences"] = sum(len(SENTENCE_END.split(t.strip())) for t in texts) / max(len(texts), 1)
     return row
 
 
@@ -175,7 +179,7 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
         scene = scenes[cap["id"]]
         present = {o["shape"] for o in scene["objects"]}
         by_position = {o["position"]: o for o in scene["objects"]}
-        for sentence in re.split(r"(?<=\.)\s+", cap["caption"]):
+        for sentence in SENTENCE_END.split(cap["caption"]):
             for shape in vocab["shapes"]:
                 if shape in present or not re.search(rf"\b{shape}s?\b", sentence):
                     continue

@@ -243,7 +243,8 @@ def rebuilt_pairs(suite: Suite, data: Path, world: str, arm: str, overrides: lis
 # ---------------------------------------------------------------------------------------------
 
 EVAL_COLUMNS = ("chair_s", "chair_i", "recall", "pope_f1", "yes_ratio")
-PAIR_COLUMNS = ("chosen_chair_i", "rejected_chair_i", "chosen_recall", "rejected_recall", "margin")
+PAIR_COLUMNS = ("chosen_chair_i", "rejected_chair_i", "chosen_recall", "rejected_recall", "chosen_sentences",
+                "rejected_sentences", "margin")
 
 
 def eval_values(metrics: dict) -> dict:
@@ -291,7 +292,8 @@ MD_COLUMNS = [("world", "world"), ("arm", "arm"), ("rounds", "rounds"), ("CHAIR_
               ("POPE F1 base → final", ("base_pope_f1", "final_pope_f1")),
               ("yes-ratio base → final", ("base_yes_ratio", "final_yes_ratio")),
               ("pairs r1: chosen / rejected CHAIR_I", ("chosen_chair_i", "rejected_chair_i")),
-              ("chosen / rejected recall", ("chosen_recall", "rejected_recall")), ("reward margin", "margin")]
+              ("chosen / rejected recall", ("chosen_recall", "rejected_recall")),
+              ("chosen / rejected sentences", ("chosen_sentences", "rejected_sentences")), ("reward margin", "margin")]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -313,7 +315,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 # Candidate causes of how far CHAIR_I falls (issue 24): pair difficulty, DPO strength, CLIP quality,
 # base headroom, the world's settings. Each is a column of table_row (or derived in `with_gaps`).
-CAUSES = ("rejected_recall", "recall_gap", "chair_i_gap", "chosen_chair_i", "rejected_chair_i", "margin",
+CAUSES = ("rejected_recall", "recall_gap", "sentence_gap", "chair_i_gap", "chosen_chair_i", "rejected_chair_i", "margin",
           "dpo_final_rewards_margins", "dpo_final_rewards_accuracies", "auc_clip", "auc_self_reward", "auc_reward",
           "clip_top1", "base_chair_i", "base_pope_f1", "bias", "caption_noise")
 
@@ -325,7 +327,8 @@ def with_gaps(row: dict) -> dict:
         return None if row.get(a) is None or row.get(b) is None else row[a] - row[b]
 
     return {**row, "recall_gap": gap("chosen_recall", "rejected_recall"),
-            "chair_i_gap": gap("rejected_chair_i", "chosen_chair_i")}
+            "chair_i_gap": gap("rejected_chair_i", "chosen_chair_i"),
+            "sentence_gap": gap("chosen_sentences", "rejected_sentences")}
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
@@ -468,6 +471,12 @@ def main(argv=None) -> int:
                     run_arm(suite, data, world, arm, args.overrides)
                     arm_diagnostics(data, world, arm)
                     write_table(collect_rows(suite, data), data / "suite", arm_pair)
+    else:  # the diagnostics of arms finished by another process, or lost
+        for world in names:
+            for arm in suite.arms:
+                if arm_finished(run_dir(data, world, arm), arm_config(suite, data, world, arm).run.rounds):
+                    world_diagnostics(data, world)
+                    arm_diagnostics(data, world, arm)
     rows = collect_rows(suite, data)
     write_table(rows, data / "suite", arm_pair)
     print(markdown_table(rows))
