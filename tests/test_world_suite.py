@@ -122,3 +122,10 @@ def test_arm_differences_pair_the_worlds_arms():
             {"world": "w2", "arm": "x", "chair_i_change": -0.5}]  # w2's other arm has not finished
     diffs = ws.arm_differences(rows, "x", "y")
     assert diffs == [{"world": "w1", "chair_i_change": pytest.approx(-0.2), "bias": 0.0}]
+
+
+def test_rebuilt_pairs_takes_pairs_overrides_only(tmp_path):
+    suite = ws.load_suite(_suite_file(tmp_path))
+    with pytest.raises(ConfigError, match="pairs.* overrides only"):
+        ws.rebuilt_pairs(suite, tmp_path, "w1", "l0", ["train.beta=0.5"])
+    assert ws.rebuilt_pairs(suite, tmp_path, "w1", "l0", ["pairs.rejected_pool=same_length"]) is None  # no round 1
