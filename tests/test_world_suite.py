@@ -117,11 +117,12 @@ def test_correlations_rank_and_sign():
 
 
 def test_arm_differences_pair_the_worlds_arms():
-    rows = [{"world": "w1", "arm": "x", "chair_i_change": -0.6, "bias": 0.6},
-            {"world": "w1", "arm": "y", "chair_i_change": -0.4, "bias": 0.6},
+    rows = [{"world": "w1", "arm": "x", "chair_i_change": -0.6, "bias": 0.6, "base_chair_i": 0.1, "margin": 30.0},
+            {"world": "w1", "arm": "y", "chair_i_change": -0.4, "bias": 0.6, "base_chair_i": 0.1, "margin": 38.0},
             {"world": "w2", "arm": "x", "chair_i_change": -0.5}]  # w2's other arm has not finished
     diffs = ws.arm_differences(rows, "x", "y")
-    assert diffs == [{"world": "w1", "chair_i_change": pytest.approx(-0.2), "bias": 0.0}]
+    assert diffs == [{"world": "w1", "chair_i_change": pytest.approx(-0.2), "bias": 0.6, "base_chair_i": 0.1,
+                      "margin": -8.0}]
 
 
 def test_rebuilt_pairs_takes_pairs_overrides_only(tmp_path):

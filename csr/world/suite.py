@@ -135,12 +135,14 @@ def _set_threads(suite: Suite) -> None:
         torch.set_num_threads(threads)
 
 
-def _selected(suite: Suite, names: list[str] | None) -> list[str]:
-    if not names:
-        return list(suite.worlds)
-    unknown = [n for n in names if n not in suite.worlds]
+def _selected(known: dict, option: str, text: str | None) -> list[str]:
+    """The names a comma-separated option selects (all when it is not given)."""
+    if not text:
+        return list(known)
+    names = text.split(",")
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--worlds: unknown world '{unknown[0]}'; the suite has {', '.join(suite.worlds)}.")
+        raise ConfigError(f"{option}: unknown name '{unknown[0]}'; the suite has {', '.join(known)}.")
     return names
 
 
@@ -367,9 +369,13 @@ def correlations(rows: list[dict], outcome: str, causes=CAUSES) -> list[dict]:
     return out
 
 
+WORLD_LEVEL = ("seed", "bias", "caption_noise", "clip_top1")  # and base_*: the same in every arm of a world
+
+
 def arm_differences(rows: list[dict], arm: str, other: str) -> list[dict]:
     """Per world, `arm` minus `other` of every numeric column (negative chair_i_change: `arm` lowers
-    CHAIR_I more), for the worlds where both arms finished."""
+    CHAIR_I more), for the worlds where both arms finished; a world's own columns (WORLD_LEVEL, base_*)
+    keep their value, so the advantage can be set against the world too."""
     by = {(r["world"], r["arm"]): r for r in rows}
     out = []
     for (world, a), row in by.items():
@@ -379,7 +385,7 @@ def arm_differences(rows: list[dict], arm: str, other: str) -> list[dict]:
         diff = {"world": world}
         for k, v in row.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(twin.get(k), (int, float)):
-                diff[k] = v - twin[k]
+                diff[k] = v if k in WORLD_LEVEL or k.startswith("base_") else v - twin[k]
         out.append(diff)
     return out
 
@@ -414,10 +420,11 @@ def write_table(rows: list[dict], out_dir: Path, arms: tuple[str, str] | None = 
     of the relative CHAIR_I change with each candidate cause across worlds and arms, and (with `arms`)
     of the first arm's advantage over the second with the causes' differences across worlds."""
     rows = [with_gaps(r) for r in rows]
-    corr = correlations(rows, "chair_i_change")
+    compared = [r for r in rows if arms is None or r["arm"] in arms]
+    corr = correlations(compared, "chair_i_change")
     md = [markdown_table(rows), "", "Relative CHAIR_I change (round 3 against base) against each cause, "
-          f"over {len(rows)} world/arm rows (negative r: a larger cause value goes with a larger fall):", "",
-          correlation_table(corr)]
+          f"over {len(compared)} world/arm rows{' of the arms ' + ' and '.join(arms) if arms else ''} "
+          "(negative r: a larger cause value goes with a larger fall):", "", correlation_table(corr)]
     result = {"rows": rows, "correlations": {"chair_i_change": corr}}
     if arms:
         diffs = arm_differences(rows, *arms)
@@ -449,10 +456,12 @@ def main(argv=None) -> int:
                    help="Folder of the suite's worlds, runs and table (outside the git tree, so it survives it).")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"Suite file (default {DEFAULT_SUITE}).")
     p.add_argument("--worlds", help="Comma-separated world names to build or run (default: all of the suite's).")
+    p.add_argument("--arms", help="Comma-separated arm names to run (default: all of the suite's).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every arm, e.g. run.rounds=2.")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     suite = load_suite(args.suite)
-    names = _selected(suite, args.worlds.split(",") if args.worlds else None)
+    names = _selected(suite.worlds, "--worlds", args.worlds)
+    arms = _selected(suite.arms, "--arms", args.arms)
     data = args.data
     arm_pair = tuple(suite.arms)[:2] if len(suite.arms) >= 2 else None
     if args.what == "pairs":
@@ -467,7 +476,7 @@ def main(argv=None) -> int:
             build_world(suite, data, world)
             if args.what == "run":
                 world_diagnostics(data, world)
-                for arm in suite.arms:
+                for arm in arms:
                     run_arm(suite, data, world, arm, args.overrides)
                     arm_diagnostics(data, world, arm)
                     write_table(collect_rows(suite, data), data / "suite", arm_pair)
