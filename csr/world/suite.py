@@ -155,7 +155,7 @@ def build_world(suite: Suite, data: Path, world: str) -> dict:
     summary = ensure_world(world_dir(data, world), seed=cfg.seed, clip_steps=clip_steps, llava_steps=llava_steps,
                            world_config=cfg)
     timing = data / "suite" / "timings" / f"world-{world}.json"
-    if any(summary["seconds"].get(k, 0) > 5 for k in ("clip", "llava")) or not timing.is_file():
+    if any(summary["seconds"].get(k, 0) > 5 for k in ("clip", "llava")):  # built now, not found cached
         atomic_write_json(timing, {"world": world, "seconds": round(time.perf_counter() - started, 1),
                                    "parts": summary["seconds"]})
     return summary
@@ -244,7 +244,7 @@ def rebuilt_pairs(suite: Suite, data: Path, world: str, arm: str, overrides: lis
 # The table
 # ---------------------------------------------------------------------------------------------
 
-EVAL_COLUMNS = ("chair_s", "chair_i", "recall", "pope_f1", "yes_ratio")
+EVAL_COLUMNS = ("chair_s", "chair_i", "recall", "pope_f1", "yes_ratio", "n_hallucinated", "n_mentions")
 PAIR_COLUMNS = ("chosen_chair_i", "rejected_chair_i", "chosen_recall", "rejected_recall", "chosen_sentences",
                 "rejected_sentences", "margin")
 
@@ -253,7 +253,8 @@ def eval_values(metrics: dict) -> dict:
     """The table's evaluation columns of one eval/round_N.json."""
     chair, pope = metrics.get("chair", {}), metrics.get("pope", {}).get("all", {})
     return {"chair_s": chair.get("chair_s"), "chair_i": chair.get("chair_i"), "recall": chair.get("recall"),
-            "pope_f1": pope.get("f1"), "yes_ratio": pope.get("yes_ratio")}
+            "pope_f1": pope.get("f1"), "yes_ratio": pope.get("yes_ratio"),
+            "n_hallucinated": chair.get("n_hallucinated"), "n_mentions": chair.get("n_mentions")}
 
 
 def table_row(world: str, arm: str, options: dict, summary: dict, diagnostics: dict | None,
