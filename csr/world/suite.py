@@ -1,8 +1,9 @@
 """`csr world suite`: the λ arms of the default recipe on several worlds, one table (issue 24).
 
     csr world suite build --data DIR [--suite recipes/world/suite.yaml] [--worlds a,b]
-    csr world suite run   --data DIR [--suite ...] [--worlds a,b] [section.key=value ...]
+    csr world suite run   --data DIR [--suite ...] [--worlds a,b] [--arms x,y] [section.key=value ...]
     csr world suite table --data DIR [--suite ...]
+    csr world suite pairs --data DIR [--suite ...] pairs.key=value ...
 
 The suite file names a recipe, the arms (recipe overrides each) and the worlds (`csr world`'s options
 each, by their long names with underscores: seed, bias, caption_noise, n_train, ...). Under DIR:
@@ -11,7 +12,8 @@ each, by their long names with underscores: seed, bias, caption_noise, n_train, 
     runs/<world>/<arm>/           an ordinary `csr run` folder: rerunning resumes it
     suite/timings/*.json          seconds of each world build and each arm
     suite/diagnostics/*.json      round 1's pair quality of each arm (csr.world.diagnostics.pair_quality)
-    suite/suite.md, suite.json    the table, rewritten after every finished arm
+    suite/suite.md, suite.json    the table and the correlations (the first two arms), rewritten after every arm
+    suite/pairs/                  `pairs`: round 1's pairs rebuilt from stored scores under other pairs.* settings
 
 `run` builds a missing world first and skips an arm whose run folder holds every round's evaluation.
 Torch's thread count comes from the recipe (`run.num_threads`): the worlds and the runs depend on it.
