@@ -328,6 +328,12 @@ class PairsConfig:
     rejected_quantile: float = _f(0.0, "Which path is rejected, as a quantile of the tree's path scores: 0 = the "
                                   "lowest (paper and official code); higher = a harder negative, closer to the "
                                   "chosen (a csr option, not in the paper).")
+    rejected_pool: str = _f("all", "Which paths the rejected one is picked from (then by rejected_quantile). all "
+                                   "(paper and official code): every path of the tree; same_length (a csr option, "
+                                   "issue 24): only paths with as many sentences as the chosen, so that the "
+                                   "rejected cannot lose by naming fewer objects (every path, when no other has "
+                                   "the chosen's length).",
+                            choices=("all", "same_length"))
     cleaning: str = _f("strict", "Filters that drop a sentence with its whole subtree before rewards are ranked "
                                  "(csr.cleaning). official: the released code's filters exactly (6+ identical "
                                  "words, 11+ of one character, &nbsp;&nbsp;, >5 newlines, Korean/Japanese/"

@@ -39,6 +39,7 @@ class CandidatePath(NamedTuple):
     score: float             # pairs.path_score of the sentences' rewards
     vig: float | None        # token-weighted VIG of the sentences, when the score stage computed it
     ends_with_eos: bool      # the model ended this response with EOS (not a length or depth limit)
+    sentences: int           # how many sentences the response holds
 
 
 def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[CandidatePath]:
@@ -59,7 +60,7 @@ def candidate_paths(nodes: list[dict], cfg: PairsConfig) -> list[CandidatePath]:
         if response_too_many_newlines(response, cfg):
             continue
         out.append(CandidatePath(response, path_score([n["reward"] for n in path], cfg.path_score), path_vig(path),
-                                 ended.get("final_reason") == "eos"))
+                                 ended.get("final_reason") == "eos", len(path)))
     return out
 
 
@@ -74,9 +75,13 @@ def pick_pair(tree: dict, cfg: PairsConfig) -> tuple[dict | None, str | None]:
     # the best and the rejected the last of the worst, as the official code's ascending rank sort
     ranked = sorted(paths, key=lambda p: -p[1])
     chosen = ranked[0]
+    pool = ranked
+    if cfg.rejected_pool == "same_length":  # the chosen heads its own length's pool
+        same = [p for p in ranked if p.sentences == chosen.sentences]
+        pool = same if len(same) >= 2 else ranked
     # quantile 0 is the lowest-scored path; the top quantile stops one short of the chosen
     # (a single path, with single_path=duplicate, is its own rejected, as the official code writes it)
-    rejected = ranked[len(ranked) - 1 - min(int(cfg.rejected_quantile * (len(ranked) - 1)), max(len(ranked) - 2, 0))]
+    rejected = pool[len(pool) - 1 - min(int(cfg.rejected_quantile * (len(pool) - 1)), max(len(pool) - 2, 0))]
     if chosen.response == rejected.response and cfg.single_path == "skip":
         return None, "identical_responses"
     margin = chosen.score - rejected.score

@@ -154,3 +154,23 @@ def test_vig_pair_filter_drops_pairs_whose_chosen_sees_less():
     tree["nodes"][1].update(vig_sum=5.0)  # chosen VIG 1.0 > 0.5: kept
     assert pick_pair(tree, PairsConfig(vig_filter=True))[0] is not None
     assert pick_pair(tree, PairsConfig(vig_filter=True, vig_min_gap=0.6))[0] is None
+
+
+def test_rejected_pool_same_length_keeps_the_chosen_length():
+    # no filter: paths 2-6 (26, 2 sentences), 1-3 (9, 2), 1-4 (5, 2), 2-5 (1.5, 2) and a one-sentence
+    # path 7 (0.5): with all, the one-sentence path is rejected; with same_length, the worst of two sentences
+    tree = make_tree([*[(p, t, r, f) for p, t, r, f in [
+        (0, "A cat sits.", 10.0, False), (0, "A dog runs.", 2.0, False), (1, " It is red.", 8.0, True),
+        (1, " Ok.", 0.0, True), (2, " The sky is blue.", 1.0, True), (2, " no no no no no no.", 50.0, True)]],
+        (0, "Nothing else.", 0.5, True)])
+    cfg = dict(cleaning="none", min_sentence_chars=0)
+    assert pick_pair(tree, PairsConfig(**cfg))[0]["rejected"] == "Nothing else."
+    pair = pick_pair(tree, PairsConfig(rejected_pool="same_length", **cfg))[0]
+    assert pair["rejected"] == "A dog runs. The sky is blue." and pair["chosen_score"] == 26.0
+    # no other path of the chosen's length: every path is the pool
+    lone = make_tree([(0, "A cat sits.", 10.0, False), (1, " It is red.", 8.0, True), (0, "A dog.", 1.0, True)])
+    assert pick_pair(lone, PairsConfig(rejected_pool="same_length", **cfg))[0]["rejected"] == "A dog."
+    from csr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="rejected_pool='shorter' is not one of"):
+        load_config(None, ["pairs.rejected_pool=shorter"])

@@ -3,6 +3,7 @@
     csr world --out data/world [--seed 0 --n-train 3000 --n-test 200 --n-prompts 256]
               [--bias 0.9 --small-fraction 0.0 --caption-noise 0.6] [--clip-steps N --llava-steps N] [--eval] [--force]
     csr world align --world data/world [--out DIR] [--lm-steps N --align-steps N ...] [--eval]
+    csr world suite build|run|table --data DIR [--suite recipes/world/suite.yaml]   (csr.world.suite)
 
     <out>/                 world data (csr.world.generate), finished when <out>/DONE.json exists
     <out>/models/clip/     the world CLIP (open_clip folder: open_clip_config.json + safetensors)
@@ -198,10 +199,16 @@ def main(argv=None) -> int:
     argv = list(argv) if argv is not None else None
     if argv and argv[0] == "align":
         return main_align(argv[1:])
+    if argv and argv[0] == "suite":
+        from csr.world.suite import main as main_suite
+
+        return main_suite(argv[1:])
 
     d = WorldConfig()
     p = argparse.ArgumentParser(prog="csr world",
-                                description="Build the grounded synthetic world and its base models (cached).")
+                                description="Build the grounded synthetic world and its base models (cached). "
+                                            "`csr world align --help`: the alignment-only LLaVA; `csr world suite "
+                                            "--help`: several worlds, the recipe's arms on each, one table.")
     p.add_argument("--out", default="data/world", help="World folder.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, help=f"training images (default {d.n_train})")

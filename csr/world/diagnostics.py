@@ -42,6 +42,7 @@ import json
 import re
 from pathlib import Path
 
+SENTENCE_END = re.compile(r"(?<=\.)\s+")  # world sentences end with '.'
 SMALL_RADIUS = 4.0  # px at 32 px images: objects drawn tiny have radius 1.9-3.2, normal ones 4.8-6.7
 
 
@@ -90,32 +91,51 @@ def clip_accuracy(world: Path, clip_dir: Path) -> dict:
     hit = [max(range(len(s)), key=s.__getitem__) == t for s, t in zip(scores, truth)]
     tiny = [h for h, s in zip(hit, small) if s]
     normal = [h for h, s in zip(hit, small) if not s]
-    return {"clip": str(clip_dir), "top1_tiny": sum(tiny) / len(tiny), "n_tiny": len(tiny),
-            "top1_normal": sum(normal) / len(normal), "n_normal": len(normal)}
+    return {"clip": str(clip_dir), "top1_tiny": sum(tiny) / len(tiny) if tiny else None, "n_tiny": len(tiny),
+            "top1_normal": sum(normal) / len(normal) if normal else None, "n_normal": len(normal)}
 
 
-def pair_quality(world: Path, run: Path) -> list[dict]:
+def prompt_truth(world: Path) -> dict[str, list[str]]:
+    """The shapes in each CSR prompt image, by prompt id."""
+    from csr.io import read_jsonl
+
+    return {r["id"]: [o["shape"] for o in r["objects"]] for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+
+
+def pairs_chair(pairs: list[dict], truth: dict[str, list[str]], table) -> dict:
+    """The number of pairs and CHAIR_I, CHAIR_S, recall and mean sentence count of their chosen and of
+    their rejected responses."""
+    from csr.data import message_text
+    from csr.eval.chair import chair_metrics
+
+    gts = [truth[p["id"]] for p in pairs]
+    row = {"pairs": len(pairs)}
+    for side in ("chosen", "rejected"):
+        texts = [message_text(p[side]) for p in pairs]
+        m = chair_metrics(texts, gts, table)
+        row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+        row[f"{side}_sentences"] = sum(len(SENTENCE_END.split(t.strip())) for t in texts) / max(len(texts), 1)
+    return row
+
+
+def pair_quality(world: Path, run: Path, rounds: list[int] | None = None) -> list[dict]:
+    """Pair quality of every round of `run` (or of `rounds` only), one row a round."""
     from csr.config import PairsConfig
     from csr.eval.chair import caption_report, chair_metrics, load_synonyms
-    from csr.data import message_text
     from csr.io import read_jsonl
     from csr.pairs import candidate_paths
 
     table = load_synonyms(world / "test" / "synonyms.json")
-    truth = {r["id"]: [o["shape"] for o in r["objects"]]
-             for r in read_jsonl(world / "train" / "prompt_scenes.jsonl")}
+    truth = prompt_truth(world)
     cfg = PairsConfig()
     rows = []
     for rnd in sorted(run.glob("round_*"), key=lambda p: int(p.name.split("_")[1])):
+        if rounds is not None and int(rnd.name.split("_")[1]) not in rounds:
+            continue
         pairs_file, scored_file = rnd / "pairs" / "pairs.jsonl", rnd / "score" / "scored.jsonl"
         if not pairs_file.is_file() or not scored_file.is_file():
             continue
-        pairs = read_jsonl(pairs_file)
-        gts = [truth[p["id"]] for p in pairs]
-        row = {"round": rnd.name, "pairs": len(pairs)}
-        for side in ("chosen", "rejected"):
-            m = chair_metrics([message_text(p[side]) for p in pairs], gts, table)
-            row[f"{side}_chair_i"], row[f"{side}_chair_s"], row[f"{side}_recall"] = m["chair_i"], m["chair_s"], m["recall"]
+        row = {"round": rnd.name, **pairs_chair(read_jsonl(pairs_file), truth, table)}
         best, oracle, oracle_gts = [], [], []
         terms = {"clip": ([], []), "self_reward": ([], []), "reward": ([], [])}
         for tree in read_jsonl(scored_file):
@@ -155,7 +175,7 @@ def hallucination_causes(world: Path, captions: Path) -> dict:
         scene = scenes[cap["id"]]
         present = {o["shape"] for o in scene["objects"]}
         by_position = {o["position"]: o for o in scene["objects"]}
-        for sentence in re.split(r"(?<=\.)\s+", cap["caption"]):
+        for sentence in SENTENCE_END.split(cap["caption"]):
             for shape in vocab["shapes"]:
                 if shape in present or not re.search(rf"\b{shape}s?\b", sentence):
                     continue
