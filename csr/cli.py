@@ -20,7 +20,7 @@ COMMANDS = {
     "eval": ("csr.eval.cli:main", "POPE, CHAIR: a model folder, the standard protocols, or existing answers."),
     "debias": ("csr.debias.cli:main", "Debiasing: post-hoc calibration, debias sampling, decoding study."),
     "vig": ("csr.vig.cli:main", "Visual Information Gain: score, view, selective SFT, CSR reward term."),
-    "world": ("csr.world.build:main", "Build the grounded synthetic world and its base models."),
+    "world": ("csr.world.cli:main", "Build the grounded synthetic world and its base models."),
     "build-tiny": ("csr.tiny:main", "Build a tiny LLaVA and a tiny CLIP from config (tests, smoke runs)."),
     "plan": ("csr.plan:main", "What a recipe means before a launch: stages, tree size, LoRA, memory per device."),
     "config": ("csr.config:main", "Show the valid recipe keys with their defaults and help."),

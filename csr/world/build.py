@@ -194,15 +194,8 @@ def main_align(argv=None) -> int:
 
 
 def main(argv=None) -> int:
+    """`csr world [options]`: build one world (`csr world align|suite` go through `csr.world.cli`)."""
     from csr.world.generate import WorldConfig
-
-    argv = list(argv) if argv is not None else None
-    if argv and argv[0] == "align":
-        return main_align(argv[1:])
-    if argv and argv[0] == "suite":
-        from csr.world.suite import main as main_suite
-
-        return main_suite(argv[1:])
 
     d = WorldConfig()
     p = argparse.ArgumentParser(prog="csr world",
