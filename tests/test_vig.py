@@ -306,7 +306,6 @@ def test_node_vig_matches_a_hand_computation_in_context(tiny):
 
 
 def test_cli_score_and_view(tiny_llava_dir, tmp_path):
-    from csr.cli import main as csr_main  # noqa: F401  (the dispatcher imports cleanly)
     from csr.vig.cli import main
 
     img_dir = tmp_path / "data"
