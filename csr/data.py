@@ -236,6 +236,19 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadInput("corrupt_image", f"image '{path}' cannot be read ({type(e).__name__}: {e}).") from None
 
 
+def load_tree_images(trees: list[dict], summary) -> tuple[list[dict], list]:
+    """(the trees whose image opens, their images); a tree whose image is missing or unreadable is
+    skipped with its reason counted in `summary` (a `csr.io.StageSummary`), the rest go on."""
+    kept, images = [], []
+    for tree in trees:
+        try:
+            images.append(load_image(tree["image"]))
+            kept.append(tree)
+        except BadInput as e:
+            summary.skip(e.reason, f"tree {tree['id']} ({e})")
+    return kept, images
+
+
 def as_rgb_image(image) -> Image.Image:
     """A PIL image as RGB, or the image file a path names (`load_image`)."""
     if isinstance(image, Image.Image):

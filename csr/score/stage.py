@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from csr.cli import stage_parser
 from csr.config import ConfigError, CSRConfig, load_config
-from csr.data import BadInput, load_image
+from csr.data import load_tree_images
 from csr.faults import fault_point
 from csr.io import (JsonlAppender, StageSummary, iter_jsonl, mark_done, read_done,
                     repair_jsonl_tail, require_done, write_jsonl)
@@ -144,13 +144,7 @@ def run_score(cfg: CSRConfig, generate_dir: str | Path, out_dir: str | Path, pol
     todo = (t for t in iter_jsonl(trees_path) if t["id"] not in finished)
     with JsonlAppender(scored_path) as sink, tqdm(desc="score", unit="tree") as bar:
         for batch in _batches(todo, cfg.score.tree_batch_size):
-            trees, images = [], []
-            for tree in batch:
-                try:
-                    images.append(load_image(tree["image"]))
-                    trees.append(tree)
-                except BadInput as e:
-                    summary.skip(e.reason, f"tree {tree['id']} ({e})")
+            trees, images = load_tree_images(batch, summary)
             trees = _scored_isolated(trees, images, clip, add_vig, summary)
             for tree in trees:
                 sink.write(calibrate_tree(tree, cfg.score, cfg.pairs))

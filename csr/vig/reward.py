@@ -180,7 +180,7 @@ def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, option
     """Read a finished score stage (nodes with `clip`), add node VIG with `policy`, recalibrate every
     sibling group under `score_cfg` (a ScoreConfig: λ, calibration, self_reward, clip_clamp, vig_weight,
     vig_scale), write `<out_dir>/scored.jsonl` + DONE.json (what `csr pairs --scored` reads)."""
-    from csr.data import BadInput, load_image
+    from csr.data import load_tree_images
     from csr.io import StageSummary, is_done, iter_jsonl, mark_done, read_done, require_done, write_jsonl
     from csr.models import load_policy
     from csr.score.reward import calibrated_rewards
@@ -192,13 +192,7 @@ def run_rescore(scored_dir: str | Path, out_dir: str | Path, policy: str, option
     trees = list(iter_jsonl(require_done(scored_dir, "score") / "scored.jsonl"))
     model, processor = load_policy(policy, dtype=dtype, device=device)
     summary = StageSummary("vig rescore")
-    kept, images = [], []
-    for t in trees:
-        try:
-            images.append(load_image(t["image"]))
-            kept.append(t)
-        except BadInput as e:
-            summary.skip(e.reason, f"tree {t['id']}")
+    kept, images = load_tree_images(trees, summary)
     n_nodes = add_node_vig(kept, images, model, processor, options)
     for t in kept:
         for sib in siblings_by_parent(t["nodes"]).values():

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
                                      prior_partners, quantile)
 from csr.config import CSRConfig
-from csr.data import BadInput, load_image
+from csr.data import BadInput, load_tree_images
 from csr.io import StageSummary, iter_jsonl, mark_done, read_done, read_jsonl, require_done, write_jsonl
 from csr.runstate import StageGuard
 
@@ -153,13 +153,7 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
     trees = list(iter_jsonl(scored_path))
     step = max(1, cfg.yesno.batch_size // max(1, cfg.yesno.max_named + cfg.yesno.max_prior))
     for start in tqdm(range(0, len(trees), step), desc="yesno", unit="batch"):
-        batch, images = [], []
-        for tree in trees[start:start + step]:
-            try:
-                images.append(load_image(tree["image"]))
-                batch.append(tree)
-            except BadInput as e:
-                summary.skip(e.reason, f"tree {tree['id']} ({e})")
+        batch, images = load_tree_images(trees[start:start + step], summary)
         questions = questions_for(batch, table, cfg, model, processor)
         scored = score_questions(images, questions, table, cfg, model, processor, clip)
         for tree, qs, rows in zip(batch, questions, scored):
