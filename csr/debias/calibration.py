@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 MODES = ("diag", "bias")
 COMBINES = ("mean", "sum")
 EPS = 1e-12
+_SHARED_WARNED: set[str] = set()
 
 # Named label sets; anything else given as a comma-separated list is a custom label set.
 LABEL_SETS = {
@@ -111,9 +112,11 @@ def label_token_groups(tokenizer, labels: Sequence[str], merge_variants: bool = 
             owners.setdefault(t, set()).add(k)
     shared = {t for t, ks in owners.items() if len(ks) > 1}
     if shared:
-        log.warning("first tokens shared by several labels are ignored: %s",
-                    {tokenizer.convert_ids_to_tokens(t): [labels[k] for k in sorted(owners[t])]
-                     for t in sorted(shared)})
+        message = str({tokenizer.convert_ids_to_tokens(t): [labels[k] for k in sorted(owners[t])]
+                       for t in sorted(shared)})
+        if message not in _SHARED_WARNED:  # once per process: stages call this every batch
+            _SHARED_WARNED.add(message)
+            log.warning("first tokens shared by several labels are ignored: %s", message)
     groups = [sorted(ids - shared) for ids in firsts]
     for lab, g in zip(labels, groups):
         if not g:
