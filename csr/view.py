@@ -225,9 +225,39 @@ def tree_html(nodes: list[dict], chosen: list[int], rejected: list[int]) -> str:
     return "\n".join(out)
 
 
+def read_questions(run_dir: Path, round_: int) -> dict[str, list[dict]]:
+    """The yes/no stage's questions of a round by tree id (`round_N/yesno/questions.jsonl`); {} without it."""
+    f = run_dir / f"round_{round_}" / "yesno" / "questions.jsonl"
+    out: dict[str, list[dict]] = {}
+    if is_done(f.parent) and f.is_file():
+        for q in iter_jsonl(f):
+            out.setdefault(str(q["id"]), []).append(q)
+    return out
+
+
+def questions_html(questions: list[dict]) -> str:
+    """The yes/no questions asked about this prompt's image (csr.yesno): the reward's parts and its choice."""
+    if not questions:
+        return ""
+    rows = ['<table><tr><th>question</th><th>from</th><th>CLIP − reference</th><th>p(yes) raw → calibrated</th>'
+            '<th>R(yes)</th><th>R(no)</th><th>chosen</th></tr>']
+    for q in questions:
+        answer = "yes" if q["reward_yes"] >= q["reward_no"] else "no"
+        kept = f"<b>{answer}</b>" if q.get("kept") else f'{answer} <span class="legend">({_e(q.get("why_not"))})</span>'
+        rows.append(f'<tr><td>{_e(q["question"])}</td><td>{_e(q["source"])}</td>'
+                    f'<td class="num">{_num(q["clip"] - q["reference"])}</td>'
+                    f'<td class="num">{_num(q["p_yes"])} → {_num(q["q_yes"])}</td>'
+                    f'<td class="num">{_num(q["reward_yes"])}</td><td class="num">{_num(q["reward_no"])}</td>'
+                    f'<td>{kept}</td></tr>')
+    rows.append("</table>")
+    return ('<h2>Yes/no questions (yesno stage)</h2><div class="legend">About the objects its sentences name ("named") '
+            'and those it names without the image ("prior"); R = λ·(CLIP − reference) + (1−λ)·100·calibrated '
+            'p, the higher answer chosen when the gap reaches the margin.</div>' + "".join(rows))
+
+
 def prompt_page(tree: dict, round_: int, pairs_by_round: dict[int, dict | None], tree_rounds: list[int],
-                image_src: str, path_score_kind: str = "mean") -> str:
-    """One prompt in one round: the pair, the prompt's pairs across rounds, the tree."""
+                image_src: str, path_score_kind: str = "mean", questions: list[dict] | None = None) -> str:
+    """One prompt in one round: the pair, the prompt's pairs across rounds, the yes/no questions, the tree."""
     nodes = tree["nodes"]
     pair = pairs_by_round.get(round_)
     chosen, rejected = marked_paths(nodes, pair, path_score_kind)
@@ -261,6 +291,7 @@ def prompt_page(tree: dict, round_: int, pairs_by_round: dict[int, dict | None],
 <div class="legend">{len(nodes)} nodes (root included), {n_final} final; image {_e(tree.get('image', ''))}</div>
 {head}</div></div>
 <h2>This prompt across rounds</h2>{''.join(across)}
+{questions_html(questions or [])}
 <h2>The sentence tree</h2>
 <div class="legend">Each box is a sentence: R is the calibrated reward, self the self-reward, CLIP 100·cos
 (before clamping). Green: the chosen path; red: the rejected one; faded: pruned; struck through: dropped by
@@ -371,12 +402,13 @@ def write_view(run_dir: str | Path, out_dir: str | Path | None = None, round_: i
     ids = {r: {str(t["id"]) for t in iter_jsonl(scored[r])} for r in rounds}
     for r in rounds:
         page_dir = out_dir / f"round_{r}"
+        questions = read_questions(run_dir, r)
         rows = []
         for tree in iter_jsonl(scored[r]):
             tid = str(tree["id"])
             by_round = {q: pairs[q].get(tid) for q in rounds}
             page = prompt_page(tree, r, by_round, [q for q in rounds if tid in ids[q]],
-                               image_src(tree.get("image", ""), page_dir), kind)
+                               image_src(tree.get("image", ""), page_dir), kind, questions.get(tid))
             atomic_write_text(page_dir / page_name(tid), page)
             rows.append(index_row(tree, pairs[r].get(tid)))
         atomic_write_text(out_dir / "data" / f"round_{r}.js", round_data_js(r, rows))

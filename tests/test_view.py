@@ -154,3 +154,28 @@ def test_view_in_a_headless_browser(tmp_path):
     shot = tmp_path / "tree.png"
     browse(tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1200,900")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_a_prompt_page_shows_its_yes_no_questions_and_the_chosen_answers(tmp_path):
+    run = make_run(tmp_path, rounds=1)
+    stage = run / "round_1" / "yesno"
+
+    def question(tree_id, obj, source, clip, q_yes, kept, why=None):
+        # λ = 0.9, reference 20: R(yes) = 0.9·(clip − 20) + 0.1·100·q_yes, R(no) mirrors it
+        v = clip - 20.0
+        return {"id": tree_id, "object": obj, "source": source, "question": f"Is there a {obj} in the image?",
+                "clip": clip, "reference": 20.0, "p_yes": 0.7, "q_yes": q_yes, "reward_yes": 0.9 * v + 10 * q_yes,
+                "reward_no": -0.9 * v + 10 * (1 - q_yes), "kept": kept, "why_not": why}
+
+    write_jsonl(stage / "questions.jsonl", [
+        question("p0", "square", "named", 30.0, 0.6, True),          # R 15 against −5: yes
+        question("p0", "<dog>", "prior", 15.0, 0.6, True),            # R 1.5 against 8.5: no
+        question("p0", "cat", "named", 20.0, 0.52, False, "below_margin")])  # R 5.2 against 4.8
+    mark_done(stage, {"stage": "yesno"})
+    write_view(run)
+    page = (run / "view" / "round_1" / "p0.html").read_text()
+    rows = re.findall(r"<tr><td>(Is there a [^<]*)</td><td>(\w+)</td>.*?<td>(.*?)</td></tr>", page)
+    assert rows == [("Is there a square in the image?", "named", "<b>yes</b>"),
+                    ("Is there a &lt;dog&gt; in the image?", "prior", "<b>no</b>"),
+                    ("Is there a cat in the image?", "named", 'yes <span class="legend">(below_margin)</span>')]
+    assert "Yes/no questions" not in (run / "view" / "round_1" / "p1.html").read_text()  # asked nothing there
