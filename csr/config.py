@@ -395,6 +395,10 @@ class YesNoConfig:
     ratio: float = _f(0.5, "Yes/no pairs added per caption pair (a seeded sample when more are available).")
     batch_size: int = _f(16, "Questions (and continuations) per forward batch.")
 
+    @property
+    def content_free_inputs(self) -> list[str]:
+        return [k.strip() for k in self.content_free.split(",") if k.strip()]
+
     def validate(self):
         for key in ("question_template", "yes_template", "no_template", "statement_template"):
             value = getattr(self, key)
@@ -404,7 +408,7 @@ class YesNoConfig:
         _require(self.prior_tokens >= 1, "yesno.prior_tokens", self.prior_tokens, "must be >= 1")
         _require(0.0 <= self.reference_quantile <= 1.0, "yesno.reference_quantile", self.reference_quantile,
                  "must be in [0, 1]")
-        kinds = [k.strip() for k in self.content_free.split(",") if k.strip()]
+        kinds = self.content_free_inputs
         _require(bool(kinds) and all(k in CALIBRATION_INPUTS for k in kinds), "yesno.content_free",
                  self.content_free, f"must be a comma-separated subset of {', '.join(CALIBRATION_INPUTS)}")
         _require(0.0 <= self.reward_lambda <= 1.0, "yesno.reward_lambda", self.reward_lambda, "must be in [0, 1]")

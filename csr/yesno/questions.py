@@ -24,6 +24,8 @@ import random
 from collections import Counter
 from typing import NamedTuple, Sequence
 
+import numpy as np
+
 
 class Question(NamedTuple):
     object: str        # canonical object name
@@ -62,14 +64,10 @@ def form_questions(named: Sequence[str], prior: Sequence[str], cfg) -> list[Ques
 
 
 def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), for a short list."""
-    if not values:
+    """numpy's linear-interpolation quantile, as a float."""
+    if not len(values):
         raise ValueError("quantile of no values")
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.quantile(values, q))
 
 
 def answer_rewards(clip_statement: float, reference: float, q_yes: float, lam: float) -> dict:

@@ -69,16 +69,21 @@ def _sentences(tree: dict) -> list[str]:
     return [n["text"] for n in tree["nodes"] if n.get("parent") is not None and n.get("text")]
 
 
-def _first_naming(sentences: list[str], obj: str, table) -> str | None:
-    return next((s for s in sentences if obj in {c for _, c in table.mentions(s)}), None)
+def _first_naming(sentences: list[str], table) -> dict[str, str]:
+    """Each object the sentences name -> the first sentence naming it."""
+    first: dict[str, str] = {}
+    for s in sentences:
+        for _, canonical in table.mentions(s):
+            first.setdefault(canonical, s)
+    return first
 
 
 def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) -> list[list[Question]]:
     """Each tree's questions: its named objects, then its no-image partners of them."""
-    per_tree = [(t, _sentences(t)) for t in trees]
-    named = [named_objects(s, table) for _, s in per_tree]
-    asks = [(i, _first_naming(s, o, table)) for i, (_, s) in enumerate(per_tree) for o in named[i]]
-    asks = [(i, s) for i, s in asks if s]
+    sentences = [_sentences(t) for t in trees]
+    named = [named_objects(s, table) for s in sentences]
+    firsts = [_first_naming(s, table) for s in sentences]
+    asks = [(i, firsts[i][o]) for i in range(len(trees)) for o in named[i]]  # most named first, as before
     continuations = no_image_continuations(model, processor, [trees[i]["prompt"] for i, _ in asks],
                                            [s for _, s in asks], cfg.yesno.prior_tokens,
                                            cfg.yesno.batch_size) if cfg.yesno.max_prior and asks else []
@@ -90,28 +95,30 @@ def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) ->
 
 
 def score_questions(images: list, questions: list[list[Question]], table, cfg: CSRConfig, model, processor,
-                    clip) -> list[list[dict]]:
-    """Every question's CLIP score, reference, calibrated yes-probability and answer rewards."""
+                    clip, statement_features) -> list[list[dict]]:
+    """Every question's CLIP score, reference, calibrated yes-probability and answer rewards.
+
+    `statement_features`: CLIP's features of every vocabulary object's statement, in `table.canonicals`
+    order (the same for every image, so encoded once per stage)."""
     from csr.debias.label_probs import calibrated_predictions, score_closed_set
 
-    statements = [cfg.yesno.statement_template.format(object=o) for o in table.canonicals]
-    clip_all = clip.scores_many(images, [statements] * len(images))
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
     if not flat:
         return [[] for _ in questions]
-    kinds = [k.strip() for k in cfg.yesno.content_free.split(",") if k.strip()]
+    clip_all = (100.0 * clip.image_features(images) @ statement_features.T).tolist()  # 100·cos, [image, object]
+    by_object = [dict(zip(table.canonicals, row)) for row in clip_all]
+    references = [quantile(row, cfg.yesno.reference_quantile) for row in clip_all]
+    kinds = cfg.yesno.content_free_inputs
     scores = score_closed_set(model, processor, [images[i] for i, _ in flat], [q.question for _, q in flat],
                               ["yes", "no"], cf_inputs=kinds, batch_size=cfg.yesno.batch_size, seed=cfg.run.seed)
     calibrated = calibrated_predictions(scores, cf_inputs=kinds)
     out: list[list[dict]] = [[] for _ in questions]
     for row, (i, q) in enumerate(flat):
-        by_object = dict(zip(table.canonicals, clip_all[i]))
-        reference = quantile(clip_all[i], cfg.yesno.reference_quantile)
         q_yes = float(calibrated["q"][row][0])
-        out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[q.object],
-                       "reference": reference, "p_yes": float(scores.p[row][0]),
+        out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[i][q.object],
+                       "reference": references[i], "p_yes": float(scores.p[row][0]),
                        "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": q_yes,
-                       **answer_rewards(by_object[q.object], reference, q_yes, cfg.yesno.reward_lambda)})
+                       **answer_rewards(by_object[i][q.object], references[i], q_yes, cfg.yesno.reward_lambda)})
     return out
 
 
@@ -122,7 +129,8 @@ def yesno_pair(tree: dict, question: Question, scored: dict, margin: float) -> t
     picked, reason = pick_answer(question, scored, margin)
     if picked is None:
         return None, reason
-    pair = {"id": f"{tree['id']}/yesno/{question.object}/{picked['chosen_answer']}", "image": tree["image"], "prompt": question.question,
+    pair = {"id": f"{tree['id']}/yesno/{question.object}/{picked['chosen_answer']}", "image": tree["image"],
+            "prompt": question.question,
             "chosen": picked["chosen"], "rejected": picked["rejected"], "chosen_score": picked["chosen_score"],
             "rejected_score": picked["rejected_score"], "margin": picked["margin"]}
     # exactly the caption pairs' keys (one datasets column set); the answer is in the id and questions.jsonl
@@ -148,14 +156,15 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
                                    trust_remote_code=cfg.model.trust_remote_code,
                                    chat_template=cfg.model.chat_template)
     clip = load_clip_from_config(cfg.score, cfg.model.device)
+    statement_features = clip.text_features([cfg.yesno.statement_template.format(object=o) for o in table.canonicals])
     summary = StageSummary("yesno")
     records, yesno_pairs = [], []
     trees = list(iter_jsonl(scored_path))
-    step = max(1, cfg.yesno.batch_size // max(1, cfg.yesno.max_named + cfg.yesno.max_prior))
+    step = max(1, cfg.yesno.batch_size // (cfg.yesno.max_named + cfg.yesno.max_prior))  # >= 1 (validated)
     for start in tqdm(range(0, len(trees), step), desc="yesno", unit="batch"):
         batch, images = load_tree_images(trees[start:start + step], summary)
         questions = questions_for(batch, table, cfg, model, processor)
-        scored = score_questions(images, questions, table, cfg, model, processor, clip)
+        scored = score_questions(images, questions, table, cfg, model, processor, clip, statement_features)
         for tree, qs, rows in zip(batch, questions, scored):
             if not qs:
                 summary.skip("no_object_named", f"tree {tree['id']}")
