@@ -163,6 +163,15 @@ def record_image_paths(records: list[dict], data_path: str | Path, image_root: s
                                resolve=False, record=f"{data_path}:{n}") for n, r in enumerate(records, 1)]
 
 
+def skip_record(summary, reason: str, what: str) -> None:
+    """A record skipped by a reader: counted (and logged) in `summary` (a `csr.io.StageSummary`), or
+    logged when the caller keeps none."""
+    if summary is not None:
+        summary.skip(reason, what)
+    else:
+        log.warning("skipped %s: %s", what, reason)
+
+
 def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}",
                  max_prompts: int | None = None, allow_absolute: bool = False,
                  summary=None, max_prompt_chars: int = 4000) -> list[PromptRecord]:
@@ -178,11 +187,8 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
     records, seen = [], set()
     for i, raw in enumerate(raws):
         if not isinstance(raw, dict):  # a bare string or number where a record should be
-            message = f"record {i} is a {type(raw).__name__}, not an object with id, image and input"
-            if summary is not None:
-                summary.skip("not_a_record", message)
-            else:
-                log.warning("skipped %s", message)
+            skip_record(summary, "not_a_record",
+                        f"record {i} ({type(raw).__name__}, not an object with id, image and input)")
             continue
         rid = str(raw.get("id", i))
         try:
@@ -204,10 +210,7 @@ def load_prompts(path: str | Path, image_root: str = "", pattern: str = "{image}
                 raise BadInput("no_image", f"record '{rid}' has no 'image' field.")
             image = resolve_image_path(raw["image"], image_root, pattern, allow_absolute, record=f"'{rid}'")
         except BadInput as e:
-            if summary is not None:
-                summary.skip(e.reason, f"prompt {rid}")
-            else:
-                log.warning("skipped prompt %s: %s", rid, e)
+            skip_record(summary, e.reason, f"prompt {rid} ({e})")
             continue
         seen.add(rid)
         records.append(PromptRecord(rid, str(image), question))

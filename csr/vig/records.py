@@ -18,13 +18,11 @@ with no answer is dropped. All of these are counted in the stage summary.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 
-from csr.data import BadInput, image_root_of, message_text, read_raw_records, resolve_image_path, strip_image_token
-
-log = logging.getLogger(__name__)
+from csr.data import (BadInput, image_root_of, message_text, read_raw_records, resolve_image_path, skip_record,
+                      strip_image_token)
 
 TURN_MODES = ("all", "first")
 TEXT_ONLY_MODES = ("keep", "skip")
@@ -156,10 +154,7 @@ def read_records(path: str | Path, image_root: str | Path | None = None, limit: 
             if rec["id"] in seen:
                 raise BadInput("duplicate_id", f"id '{rec['id']}' appears more than once; later copy skipped.")
         except BadInput as e:
-            if summary is not None:
-                summary.skip(e.reason, f"record {i}")
-            else:
-                log.warning("skipped record %d: %s", i, e)
+            skip_record(summary, e.reason, f"record {i} ({e})")
             continue
         if rec["image"] is not None:
             rec["image"] = str(resolve_image_path(rec["image"], root, allow_absolute=True, resolve=False,
