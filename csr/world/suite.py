@@ -346,18 +346,10 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
 
 
 def _ranks(v: list[float]) -> list[float]:
-    """Ranks from 1, ties given their average rank."""
-    order = sorted(range(len(v)), key=v.__getitem__)
-    ranks = [0.0] * len(v)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            ranks[k] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    """Ranks from 1, ties given their average rank (for Spearman's correlation)."""
+    import pandas as pd
+
+    return pd.Series(v, dtype=float).rank(method="average").tolist()
 
 
 def correlations(rows: list[dict], outcome: str, causes=CAUSES) -> list[dict]:
