@@ -378,13 +378,20 @@ class YesNoConfig:
     question_template: str = _f("Is there a {object} in the image?", "The question (POPE's wording).")
     yes_template: str = _f("Yes, there is a {object}.", "The affirmative answer.")
     no_template: str = _f("No, there is no {object}.", "The negative answer.")
-    statement_template: str = _f("There is a {object}.", "The affirmative statement CLIP scores against the image.")
+    visual: str = _f("sentences", "What R_I scores. sentences: the highest CLIP among the model's own sentences naming "
+                                  "the object (its candidate sentences; a prior partner's, its no-image continuation's), "
+                                  "relative to the two-class split of all the round's such scores. statement: CLIP on "
+                                  "statement_template relative to reference_quantile over the vocabulary on the same "
+                                  "image (issue 22's first design; near chance on the world, docs/results/world.md).",
+                     choices=("sentences", "statement"))
+    statement_template: str = _f("There is a {object}.", "The affirmative statement CLIP scores against the image "
+                                                         "(visual=statement; and a question without a sentence).")
     max_named: int = _f(2, "Questions per image about objects its candidate sentences name (most often named first).")
     max_prior: int = _f(2, "Questions per image about objects the model names, without the image, after one of "
                            "its own sentences (its language prior's partners; the field's adversarial negatives).")
     prior_tokens: int = _f(24, "Greedy tokens of that no-image continuation.")
-    reference_quantile: float = _f(0.5, "R_I(yes) = CLIP(statement) - this quantile of CLIP over every vocabulary "
-                                        "object's statement on the same image; R_I(no) = -R_I(yes).")
+    reference_quantile: float = _f(0.5, "visual=statement: R_I(yes) = CLIP(statement) - this quantile of CLIP over "
+                                        "every vocabulary object's statement on the same image; R_I(no) = -R_I(yes).")
     content_free: str = _f("none,unk", "Content-free inputs for the calibrated self-reward q = p/p_cf "
                                        "(comma-separated of none, unk, blank, noise; the debiasing authors': none,unk).")
     reward_lambda: float = _f(0.9, "λ in R = λ·R_I + (1-λ)·R_T for the answers (default: CSR's 0.9, the weight on "

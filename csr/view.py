@@ -245,7 +245,7 @@ def questions_html(questions: list[dict]) -> str:
         answer = "yes" if q["reward_yes"] >= q["reward_no"] else "no"
         kept = f"<b>{answer}</b>" if q.get("kept") else f'{answer} <span class="legend">({_e(q.get("why_not"))})</span>'
         rows.append(f'<tr><td>{_e(q["question"])}</td><td>{_e(q["source"])}</td>'
-                    f'<td class="num">{_num(q["clip"] - q["reference"])}</td>'
+                    f'<td class="num" title="{_e(q.get("evidence", ""))}">{_num(q["clip"] - q["reference"])}</td>'
                     f'<td class="num">{_num(q["p_yes"])} → {_num(q["q_yes"])}</td>'
                     f'<td class="num">{_num(q["reward_yes"])}</td><td class="num">{_num(q["reward_no"])}</td>'
                     f'<td>{kept}</td></tr>')

@@ -28,6 +28,12 @@ def test_shipped_suite_parses_with_six_worlds_spanning_bias_and_noise():
     assert len({w["seed"] for w in suite.worlds.values()}) == len(suite.worlds)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*suite.yaml")), ids=lambda p: p.name)
+def test_every_shipped_suite_parses_with_valid_arm_overrides(path):
+    suite = ws.load_suite(path)                     # refuses an unknown override key or world option
+    assert suite.arms and suite.worlds and (REPO / suite.recipe).is_file()
+
+
 def test_unknown_world_option_is_named(tmp_path):
     path = _suite_file(tmp_path, worlds="  w1: {seed: 1, bias: 0.6, caption_nois: 0.3}\n")
     with pytest.raises(ConfigError, match="w1.*unknown option 'caption_nois'.*caption_noise"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
-                                     prior_partners, quantile)
+from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects,
+                                 naming_sentences, pick_answer, prior_partners, quantile, two_class_threshold)
 from csr.config import YesNoConfig, ConfigError, load_config
 from csr.eval.chair import SynonymTable
 
@@ -42,6 +42,27 @@ def test_quantile_interpolates_like_numpy():
     assert quantile([4.0, 1.0, 3.0, 2.0], 0.0) == 1.0
     assert quantile([4.0, 1.0, 3.0, 2.0], 1.0) == 4.0
     assert math.isclose(quantile([0.0, 10.0], 0.25), 2.5)
+
+
+def test_two_class_threshold_cuts_where_the_between_class_variance_peaks():
+    # cuts of [0, 1, 10, 11]: after 0: .25·.75·(0 − 7.33)² ≈ 10.1; after 1: .5·.5·(0.5 − 10.5)² = 25;
+    # after 10: ≈ 10.1 -> between 1 and 10, at 5.5 (order does not matter)
+    assert two_class_threshold([10.0, 0.0, 11.0, 1.0]) == 5.5
+    # [0, 2, 3, 10]: 4.69, 7.56, then .75·.25·(1.67 − 10)² ≈ 13.0: the lone high value is the high class
+    assert two_class_threshold([0.0, 2.0, 3.0, 10.0]) == 6.5
+    assert two_class_threshold([0.0, 0.0, 0.0, 10.0]) == 5.0        # equal values stay in one class
+    assert two_class_threshold([3.0, 3.0]) == 3.0                   # nothing to split
+    with pytest.raises(ValueError):
+        two_class_threshold([])
+
+
+def test_the_evidence_of_an_object_is_every_sentence_of_the_models_text_naming_it():
+    texts = [" A red disc is at the top. A box is below it.", "Two discs.", "A red disc is at the top."]
+    assert naming_sentences(texts, TABLE) == {"circle": ("A red disc is at the top.", "Two discs."),
+                                              "square": ("A box is below it.",)}
+    qs = form_questions(["circle"], ["square"], YesNoConfig(), naming_sentences(texts, TABLE))
+    assert [q.evidence for q in qs] == [("A red disc is at the top.", "Two discs."), ("A box is below it.",)]
+    assert form_questions(["star"], [], YesNoConfig(), {})[0].evidence == ()
 
 
 def test_answer_reward_mixes_clip_against_its_reference_with_the_calibrated_probability():
@@ -113,17 +134,20 @@ def closed_inputs(tmp_path, images_dir):
     return tmp_path
 
 
+@pytest.mark.parametrize("visual", ["sentences", "statement"])
 def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(closed_inputs, tiny_llava_dir,
-                                                                               tiny_clip_dir):
+                                                                               tiny_clip_dir, visual):
     from csr.yesno.stage import run_yesno
     from csr.io import read_jsonl
+    from csr.score.clip import load_clip_from_config
     from csr.train.data import read_pairs
+    from PIL import Image
 
     tmp = closed_inputs
     cfg = load_config(None, [f"score.clip_model={tiny_clip_dir}", "score.clip_pretrained=", "model.device=cpu",
                              "model.torch_dtype=float32", f"yesno.objects={tmp / 'objects.json'}",
                              "yesno.enabled=true", "yesno.margin=0", "yesno.ratio=1.0", "yesno.max_prior=1",
-                             "yesno.prior_tokens=4"])
+                             "yesno.prior_tokens=4", f"yesno.visual={visual}"])
     done = run_yesno(cfg, str(tiny_llava_dir), tmp / "score", tmp / "pairs", tmp / "yesno")
     questions = read_jsonl(tmp / "yesno" / "questions.jsonl")
     named = [(q["id"], q["object"]) for q in questions if q["source"] == "named"]
@@ -136,6 +160,21 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
                             rel_tol=1e-9, abs_tol=1e-9)
         assert math.isclose(q["reward_no"], -lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * (1 - q["q_yes"]),
                             rel_tol=1e-9, abs_tol=1e-9)
+    clip = load_clip_from_config(cfg.score, "cpu")
+    images = {t["id"]: t["image"] for t in read_jsonl(tmp / "score" / "scored.jsonl")}
+    named_rows = [q for q in questions if q["source"] == "named"]
+    if visual == "sentences":
+        # the model's own sentence naming the object, scored by CLIP on its image; one split for the round
+        assert [q["evidence"] for q in named_rows] == ["A red disc is at the top.", "A blue box is below it.",
+                                                       "Two stars."]
+        assert {q["reference"] for q in questions} == {two_class_threshold([q["clip"] for q in questions])}
+        assert done["visual_split"] == questions[0]["reference"]
+    else:
+        assert [q["evidence"] for q in named_rows] == ["There is a circle.", "There is a square.", "There is a star."]
+        assert len({q["reference"] for q in named_rows if q["id"] == "a"}) == 1      # per image
+    for q in named_rows:
+        image = Image.open(images[q["id"]]).convert("RGB")
+        assert math.isclose(q["clip"], clip.scores(image, [q["evidence"]])[0], abs_tol=1e-4)
     mixed = read_jsonl(tmp / "yesno" / "pairs.jsonl")
     assert [p["id"] for p in mixed[:3]] == ["a", "b", "c"]                          # every caption pair kept
     yesno = mixed[3:]

@@ -106,7 +106,7 @@ def _ends_sentence(word: str, next_tok: str | None) -> bool:
     return True
 
 
-def _sentences(text: str) -> list[str]:
+def split_sentences(text: str) -> list[str]:
     """Punkt's sentence slices: break after . ? ! (see `_ends_sentence`), closing quotes and
     brackets that follow the break stay with the sentence they close."""
     out, start = [], 0
@@ -149,7 +149,7 @@ def _tokenize_sentence(s: str) -> list[str]:
 
 def word_tokenize(text: str) -> list[str]:
     """Tokens as nltk's ``word_tokenize`` gives them for captions (see the module docstring)."""
-    return [t for s in _sentences(text or "") for t in _tokenize_sentence(s)]
+    return [t for s in split_sentences(text or "") for t in _tokenize_sentence(s)]
 
 
 # ---------------------------------------------------------------------------- singularising

@@ -7,9 +7,13 @@ channel drifts through the shared weights. This stage adds yes/no pairs made by 
    often named first, and those it names *without the image* right after one of its own sentences
    (its language prior's partners, the field's "adversarial" POPE negatives). No ground truth.
 2. Answers: "Yes, there is a X." / "No, there is no X.". Their reward mixes, with CSR's λ,
-   - R_I, the visual constraint: CLIP on the affirmative statement, taken relative to a reference
-     (a quantile of CLIP over every vocabulary object's statement on the same image):
-     R_I(yes) = CLIP(statement) − reference, R_I(no) = −R_I(yes);
+   - R_I, the visual constraint, R_I(yes) = V − reference, R_I(no) = −R_I(yes), where (`yesno.visual`)
+     * `sentences` (default): V = the highest CLIP among the model's own sentences naming X (its
+       candidate sentences; for a prior partner, its no-image continuation's), and the reference is the
+       two-class split of every V of the round (`two_class_threshold`): CLIP scores the sentences it was
+       trained on (colour, position) far apart, present from absent;
+     * `statement`: V = CLIP on "There is a X.", the reference a quantile of CLIP over every vocabulary
+       object's statement on the same image (near chance on the world: too little for CLIP to go on);
    - R_T, the self-reward: 100 · the answer's first-token probability calibrated against content-free
      inputs (post-hoc debias, q ∝ p / p_cf; docs/method.md §2), so the language prior's lean toward
      "yes" is divided out before the answer is rewarded.
@@ -33,7 +37,8 @@ class Question(NamedTuple):
     question: str
     yes: str
     no: str
-    statement: str     # what CLIP scores
+    statement: str     # what CLIP scores with yesno.visual=statement
+    evidence: tuple = ()  # the model's own sentences naming the object: what CLIP scores with visual=sentences
 
 
 def named_objects(sentences: Sequence[str], table) -> list[str]:
@@ -54,13 +59,48 @@ def prior_partners(continuations: Sequence[str], named: Sequence[str], table) ->
     return [c for c in named_objects(continuations, table) if c not in set(named)]
 
 
-def form_questions(named: Sequence[str], prior: Sequence[str], cfg) -> list[Question]:
-    """Up to `cfg.max_named` questions about named objects and `cfg.max_prior` about prior partners."""
+def naming_sentences(texts: Sequence[str], table) -> dict[str, tuple[str, ...]]:
+    """Each object the texts name -> the sentences naming it (split from the texts, stripped, in order, once)."""
+    from csr.eval.coco_chair import split_sentences
+
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        for sentence in split_sentences(text):
+            for canonical in dict.fromkeys(c for _, c in table.mentions(sentence)):
+                if sentence not in out.setdefault(canonical, []):
+                    out[canonical].append(sentence)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def form_questions(named: Sequence[str], prior: Sequence[str], cfg,
+                   evidence: dict[str, tuple[str, ...]] | None = None) -> list[Question]:
+    """Up to `cfg.max_named` questions about named objects and `cfg.max_prior` about prior partners.
+    `evidence`: object -> the model's own sentences naming it (`naming_sentences`)."""
     chosen = [(o, "named") for o in named[:cfg.max_named]]
     chosen += [(o, "prior") for o in [p for p in prior if p not in set(named)][:cfg.max_prior]]
+    evidence = evidence or {}
     return [Question(o, source, cfg.question_template.format(object=o), cfg.yes_template.format(object=o),
-                     cfg.no_template.format(object=o), cfg.statement_template.format(object=o))
+                     cfg.no_template.format(object=o), cfg.statement_template.format(object=o),
+                     evidence.get(o, ()))
             for o, source in chosen]
+
+
+def two_class_threshold(values: Sequence[float]) -> float:
+    """Where `values` split best into a low and a high class: the cut between two neighbouring sorted values
+    that maximises the between-class variance w_lo·w_hi·(mean_lo − mean_hi)² (Otsu's rule), at their
+    midpoint. No labels: a round's own scores set it. Values all equal: that value."""
+    x = np.sort(np.asarray(values, dtype=float))
+    if not len(x):
+        raise ValueError("two_class_threshold of no values")
+    n = len(x)
+    k = np.arange(1, n)                               # k values in the low class
+    low_sum = np.cumsum(x)[:-1]
+    between = (k / n) * ((n - k) / n) * (low_sum / k - (x.sum() - low_sum) / (n - k)) ** 2
+    between[x[1:] == x[:-1]] = -1.0                   # a cut must fall between two different values
+    if between.max() < 0:
+        return float(x[0])
+    cut = int(np.argmax(between))
+    return float((x[cut] + x[cut + 1]) / 2)
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -70,9 +110,9 @@ def quantile(values: Sequence[float], q: float) -> float:
     return float(np.quantile(values, q))
 
 
-def answer_rewards(clip_statement: float, reference: float, q_yes: float, lam: float) -> dict:
+def answer_rewards(visual: float, reference: float, q_yes: float, lam: float) -> dict:
     """The two answers' reward parts: R_I from CLIP relative to the reference, R_T = 100 · calibrated prob."""
-    visual_yes = clip_statement - reference
+    visual_yes = visual - reference
     self_yes, self_no = 100.0 * q_yes, 100.0 * (1.0 - q_yes)
     return {"visual_yes": visual_yes, "visual_no": -visual_yes, "self_yes": self_yes, "self_no": self_no,
             "reward_yes": lam * visual_yes + (1.0 - lam) * self_yes,

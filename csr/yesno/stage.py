@@ -1,6 +1,7 @@
 """Stage yesno (optional, `yesno.enabled`): yes/no pairs from the model itself, mixed into the round's pairs.
 
-    round_N/yesno/questions.jsonl   every question asked: object, source, CLIP, p, p_cf, q, rewards, kept or why not
+    round_N/yesno/questions.jsonl   every question asked: object, source, CLIP and what it scored (`evidence`),
+                                    the reference, p, p_cf, q, rewards, kept or why not
     round_N/yesno/pairs.jsonl       the round's caption pairs + the sampled yes/no pairs (TRL format): what train reads
     round_N/yesno/DONE.json         counts, skip reasons, the yes-share of the chosen answers
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects, pick_answer,
-                                     prior_partners, quantile)
+from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects,
+                                 naming_sentences, pick_answer, prior_partners, quantile, two_class_threshold)
 from csr.config import CSRConfig
 from csr.data import BadInput, load_tree_images
 from csr.io import StageSummary, iter_jsonl, mark_done, read_done, read_jsonl, require_done, write_jsonl
@@ -79,7 +80,8 @@ def _first_naming(sentences: list[str], table) -> dict[str, str]:
 
 
 def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) -> list[list[Question]]:
-    """Each tree's questions: its named objects, then its no-image partners of them."""
+    """Each tree's questions: its named objects, then its no-image partners of them, each with the model's
+    own sentences naming the object (its candidates'; a prior partner's, its continuations')."""
     sentences = [_sentences(t) for t in trees]
     named = [named_objects(s, table) for s in sentences]
     firsts = [_first_naming(s, table) for s in sentences]
@@ -90,13 +92,18 @@ def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) ->
     by_tree: dict[int, list[str]] = {}
     for (i, _), text in zip(asks, continuations):
         by_tree.setdefault(i, []).append(text)
-    return [form_questions(named[i], prior_partners(by_tree.get(i, []), named[i], table), cfg.yesno)
-            for i in range(len(trees))]
+    out = []
+    for i in range(len(trees)):
+        evidence = {**naming_sentences(by_tree.get(i, []), table), **naming_sentences(sentences[i], table)}
+        out.append(form_questions(named[i], prior_partners(by_tree.get(i, []), named[i], table), cfg.yesno, evidence))
+    return out
 
 
 def score_questions(images: list, questions: list[list[Question]], table, cfg: CSRConfig, model, processor,
                     clip, statement_features) -> list[list[dict]]:
-    """Every question's CLIP score, reference, calibrated yes-probability and answer rewards.
+    """Every question's visual score (`clip`, what yesno.visual names, with the sentence it came from), its
+    per-image reference where the statement's is per image (else None: `reward_rows` sets it for the round),
+    and the calibrated yes-probability.
 
     `statement_features`: CLIP's features of every vocabulary object's statement, in `table.canonicals`
     order (the same for every image, so encoded once per stage)."""
@@ -105,21 +112,42 @@ def score_questions(images: list, questions: list[list[Question]], table, cfg: C
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
     if not flat:
         return [[] for _ in questions]
-    clip_all = (100.0 * clip.image_features(images) @ statement_features.T).tolist()  # 100·cos, [image, object]
-    by_object = [dict(zip(table.canonicals, row)) for row in clip_all]
-    references = [quantile(row, cfg.yesno.reference_quantile) for row in clip_all]
+    if cfg.yesno.visual == "statement":
+        clip_all = (100.0 * clip.image_features(images) @ statement_features.T).tolist()  # 100·cos, [image, object]
+        by_object = [dict(zip(table.canonicals, row)) for row in clip_all]
+        references = [quantile(row, cfg.yesno.reference_quantile) for row in clip_all]
+        visual = [(by_object[i][q.object], q.statement, references[i]) for i, q in flat]
+    else:
+        # every question's own sentences (the statement where it has none), scored once per image
+        texts = [list(dict.fromkeys(s for q in qs for s in (q.evidence or (q.statement,)))) for qs in questions]
+        scored = [dict(zip(t, row)) for t, row in zip(texts, clip.scores_many(images, texts))]
+        visual = []
+        for i, q in flat:
+            best = max(q.evidence or (q.statement,), key=lambda s: scored[i][s])
+            visual.append((scored[i][best], best, None))
     kinds = cfg.yesno.content_free_inputs
     scores = score_closed_set(model, processor, [images[i] for i, _ in flat], [q.question for _, q in flat],
                               ["yes", "no"], cf_inputs=kinds, batch_size=cfg.yesno.batch_size, seed=cfg.run.seed)
     calibrated = calibrated_predictions(scores, cf_inputs=kinds)
     out: list[list[dict]] = [[] for _ in questions]
-    for row, (i, q) in enumerate(flat):
-        q_yes = float(calibrated["q"][row][0])
-        out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": by_object[i][q.object],
-                       "reference": references[i], "p_yes": float(scores.p[row][0]),
-                       "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": q_yes,
-                       **answer_rewards(by_object[i][q.object], references[i], q_yes, cfg.yesno.reward_lambda)})
+    for row, ((i, q), (value, evidence, reference)) in enumerate(zip(flat, visual)):
+        out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": value,
+                       "evidence": evidence, "reference": reference, "p_yes": float(scores.p[row][0]),
+                       "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": float(calibrated["q"][row][0])})
     return out
+
+
+def reward_rows(rows: list[dict], cfg: CSRConfig) -> float | None:
+    """Fill every row's reference (visual=sentences: the two-class split of the round's visual scores, returned)
+    and its answer rewards, in place."""
+    split = None
+    if cfg.yesno.visual == "sentences" and rows:
+        split = two_class_threshold([r["clip"] for r in rows])
+        for r in rows:
+            r["reference"] = split
+    for r in rows:
+        r.update(answer_rewards(r["clip"], r["reference"], r["q_yes"], cfg.yesno.reward_lambda))
+    return split
 
 
 def yesno_pair(tree: dict, question: Question, scored: dict, margin: float) -> tuple[dict | None, str | None]:
@@ -156,9 +184,10 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
                                    trust_remote_code=cfg.model.trust_remote_code,
                                    chat_template=cfg.model.chat_template)
     clip = load_clip_from_config(cfg.score, cfg.model.device)
-    statement_features = clip.text_features([cfg.yesno.statement_template.format(object=o) for o in table.canonicals])
+    statement_features = clip.text_features([cfg.yesno.statement_template.format(object=o) for o in table.canonicals]) \
+        if cfg.yesno.visual == "statement" else None
     summary = StageSummary("yesno")
-    records, yesno_pairs = [], []
+    asked = []                                         # (tree, question, scored row) of the whole round
     trees = list(iter_jsonl(scored_path))
     step = max(1, cfg.yesno.batch_size // (cfg.yesno.max_named + cfg.yesno.max_prior))  # >= 1 (validated)
     for start in tqdm(range(0, len(trees), step), desc="yesno", unit="batch"):
@@ -170,20 +199,24 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
                 summary.skip("no_object_named", f"tree {tree['id']}")
                 continue
             summary.processed += 1
-            for q, row in zip(qs, rows):
-                pair, reason = yesno_pair(tree, q, row, cfg.yesno.margin)
-                records.append({"id": tree["id"], **row, "kept": pair is not None, "why_not": reason})
-                if pair is None:
-                    summary.skipped[f"question_{reason}"] += 1
-                else:
-                    yesno_pairs.append(pair)
+            asked += [(tree, q, row) for q, row in zip(qs, rows)]
+    split = reward_rows([row for _, _, row in asked], cfg)  # the round's scores set the split: all of them first
+    records, yesno_pairs = [], []
+    for tree, q, row in asked:
+        pair, reason = yesno_pair(tree, q, row, cfg.yesno.margin)
+        records.append({"id": tree["id"], **row, "kept": pair is not None, "why_not": reason})
+        if pair is None:
+            summary.skipped[f"question_{reason}"] += 1
+        else:
+            yesno_pairs.append(pair)
     mixed, sample = mix_pairs(caption_pairs, yesno_pairs, cfg.yesno.ratio, cfg.run.seed)
     write_jsonl(out_dir / QUESTIONS, records)
     write_jsonl(out_dir / PAIRS, mixed)
     yes = sum(p["id"].endswith("/yes") for p in sample)  # ids end with the chosen answer
     summary.extra.update(questions=len(records), yesno_pairs_available=len(yesno_pairs), yesno_pairs=len(sample),
                          caption_pairs=len(caption_pairs), pairs=len(mixed),
-                         chosen_yes_share=(yes / len(sample)) if sample else None,
+                         chosen_yes_share=(yes / len(sample)) if sample else None, visual=cfg.yesno.visual,
+                         visual_split=split,
                          questions_by_source={s: sum(r["source"] == s for r in records) for s in ("named", "prior")})
     summary.log()
     mark_done(out_dir, guard.record(summary.as_dict()))
