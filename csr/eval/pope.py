@@ -240,16 +240,17 @@ def paired_bootstrap(base: list[str], new: list[str], labels: list[str], n_resam
     interval reflects only the answers that differ)."""
     import numpy as np
 
+    from csr.eval.bootstrap import interval95, resample_indices
+
     if not len(base) == len(new) == len(labels):
         raise ValueError(f"{len(base)} base answers, {len(new)} new answers, {len(labels)} labels")
     if not labels:
         raise ValueError("no questions to compare")
     truth, old, cur = (np.array([_normalise_label(v) == "yes" for v in vs]) for vs in (labels, base, new))
-    idx = np.random.default_rng(seed).integers(0, len(truth), size=(n_resamples, len(truth)))
+    idx = resample_indices(len(truth), n_resamples, seed)
     before, after = _resampled_metrics(old[idx], truth[idx]), _resampled_metrics(cur[idx], truth[idx])
     observed_before, observed_after = pope_metrics(base, labels), pope_metrics(new, labels)
     out = {"answers_changed": int((old != cur).sum()), "n": len(truth)}
     for m in POPE_METRICS:
-        low, high = np.percentile(after[m] - before[m], [2.5, 97.5])
-        out[m] = {"delta": observed_after[m] - observed_before[m], "ci95": [float(low), float(high)]}
+        out[m] = {"delta": observed_after[m] - observed_before[m], "ci95": interval95(after[m] - before[m])}
     return out

@@ -287,6 +287,7 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
     and the AUC change with a paired-bootstrap 95% interval. `plot` writes F1 by yes-ratio."""
     import numpy as np
 
+    from csr.eval.bootstrap import interval95, resample_indices
     from csr.io import read_jsonl
 
     def load(path):
@@ -313,14 +314,13 @@ def yes_scores(probs: Path, base: Path | None = None, n_resamples: int = 1000, s
     p_old, ratio_old = columns(old)
     before, after = yes_score_summary(p_old, labels, ratio_old), yes_score_summary(p_new, labels, ratio_old)
     truth = np.array([v == "yes" for v in labels])
-    idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_resamples, len(ids)))
+    idx = resample_indices(len(ids), n_resamples, seed)
     delta = _auc_resampled(p_new, truth, idx) - _auc_resampled(p_old, truth, idx)
-    low, high = np.percentile(delta, [2.5, 97.5])
     if plot is not None:
         plot_f1_by_yes_ratio({f"base ({base.parent.name})": (p_old, labels, ratio_old),
                               str(probs.parent.name): (p_new, labels, ratio_new)}, plot)
     return {"base": before, "probs": after,
-            "auc_change": {"delta": after["auc"] - before["auc"], "ci95": [float(low), float(high)]}}
+            "auc_change": {"delta": after["auc"] - before["auc"], "ci95": interval95(delta)}}
 
 
 def greedy_chair(world: Path, model: Path) -> dict:

@@ -2,7 +2,7 @@
 
     csr world suite build --data DIR [--suite recipes/world/suite.yaml] [--worlds a,b]
     csr world suite run   --data DIR [--suite ...] [--worlds a,b] [--arms x,y] [section.key=value ...]
-    csr world suite table --data DIR [--suite ...]
+    csr world suite table --data DIR [--suite ...] [--out FOLDER] [--seed 0] [--resamples 1000]
     csr world suite pairs --data DIR [--suite ...] pairs.key=value ...
 
 The suite file names a recipe, the arms (recipe overrides each) and the worlds (`csr world`'s options
@@ -13,6 +13,7 @@ each, by their long names with underscores: seed, bias, caption_noise, n_train, 
     suite/timings/*.json          seconds of each world build and each arm
     suite/diagnostics/*.json      round 1's pair quality of each arm (csr.world.diagnostics.pair_quality)
     suite/suite.md, suite.json    the table and the correlations (the first two arms), rewritten after every arm
+                                  (elsewhere with --out); with each CHAIR_I change's paired-bootstrap interval
     suite/pairs/                  `pairs`: round 1's pairs rebuilt from stored scores under other pairs.* settings
 
 `run` builds a missing world first and skips an arm whose run folder holds every round's evaluation.
@@ -291,8 +292,13 @@ def _cell(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _interval_cell(ci, fmt: str) -> str:
+    return "–" if ci is None else f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
 MD_COLUMNS = [("world", "world"), ("arm", "arm"), ("rounds", "rounds"), ("CHAIR_S base → final", ("base_chair_s", "final_chair_s")),
               ("CHAIR_I base → final", ("base_chair_i", "final_chair_i")), ("CHAIR_I change", "chair_i_change"),
+              ("95% interval", "chair_i_change_ci95"),
               ("recall base → final", ("base_recall", "final_recall")),
               ("POPE F1 base → final", ("base_pope_f1", "final_pope_f1")),
               ("yes-ratio base → final", ("base_yes_ratio", "final_yes_ratio")),
@@ -312,6 +318,8 @@ def markdown_table(rows: list[dict]) -> str:
                 cells.append(f"{a} → {b}" if "base" in key[0] else f"{a} / {b}")
             elif key == "chair_i_change":
                 cells.append("–" if row.get(key) is None else f"{row[key]:+.0%}")
+            elif key == "chair_i_change_ci95":
+                cells.append(_interval_cell(row.get(key), "{:+.0%}"))
             else:
                 cells.append(_cell(row.get(key)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -392,6 +400,172 @@ def correlation_table(corr: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# How sure each CHAIR_I change is: a paired bootstrap over the test images
+# ---------------------------------------------------------------------------------------------
+
+CHAIR_I_TARGET = -0.30   # issue 24: CHAIR_I at least 30% below the base on every world
+CHAIR_CAPTIONS = "chair_captions.jsonl"  # csr.eval.run's per-image captions and CHAIR bookkeeping
+
+
+def chair_counts(records: list[dict]) -> dict[str, tuple[int, int]]:
+    """Each test image's (hallucinated mentions, mentions) from the records of a chair_captions.jsonl."""
+    counts: dict[str, tuple[int, int]] = {}
+    for n, r in enumerate(records, 1):
+        key = r.get("id") or r.get("image")
+        if "mentions" not in r or "hallucinated" not in r:
+            raise ValueError(f"record {n} ({key}) has no 'mentions' and 'hallucinated': the captions were "
+                             "saved but not scored (rerun the evaluation)")
+        if key in counts:
+            raise ValueError(f"record {n}: image {key!r} appears twice")
+        counts[key] = (len(r["hallucinated"]), len(r["mentions"]))
+    return counts
+
+
+def paired_chair_i(before: dict, after: dict, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """CHAIR_I (hallucinated mentions / mentions) of two caption sets of the same test images
+    (`chair_counts` each), and the change from `before` to `after`, relative (after / before - 1) and
+    absolute (after - before), each with a 95% percentile interval from resampling the images with
+    replacement, the same draws for both sets. A resample whose `before` names no hallucinated object
+    has no relative change: it is left out of that interval and counted (`n_undefined`)."""
+    import numpy as np
+
+    from csr.eval.bootstrap import interval95, resample_indices
+
+    if set(before) != set(after):
+        only = sorted(set(before) ^ set(after))
+        raise ValueError(f"the caption sets cover different images ({len(only)} in one only, e.g. {only[0]!r})")
+    ids = sorted(before)
+    idx = resample_indices(len(ids), n_resamples, seed)
+
+    def chair_i(counts):  # observed and per resample
+        c = np.array([counts[i] for i in ids], dtype=float)
+        hall, mentions = c[:, 0][idx].sum(1), c[:, 1][idx].sum(1)
+        per = np.divide(hall, mentions, out=np.zeros_like(hall), where=mentions > 0)  # chair_metrics' 0 for none
+        return (c[:, 0].sum() / c[:, 1].sum() if c[:, 1].sum() else 0.0), per
+
+    (b, b_per), (a, a_per) = chair_i(before), chair_i(after)
+    defined = b_per > 0
+    return {"n_images": len(ids), "before": float(b), "after": float(a),
+            "change": float(a / b - 1) if b else None,
+            "change_ci95": interval95(a_per[defined] / b_per[defined] - 1) if defined.any() else None,
+            "n_undefined": int((~defined).sum()),
+            "difference": float(a - b), "difference_ci95": interval95(a_per - b_per)}
+
+
+def interval_side(ci, threshold: float) -> str | None:
+    """Where a 95% interval lies against a threshold: 'below', 'above', or 'not distinguishable'
+    (the interval contains it); None without an interval."""
+    if ci is None:
+        return None
+    return "below" if ci[1] < threshold else "above" if ci[0] > threshold else "not distinguishable"
+
+
+TARGET_VERDICT = {"below": "met", "above": "missed", "not distinguishable": "not distinguishable"}
+ARM_VERDICT = {"below": "lower", "above": "higher", "not distinguishable": "not distinguishable"}
+
+
+def _final_round(summary: dict) -> int | None:
+    rounds = [r for r in summary.get("rounds", []) if r.get("eval")]
+    return rounds[-1].get("round", len(rounds)) if rounds else None
+
+
+def _run_counts(folder: Path, round_: int, n_hallucinated, n_mentions) -> dict:
+    """`chair_counts` of a run's round evaluation, checked against the totals its metrics report."""
+    from csr.io import read_jsonl
+
+    path = folder / "eval" / f"round_{round_}" / CHAIR_CAPTIONS
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (the evaluation's per-image captions)")
+    try:
+        counts = chair_counts(read_jsonl(path))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    totals = tuple(sum(c[k] for c in counts.values()) for k in (0, 1))
+    if n_mentions is not None and totals != (n_hallucinated, n_mentions):
+        raise ValueError(f"{path} counts {totals[0]} hallucinated of {totals[1]} mentions, eval/round_{round_}.json "
+                         f"{n_hallucinated} of {n_mentions}: the captions are not the ones scored")
+    return counts
+
+
+def chair_i_intervals(data: Path, rows: list[dict], arms: tuple[str, str] | None = None,
+                      n_resamples: int = 1000, seed: int = 0) -> tuple[list[dict], dict]:
+    """The rows with the 95% interval of their relative CHAIR_I change (`chair_i_change_ci95`, from the
+    base and last evaluated round's per-image captions, `paired_chair_i`) and its verdict against
+    CHAIR_I_TARGET; and, with `arms`, per world the interval of the first arm's last-round CHAIR_I minus
+    the second's (the same test images). A run whose captions cannot be used (missing, unscored,
+    not the ones scored) keeps its row without an interval: the reason is logged and listed."""
+    final, skipped, undefined, out = {}, [], [], []
+    for row in rows:
+        world, arm = row["world"], row["arm"]
+        folder = run_dir(data, world, arm)
+        interval = {}
+        try:
+            summary = json.loads((folder / "summary.json").read_text())
+            base = _run_counts(folder, 0, row.get("base_n_hallucinated"), row.get("base_n_mentions"))
+            last = _final_round(summary)
+            if last is not None:
+                final[world, arm] = _run_counts(folder, last, row.get("final_n_hallucinated"),
+                                                row.get("final_n_mentions"))
+                interval = paired_chair_i(base, final[world, arm], n_resamples, seed)
+        except (OSError, ValueError) as err:
+            log.warning("[suite] %s / %s: no CHAIR_I interval: %s", world, arm, err)
+            skipped.append({"world": world, "arm": arm, "reason": str(err)})
+        ci = interval.get("change_ci95")
+        out.append({**row, "chair_i_change_ci95": ci,
+                    "chair_i_target": TARGET_VERDICT.get(interval_side(ci, CHAIR_I_TARGET))})
+        if interval.get("n_undefined"):  # not a row column: arm_differences would subtract it
+            undefined.append({"world": world, "arm": arm, "resamples": interval["n_undefined"]})
+    differences = {}
+    for world in dict.fromkeys(r["world"] for r in rows):
+        if arms and (world, arms[0]) in final and (world, arms[1]) in final:
+            try:
+                d = paired_chair_i(final[world, arms[1]], final[world, arms[0]], n_resamples, seed)
+            except ValueError as err:
+                log.warning("[suite] %s: no interval of %s minus %s: %s", world, *arms, err)
+                skipped.append({"world": world, "arm": f"{arms[0]} - {arms[1]}", "reason": str(err)})
+                continue
+            differences[world] = {"world": world, arms[0]: d["after"], arms[1]: d["before"],
+                                  "difference": d["difference"], "ci95": d["difference_ci95"],
+                                  "verdict": ARM_VERDICT[interval_side(d["difference_ci95"], 0.0)]}
+    return out, {"n_resamples": n_resamples, "seed": seed, "target": CHAIR_I_TARGET,
+                 "arms": list(arms) if arms else None, "final_chair_i_difference": list(differences.values()),
+                 "undefined": undefined, "skipped": skipped}
+
+
+def interval_lines(rows: list[dict], intervals: dict) -> list[str]:
+    """suite.md's lines on the intervals: a line per world on the target, a table of the arm difference."""
+    target = f"{CHAIR_I_TARGET:+.0%}"
+    md = [f"CHAIR_I at least {-CHAIR_I_TARGET:.0%} below the base, per world (the last round's relative change, "
+          f"with the 95% interval of a paired bootstrap over the test images, {intervals['n_resamples']} "
+          f"resamples, seed {intervals['seed']}; met: the whole interval below {target}, missed: above it, "
+          f"not distinguishable: it holds {target}):", ""]
+    undefined = {(u["world"], u["arm"]): u["resamples"] for u in intervals.get("undefined", [])}
+    for world in dict.fromkeys(r["world"] for r in rows):
+        parts = []
+        for r in (r for r in rows if r["world"] == world):
+            if r.get("chair_i_target") is None:
+                parts.append(f"{r['arm']} no interval")
+                continue
+            n = undefined.get((world, r["arm"]))
+            left_out = f", {n} resamples without a base hallucination left out" if n else ""
+            parts.append(f"{r['arm']} {r['chair_i_target']} ({r['chair_i_change']:+.0%}, "
+                         f"{_interval_cell(r['chair_i_change_ci95'], '{:+.0%}')}{left_out})")
+        md.append(f"- {world}: " + "; ".join(parts))
+    if intervals.get("final_chair_i_difference"):
+        a, b = intervals["arms"]
+        md += ["", f"Last-round CHAIR_I, {a} minus {b}, per world (paired over the same test images; "
+               f"lower / higher: the whole 95% interval below / above 0):", "",
+               f"| world | {a} | {b} | difference | 95% interval | {a} is |", "|---|---|---|---|---|---|"]
+        for d in intervals["final_chair_i_difference"]:
+            md.append(f"| {d['world']} | {d[a]:.4f} | {d[b]:.4f} | {d['difference']:+.4f} | "
+                      f"{_interval_cell(d['ci95'], '{:+.4f}')} | {d['verdict']} |")
+    if intervals.get("skipped"):
+        md += ["", "No interval (the row keeps its other columns):", ""]
+        md += [f"- {s['world']} / {s['arm']}: {s['reason']}" for s in intervals["skipped"]]
+    return md
+
+
 def collect_rows(suite: Suite, data: Path) -> list[dict]:
     """A row for every world and arm whose run folder has a summary (finished or not)."""
     rows = []
@@ -410,19 +584,31 @@ def collect_rows(suite: Suite, data: Path) -> list[dict]:
     return rows
 
 
-def write_table(rows: list[dict], out_dir: Path, arms: tuple[str, str] | None = None) -> None:
-    """suite.md and suite.json in `out_dir`, each written atomically: the table, then the correlation
-    of the relative CHAIR_I change with each candidate cause across worlds and arms, and (with `arms`)
-    of the first arm's advantage over the second with the causes' differences across worlds."""
+def write_table(rows: list[dict], out_dir: Path, arms: tuple[str, str] | None = None,
+                intervals: dict | None = None) -> None:
+    """suite.md and suite.json in `out_dir`, each written atomically: the table, (with `intervals`, from
+    `chair_i_intervals`) each CHAIR_I change against the target and the arms' difference with their
+    intervals, then the correlation of the relative CHAIR_I change with each candidate cause across
+    worlds and arms, and (with `arms`) of the first arm's advantage over the second with the causes'
+    differences across worlds."""
     rows = [with_gaps(r) for r in rows]
     compared = [r for r in rows if arms is None or r["arm"] in arms]
     corr = correlations(compared, "chair_i_change")
-    md = [markdown_table(rows), "", "Relative CHAIR_I change (round 3 against base) against each cause, "
+    md = [markdown_table(rows), ""]
+    if intervals:
+        md += [*interval_lines(rows, intervals), ""]
+    md += ["Relative CHAIR_I change (round 3 against base) against each cause, "
           f"over {len(compared)} world/arm rows{' of the arms ' + ' and '.join(arms) if arms else ''} "
           "(negative r: a larger cause value goes with a larger fall):", "", correlation_table(corr)]
     result = {"rows": rows, "correlations": {"chair_i_change": corr}}
+    if intervals:
+        result["intervals"] = intervals
     if arms:
         diffs = arm_differences(rows, *arms)
+        paired = {d["world"]: d for d in (intervals or {}).get("final_chair_i_difference", [])}
+        for d in diffs:
+            if d["world"] in paired:
+                d["final_chair_i_ci95"] = paired[d["world"]]["ci95"]
         diff_corr = correlations(diffs, "chair_i_change")
         md += ["", f"Arm {arms[0]} minus arm {arms[1]}, per world ({len(diffs)} worlds): the difference of the "
                "relative CHAIR_I change (negative: the first arm lowers CHAIR_I more) against the "
@@ -452,6 +638,15 @@ def main(argv=None) -> int:
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"Suite file (default {DEFAULT_SUITE}).")
     p.add_argument("--worlds", help="Comma-separated world names to build or run (default: all of the suite's).")
     p.add_argument("--arms", help="Comma-separated arm names to run (default: all of the suite's).")
+    p.add_argument("--out", type=Path,
+                   help="Folder of suite.md and suite.json (default DATA/suite); the diagnostics cache stays "
+                        "in DATA/suite/diagnostics. Lets a finished suite's table be rebuilt without writing "
+                        "into DATA/suite.")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of the paired bootstrap over the test images that gives each CHAIR_I change its "
+                        "95%% interval (default 0).")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="Resamples of that bootstrap (default 1000).")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every arm, e.g. run.rounds=2.")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     suite = load_suite(args.suite)
@@ -459,6 +654,14 @@ def main(argv=None) -> int:
     arms = _selected(suite.arms, "--arms", args.arms)
     data = args.data
     arm_pair = tuple(suite.arms)[:2] if len(suite.arms) >= 2 else None
+    if args.resamples < 1:
+        raise ConfigError(f"--resamples {args.resamples}: the bootstrap needs at least 1 resample (default 1000).")
+    out = args.out or data / "suite"
+
+    def table() -> list[dict]:
+        rows, intervals = chair_i_intervals(data, collect_rows(suite, data), arm_pair, args.resamples, args.seed)
+        write_table(rows, out, arm_pair, intervals)
+        return rows
     if args.what == "pairs":
         rows = [r for w in names for a in suite.arms
                 if (r := rebuilt_pairs(suite, data, w, a, args.overrides)) is not None]
@@ -474,15 +677,14 @@ def main(argv=None) -> int:
                 for arm in arms:
                     run_arm(suite, data, world, arm, args.overrides)
                     arm_diagnostics(data, world, arm)
-                    write_table(collect_rows(suite, data), data / "suite", arm_pair)
+                    table()
     else:  # the diagnostics of arms finished by another process, or lost
         for world in names:
             for arm in suite.arms:
                 if arm_finished(run_dir(data, world, arm), arm_config(suite, data, world, arm).run.rounds):
                     world_diagnostics(data, world)
                     arm_diagnostics(data, world, arm)
-    rows = collect_rows(suite, data)
-    write_table(rows, data / "suite", arm_pair)
+    rows = table()
     print(markdown_table(rows))
-    print(f"table: {data / 'suite' / 'suite.md'} and suite.json")
+    print(f"table: {out / 'suite.md'} and suite.json")
     return 0
