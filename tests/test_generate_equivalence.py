@@ -362,6 +362,12 @@ def test_finished_nodes_leave_the_decode_batch_with_the_same_trees(tmp_path, pre
         for a, b in zip(have[1:], want[1:]):
             assert a["n_tokens"] == b["n_tokens"]
             assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+    if prefix_attention == "copies":  # the reference batching a tree's nodes drops rows of its own cache
+        per_tree = LlavaExpander(model, processor, node_batch_size=0, **kw)
+        batched = [grow_tree(lambda r, i=i: per_tree.expand(images[i], prompts[i], r), self_score, settings)
+                   for i in range(3)]
+        assert [[n["text"] for n in t] for t in batched] == [[n["text"] for n in t] for t in expected]
+        assert per_tree.counts["decode"] == reference.counts["decode"]
     lengths = {n["n_tokens"] for tree in got for n in tree[1:]}
     assert min(lengths) < 4 and max(lengths) > 4  # sentences end early, at different steps
     assert fast.counts["decode"] == reference.counts["decode"] == decode_rows(got, G, per_node=True)

@@ -6,14 +6,18 @@ Two implementations with the same results:
   (image + chat prompt + sentences so far) is re-tokenised from its text and encoded from scratch,
   image included; with `node_batch_size=1` it is exactly the official one-node-at-a-time loop.
 - `CachedLlavaExpander` (the fast path): each tree's image and prompt are encoded once, in a batch
-  with other trees, and their key/value cache is kept for the whole tree. A tree level only encodes
-  the nodes' sentences on top of that shared prefix cache, for all active nodes of all trees in
-  flight at once. The node's text is still tokenised jointly with the prompt, as the reference does;
-  the shared prefix is used only where that tokenisation starts with the prompt's own tokens.
+  with other trees, and their key/value cache is kept for the whole tree. A tree level starts each
+  node from the keys/values its own decode computed for its sentences (`decode_kv.py`: fed the
+  node's last token only), for all active nodes of all trees in flight at once; a node whose ids
+  the reference would feed differ from the decoded ones (the text re-tokenises differently) has its
+  sentences encoded on top of the shared prefix cache instead. The node's text is then tokenised
+  jointly with the prompt, as the reference does; the shared prefix is used only where that
+  tokenisation starts with the prompt's own tokens.
 
-Both then run the G token-level groups of every node as one batch of rows (see `beam.py`). In the
-fast path the rows read their tree's prompt keys/values either from one copy per tree
-(`generate.prefix_attention: cascade`, `cascade.py`) or from a copy each (`copies`, `kvcache.py`).
+Both then run the G token-level groups of every node as one batch of rows (see `beam.py`); a node
+whose groups have all ended leaves the batch. In the fast path the rows read their tree's prompt
+keys/values either from one copy per tree (`generate.prefix_attention: cascade`, `cascade.py`) or
+from a copy each (`copies`, `kvcache.py`).
 
 Positions are passed explicitly, as generate() computes them for left-padded rows, for every class
 in `csr.models.SUPPORTED_CLASSES`. With 3-D multimodal rope (Qwen2.5-VL) the prefix's positions
