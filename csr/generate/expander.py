@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.cascade import CascadeCache, cascade_attention, unsupported_reason
-from csr.generate.decode_kv import DecodeKV, DecodeRecorder
+from csr.generate.decode_kv import DecodeKV, DecodeRecorder, PathKV
 from csr.generate.kvcache import select_rows
 from csr.models import ContinuationDecoder, class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
 from csr.tree_format import prefix_text
@@ -230,6 +231,15 @@ class PromptCache:
     decoded: DecodeKV = field(default_factory=DecodeKV)
 
 
+class NodeStart(NamedTuple):
+    """How the cached path starts a node: the ids it feeds on top of its path's kept keys/values."""
+    row: int                # the tree's row in the PromptCache
+    sentences: list[str]    # the node's sentences so far (a tree.Prefix)
+    feed: list[int]         # ids fed on top of the prompt (and `kept`): the path's, or its last one
+    kept: PathKV | None     # the path's keys/values from its parent's decode, but its last token
+    path: list[int]         # the path's ids after the prompt, as the reference feeds them
+
+
 class CachedLlavaExpander(LlavaExpander):
     """The fast path: a prompt cache per tree, all trees' active nodes expanded together.
 
@@ -288,26 +298,24 @@ class CachedLlavaExpander(LlavaExpander):
             results[i] = children
         return results
 
-    def _start_from(self, decoded: DecodeKV, row: int, sentences, ids: list[int]):
-        """(tree row, sentences, ids to feed, the path's kept keys/values or None, the path's ids).
-
-        A node whose path ids are exactly those its parent's decode ran (found under them) feeds its
+    def _start_from(self, decoded: DecodeKV, row: int, sentences, ids: list[int]) -> NodeStart:
+        """A node whose path ids are exactly those its parent's decode ran (found under them) feeds its
         last token only; any other is re-encoded from its ids (counted)."""
         if ids and self.reuse_decode_kv:
             kept = decoded.take((row, tuple(ids)))
             if kept is not None:
                 self.counts["kv_reused"] += 1
-                return row, sentences, ids[-1:], kept, ids
+                return NodeStart(row, sentences, ids[-1:], kept, ids)
         if ids:
             self.counts["kv_reencoded"] += 1
-        return row, sentences, ids, None, ids
+        return NodeStart(row, sentences, ids, None, ids)
 
-    def _expand_cached(self, prompts: PromptCache, chunk) -> list[Children]:
+    def _expand_cached(self, prompts: PromptCache, chunk: list[NodeStart]) -> list[Children]:
         device = prompts.attention.device
-        rows = torch.tensor([row for row, *_ in chunk], device=device)
-        kept = [k for *_, k, _ in chunk]
+        rows = torch.tensor([node.row for node in chunk], device=device)
+        kept = [node.kept for node in chunk]
         kept_width = max((k.length for k in kept if k is not None), default=0)
-        width = max(len(feed) for _, _, feed, _, _ in chunk)
+        width = max(len(node.feed) for node in chunk)
         reserve = kept_width + width + self.max_new_tokens + 1
         if self.prefix_attention == "cascade":  # one prompt copy per tree, shared by its rows
             cache = CascadeCache(prompts.cache, prompts.attention, rows, reserve=reserve)
@@ -334,20 +342,20 @@ class CachedLlavaExpander(LlavaExpander):
             # every row ends at the same column; the padding is masked out, and positions skip it
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)
             mask = torch.zeros((len(chunk), width), dtype=attention.dtype, device=device)
-            for j, (_, _, toks, _, _) in enumerate(chunk):
-                if toks:
-                    ids[j, width - len(toks):] = torch.tensor(toks, device=device)
-                    mask[j, width - len(toks):] = 1
+            for j, node in enumerate(chunk):
+                if node.feed:
+                    ids[j, width - len(node.feed):] = torch.tensor(node.feed, device=device)
+                    mask[j, width - len(node.feed):] = 1
             attention = torch.cat([attention, mask], dim=1)
             self.counts["node"] += ids.numel()
             out = self._forward(cache, input_ids=ids, attention_mask=attention,
                                 position_ids=self._text_positions(attention, offsets, width))
-            has_text = torch.tensor([bool(toks) for _, _, toks, _, _ in chunk], device=device)
+            has_text = torch.tensor([bool(node.feed) for node in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
-        texts = [prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, *_ in chunk]
+        texts = [prefix_text(prompts.prompt_texts[node.row], node.sentences) for node in chunk]
         recorder = None
         if self.reuse_decode_kv:
-            recorder = DecodeRecorder([(row, path) for row, _, _, _, path in chunk], self.G, prompt_width)
+            recorder = DecodeRecorder([(node.row, tuple(node.path)) for node in chunk], self.G, prompt_width)
         children = self._search(first, cache, attention, offsets, texts, recorder)
         if recorder is not None:
             prompts.decoded.entries.update(recorder.decoded.entries)
