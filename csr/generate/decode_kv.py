@@ -49,6 +49,7 @@ class PathKV:
 @dataclass
 class DecodeKV:
     """The kept keys/values of the candidates of one search level, found by their path's ids."""
+    # key -> (the block holding its row, the row, the row's columns to keep, on the host)
     entries: dict[PathKey, tuple[_Block, int, torch.Tensor]] = field(default_factory=dict)
 
     def take(self, key: PathKey) -> PathKV | None:
@@ -57,6 +58,7 @@ class DecodeKV:
         if found is None:
             return None
         block, row, columns = found
+        columns = columns.to(block.keys[0].device)
         return PathKV(torch.stack([torch.stack([k[row][:, columns], v[row][:, columns]])
                                    for k, v in zip(block.keys, block.values)]))
 
@@ -79,7 +81,8 @@ class DecodeRecorder:
     def start_rows(self, attention: torch.Tensor) -> None:
         """The rows' mask [M*G, width] as the decode starts."""
         self.start = attention.shape[1] - self.prompt_width  # the decode's first column after the prompt
-        self.before = attention[:, self.prompt_width:].bool()  # the real columns among those before it
+        # the real columns among those before it, per row, read to the host once (no device read per row)
+        self.before = [[c for c, real in enumerate(row) if real] for row in attention[:, self.prompt_width:].tolist()]
         self.rows = torch.arange(attention.shape[0], device=attention.device)  # batch row -> original row
 
     def _record(self, cache, rows: torch.Tensor | None, width: int) -> None:
@@ -106,11 +109,10 @@ class DecodeRecorder:
     def finish(self, cache, attention_width: int, cands) -> None:
         """Record the rows still in the batch; per candidate, the columns of its path but its last token."""
         self._record(cache, None, attention_width - self.prompt_width)
-        device = self.before.device
         for m, (tree, fed) in enumerate(self.node_keys):
             for g, cand in enumerate(cands[m]):
                 r = m * self.G + g
                 block, i = self.kept[r]
-                decoded = torch.arange(self.start, self.start + cand.n_tokens - 1, device=device)
-                columns = torch.cat([torch.nonzero(self.before[r]).squeeze(1), decoded])
-                self.decoded.entries[(tree, tuple(fed) + tuple(cand.token_ids))] = (block, i, columns)
+                columns = self.before[r] + list(range(self.start, self.start + cand.n_tokens - 1))
+                self.decoded.entries[(tree, tuple(fed) + tuple(cand.token_ids))] = \
+                    (block, i, torch.tensor(columns, dtype=torch.long))
