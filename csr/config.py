@@ -257,6 +257,11 @@ class GenerateConfig:
                                           "copies: every row (node x group) its own copy. Both exact (same trees). "
                                           "A model whose attention cascade cannot honour (sliding window) uses "
                                           "copies, logged.", choices=("cascade", "copies"))
+    reuse_decode_kv: bool = _f(True, "Cached path: a node's children start from the keys/values its own decode "
+                                     "computed (its path's tokens after the prompt, kept per candidate) instead of "
+                                     "re-encoding those tokens. Exact: a node is reused only when the token ids the "
+                                     "reference would feed are the decoded ones (else re-encoded). false: re-encode "
+                                     "every node's path (for checking and benchmarks).")
 
     def validate(self):
         _require(self.num_candidates >= 1, "generate.num_candidates", self.num_candidates, "must be >= 1")

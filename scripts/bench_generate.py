@@ -9,8 +9,9 @@ official semantics: every node re-encoded, one at a time), "fast" (the cached pa
 copy per row, generate.prefix_attention=copies) and "cascade" (one prompt copy per tree,
 prefix_attention=cascade). Each path runs `--repeats` times, interleaved (ref, fast, cascade, ref,
 ...), each run in its own process so its peak memory is its own; the JSON line holds each path's
-median candidates (sentences) per second and peak memory, the ratios against the reference, the
-load average before and after, and the thread count. The trees of every run must match.
+median candidates (sentences) per second and peak memory, the token-rows each path ran per tree
+(`token_rows`: prefill, node, decode), the ratios against the reference, the load average before
+and after, and the thread count. The trees of every run must match.
 
 A busy machine gives ratios that do not hold (the reference suffers more from contention): with
 the 1-minute load average above the core count the script refuses to start unless --allow-busy.
@@ -49,7 +50,8 @@ def run_one(path: str, args, settings: TreeSettings) -> tuple[list, dict]:
                               num_candidates=args.num_candidates, max_new_tokens=args.max_new_tokens)
     return trees, {"seconds": round(stats["seconds"], 2), "candidates": stats["candidates"],
                    "candidates_per_s": stats["candidates_per_s"], "peak_mem_mb": stats["peak_mem_mb"],
-                   "model_mem_mb": model_mb, "params_m": param_count_m(model), "threads": torch.get_num_threads()}
+                   "model_mem_mb": model_mb, "params_m": param_count_m(model), "threads": torch.get_num_threads(),
+                   "token_rows": stats["token_rows"]}
 
 
 def main(argv=None) -> int:

@@ -180,3 +180,21 @@ def test_tree_length_and_depth_limits_make_nodes_final():
 def _path(nodes, i):
     from csr.tree_format import path_ids
     return path_ids(nodes, i)
+
+
+def test_nodes_whose_groups_all_ended_leave_the_batch_with_the_same_candidates():
+    # node 0's groups all end at their second token ('.'), node 1's run to the length cap
+    def next_probs(t):
+        return {DOT: 0.9, EOS: 0.1} if t == A else {B: 0.6, C: 0.4}
+    firsts = torch.stack([logits_from_probs(FIRST), logits_from_probs({DOT: 0.2, EOS: 0.1, B: 0.7})])
+    kw = dict(num_groups=3, diversity_penalty=0.0, max_new_tokens=4, stop_ids=[DOT], eos_ids=[EOS], pad_id=PAD)
+    step, fed_all = scripted_step(next_probs)
+    stepped = diverse_group_search(firsts, step, **kw)
+    step, fed = scripted_step(next_probs)
+    kept = []
+    dropped = diverse_group_search(firsts, step, keep_rows=lambda rows: kept.append(rows.tolist()), **kw)
+    assert [[c.token_ids for c in node] for node in dropped] == [[c.token_ids for c in node] for node in stepped]
+    assert [[c.logprobs for c in node] for node in dropped] == [[c.logprobs for c in node] for node in stepped]
+    assert [len(f) for f in fed_all] == [6, 6, 6]  # without keep_rows: both nodes' rows to the end
+    assert [[c.token_ids for c in node] for node in dropped] == [[[A, DOT]] * 3, [[B] * 4] * 3]
+    assert kept == [[3, 4, 5]] and [len(f) for f in fed] == [6, 3, 3]  # node 0 left after its '.'

@@ -242,3 +242,134 @@ def test_unknown_prefix_attention_is_refused_naming_the_choices(policy):
     with pytest.raises(ValueError, match="prefix_attention 'shared'.*copies, cascade"):
         CachedLlavaExpander(model, processor, prefix_attention="shared", num_candidates=2, diversity_penalty=1.0,
                             max_new_tokens=2, stop_ids=[])
+
+
+# ---------------------------------------------------------------------------------------------
+# children start from their parent's decode keys/values; finished nodes leave the decode batch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("continuation", ["tokens", "text"])
+@pytest.mark.parametrize("pruning", ["official", "best"])
+def test_reused_decode_kv_trees_equal_the_reference_for_every_class(class_policy, pruning, continuation):
+    """Children start from the keys/values of their parent's decode. With continuation=text the
+    reference re-tokenises the text, which for some nodes gives other ids than the decoded ones:
+    those must be re-encoded (reusing them changes the trees), the others reused."""
+    model, processor = class_policy
+    kw = dict(num_candidates=3, diversity_penalty=3.0, max_new_tokens=6, stop_ids=sentence_end_ids(processor.tokenizer),
+              continuation=continuation)
+    reference = LlavaExpander(model, processor, node_batch_size=1, **kw)
+    images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(3)]
+    prompts = [build_chat_prompt(processor, q) for q in QUESTIONS]
+    settings = TreeSettings(sentence_beam_width=3, pruning=pruning, max_response_chars=300, max_sentences=3)
+    expected = [grow_tree(lambda r, i=i: reference.expand(images[i], prompts[i], r), self_score, settings)
+                for i in range(3)]
+    expanded = sum(not n["final"] and not n["pruned"] for tree in expected for n in tree[1:])
+    for prefix_attention in ("cascade", "copies"):
+        fast = CachedLlavaExpander(model, processor, node_batch_size=4, prefix_attention=prefix_attention, **kw)
+        cache = fast.encode_prompts(images, prompts)
+        got = grow_trees(lambda requests: fast.expand_many(cache, requests), [self_score] * 3, settings)
+        for want, have in zip(expected, got):
+            assert len(want) > 1 + 3  # past the first level
+            assert [n["text"] for n in have] == [n["text"] for n in want]
+            assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
+                [(n["parent"], n["final"], n["pruned"]) for n in want]
+            for a, b in zip(have[1:], want[1:]):
+                assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+                assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+        # every expanded node past the root either started from its parent's decode or was re-encoded
+        assert fast.counts["kv_reused"] + fast.counts["kv_reencoded"] == expanded
+        if continuation == "tokens":  # the decoded ids are the ids fed: every node reuses them
+            assert fast.counts["kv_reused"] == expanded and fast.counts["kv_reencoded"] == 0
+            assert fast.counts["node"] == expanded  # one token a node: its last
+    if continuation == "text" and pruning == "best":  # both kinds of node occur with these models
+        assert fast.counts["kv_reused"] > 0 and fast.counts["kv_reencoded"] > 0
+
+
+def test_without_decode_kv_reuse_the_paths_are_re_encoded_with_the_same_trees(policy):
+    """generate.reuse_decode_kv=false: the old path (each node's tokens re-encoded on the prompt
+    cache), the same trees, more token-rows through the model."""
+    model, processor = policy
+    kw = dict(num_candidates=3, diversity_penalty=3.0, max_new_tokens=6, stop_ids=sentence_end_ids(processor.tokenizer))
+    images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(2)]
+    prompts = [build_chat_prompt(processor, q) for q in QUESTIONS[:2]]
+    settings = TreeSettings(sentence_beam_width=3, pruning="best", max_response_chars=300, max_sentences=3)
+    runs = {}
+    for reuse in (True, False):
+        ex = CachedLlavaExpander(model, processor, reuse_decode_kv=reuse, **kw)
+        cache = ex.encode_prompts(images, prompts)
+        trees = grow_trees(lambda requests: ex.expand_many(cache, requests), [self_score] * 2, settings)
+        runs[reuse] = ([[n["text"] for n in t] for t in trees], ex.counts, cache)
+    assert runs[True][0] == runs[False][0]
+    reused, reencoded = runs[True][1], runs[False][1]
+    assert reused["kv_reused"] > 0 and reencoded["kv_reused"] == 0
+    assert reencoded["kv_reencoded"] == reused["kv_reused"]
+    assert reused["node"] < reencoded["node"]
+    assert not runs[False][2].decoded.entries  # nothing kept when nothing is reused
+
+
+def early_stopping_policy(tmp_path):
+    """A tiny LLaVA whose '.' logit is scaled up: sentences end after 1-8 tokens, at different steps."""
+    TINY_BUILDERS["llava"](tmp_path)
+    model, processor = load_policy(str(tmp_path), device="cpu")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[sentence_end_ids(processor.tokenizer)] *= 5.0
+    return model, processor
+
+
+def decode_rows(trees: list[list[dict]], groups: int, per_node: bool) -> int:
+    """Rows a level-by-level search steps: a node's G rows for its longest candidate's length - 1 steps
+    (`per_node`), or every node of the level for the level's longest candidate (no row leaves)."""
+    rows = 0
+    levels: dict[int, list[list[int]]] = {}
+    for tree in trees:
+        for parent in tree:
+            lengths = [n["n_tokens"] for n in tree if n["parent"] == parent["id"]]
+            if lengths:
+                levels.setdefault(parent["depth"], []).append(lengths)
+    for nodes in levels.values():
+        if per_node:
+            rows += sum(groups * (max(lengths) - 1) for lengths in nodes)
+        else:
+            rows += len(nodes) * groups * (max(max(lengths) for lengths in nodes) - 1)
+    return rows
+
+
+@pytest.mark.parametrize("prefix_attention,debias", [("cascade", False), ("copies", False), ("cascade", True)])
+def test_finished_nodes_leave_the_decode_batch_with_the_same_trees(tmp_path, prefix_attention, debias):
+    """Sentences end early and at different steps: a node whose groups have all ended is no longer
+    stepped, so the batched search steps exactly the rows the one-node-at-a-time reference steps,
+    fewer than stepping every node to the level's longest sentence, and grows the same trees."""
+    from csr.debias.sampling import DebiasedCandidates
+
+    model, processor = early_stopping_policy(tmp_path)
+    G = 3
+    kw = dict(num_candidates=G, diversity_penalty=3.0, max_new_tokens=8, stop_ids=sentence_end_ids(processor.tokenizer),
+              debias=DebiasedCandidates(model, processor, alpha=1.0, beta=0.1) if debias else None)
+    reference = LlavaExpander(model, processor, node_batch_size=1, **kw)
+    fast = CachedLlavaExpander(model, processor, prefix_attention=prefix_attention, **kw)  # a level in one batch
+    images = [Image.open(IMAGES / f"{i}.png").convert("RGB") for i in range(3)]
+    prompts = [build_chat_prompt(processor, q) for q in QUESTIONS]
+    settings = TreeSettings(sentence_beam_width=3, pruning="best", max_response_chars=300, max_sentences=3)
+    expected = [grow_tree(lambda r, i=i: reference.expand(images[i], prompts[i], r), self_score, settings)
+                for i in range(3)]
+    cache = fast.encode_prompts(images, prompts)
+    got = grow_trees(lambda requests: fast.expand_many(cache, requests), [self_score] * 3, settings)
+    for want, have in zip(expected, got):
+        assert [n["text"] for n in have] == [n["text"] for n in want]
+        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
+            [(n["parent"], n["final"], n["pruned"]) for n in want]
+        for a, b in zip(have[1:], want[1:]):
+            assert a["n_tokens"] == b["n_tokens"]
+            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+    if prefix_attention == "copies":  # the reference batching a tree's nodes drops rows of its own cache
+        per_tree = LlavaExpander(model, processor, node_batch_size=0, **kw)
+        batched = [grow_tree(lambda r, i=i: per_tree.expand(images[i], prompts[i], r), self_score, settings)
+                   for i in range(3)]
+        assert [[n["text"] for n in t] for t in batched] == [[n["text"] for n in t] for t in expected]
+        assert per_tree.counts["decode"] == reference.counts["decode"]
+    lengths = {n["n_tokens"] for tree in got for n in tree[1:]}
+    assert min(lengths) < 4 and max(lengths) > 4  # sentences end early, at different steps
+    assert fast.counts["decode"] == reference.counts["decode"] == decode_rows(got, G, per_node=True)
+    assert fast.counts["decode"] < decode_rows(got, G, per_node=False)
+    assert fast.counts["kv_reused"] > 0  # children of dropped nodes start from the rows kept at the drop

@@ -190,6 +190,8 @@ def summarise_runs(runs: list[dict]) -> dict:
     out = {key: round(statistics.median(run[key] for run in runs), 3)
            for key in ("seconds", "candidates_per_s", "peak_mem_mb", "model_mem_mb") if key in runs[0]}
     out.update(candidates=runs[0]["candidates"], runs_candidates_per_s=[run["candidates_per_s"] for run in runs])
+    if "token_rows" in runs[0]:  # the same in every run (the same trees): the first run's
+        out["token_rows"] = runs[0]["token_rows"]
     return out
 
 
@@ -271,7 +273,9 @@ def run_search(impl: str, model, processor, images: list, prompts: list[str], se
     prompt copy / one copy per tree, `csr.generate.cascade`); reference: one tree
     after another, one node per forward, everything re-encoded (the official semantics). Trees
     score siblings by their summed log-probs. With a `deadline` (time.monotonic()) the reference
-    stops after the tree that passes it, so its rate covers the trees it finished.
+    stops after the tree that passes it, so its rate covers the trees it finished. `token_rows`:
+    the token-rows the language model ran per tree (prefill, node and decode, as the expander counts
+    them) and the nodes whose decode keys/values were reused or re-encoded.
     """
     from csr.generate.expander import CachedLlavaExpander, LlavaExpander
     from csr.generate.tree import grow_tree, grow_trees
@@ -307,7 +311,8 @@ def run_search(impl: str, model, processor, images: list, prompts: list[str], se
     sync(device)
     seconds = time.perf_counter() - start
     n = sum(len(t) - 1 for t in trees)
-    return trees, {"prompts": len(trees), "seconds": round(seconds, 3), "candidates": n,
+    token_rows = {key: round(value / len(trees), 1) for key, value in sorted(expander.counts.items())}
+    return trees, {"prompts": len(trees), "seconds": round(seconds, 3), "candidates": n, "token_rows": token_rows,
                    "candidates_per_s": round(n / seconds, 3), "peak_mem_mb": peak_memory_mb(device),
                    "start_mem_mb": start_mb, "node_batch_size_after": expander.node_batch_size}
 

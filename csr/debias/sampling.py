@@ -133,6 +133,11 @@ class _Branch:
         self.cache.batch_repeat_interleave(n)
         self.attention = self.attention.repeat_interleave(n, dim=0)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Only rows `rows` stay (their cache and mask)."""
+        self.cache.batch_select_indices(rows)
+        self.attention = self.attention[rows]
+
 
 class ImageBranch(_Branch):
     """The ordinary (image, text) stream."""
@@ -184,6 +189,10 @@ class ContentFreeBranch:
     def repeat_interleave(self, n: int) -> None:
         for b in self.branches:
             b.repeat_interleave(n)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        for b in self.branches:
+            b.select_rows(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +283,8 @@ class DebiasedCandidates:
     full prefix texts: chat prompt with the image placeholder + sentences so far), repeated G times
     like the image cache, and fed the same chosen tokens; every logit row the search sees is
     `debias_logits(l, l_cf, alpha, beta)`. The candidates' stored log-probs are then those of the
-    debiased distribution.
+    debiased distribution. `wrap_with_rows` also drops the content-free rows of nodes that leave
+    the search's batch.
     """
 
     def __init__(self, model, processor, *, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
@@ -286,6 +296,15 @@ class DebiasedCandidates:
     @torch.no_grad()
     def wrap(self, first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
              prefix_texts: Sequence[str], num_groups: int):
+        first, debiased_step, _ = self.wrap_with_rows(first_logits, step, None, prefix_texts, num_groups)
+        return first, debiased_step
+
+    @torch.no_grad()
+    def wrap_with_rows(self, first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
+                       keep_rows: Callable[[torch.Tensor], None] | None, prefix_texts: Sequence[str],
+                       num_groups: int):
+        """`wrap`, plus the search's `keep_rows` (rows leaving the batch) extended to the content-free
+        branch's rows: returns (first_logits, step, keep_rows)."""
         if len(prefix_texts) != first_logits.shape[0]:
             raise ValueError(f"{len(prefix_texts)} prefix texts for {first_logits.shape[0]} nodes")
         branch = ContentFreeBranch(self.model, self.processor, self.cf_mode)
@@ -298,4 +317,9 @@ class DebiasedCandidates:
             logits = step(tokens)
             return debias_logits(logits, branch.step(tokens).to(logits.device), alpha, beta)
 
-        return debias_logits(first_logits, cf_first, alpha, beta), debiased_step
+        def keep_both(rows: torch.Tensor) -> None:
+            if keep_rows is not None:
+                keep_rows(rows)
+            branch.select_rows(rows)
+
+        return debias_logits(first_logits, cf_first, alpha, beta), debiased_step, keep_both

@@ -6,14 +6,18 @@ Two implementations with the same results:
   (image + chat prompt + sentences so far) is re-tokenised from its text and encoded from scratch,
   image included; with `node_batch_size=1` it is exactly the official one-node-at-a-time loop.
 - `CachedLlavaExpander` (the fast path): each tree's image and prompt are encoded once, in a batch
-  with other trees, and their key/value cache is kept for the whole tree. A tree level only encodes
-  the nodes' sentences on top of that shared prefix cache, for all active nodes of all trees in
-  flight at once. The node's text is still tokenised jointly with the prompt, as the reference does;
-  the shared prefix is used only where that tokenisation starts with the prompt's own tokens.
+  with other trees, and their key/value cache is kept for the whole tree. A tree level starts each
+  node from the keys/values its own decode computed for its sentences (`decode_kv.py`: fed the
+  node's last token only), for all active nodes of all trees in flight at once; a node whose ids
+  the reference would feed differ from the decoded ones (the text re-tokenises differently) has its
+  sentences encoded on top of the shared prefix cache instead. The node's text is then tokenised
+  jointly with the prompt, as the reference does; the shared prefix is used only where that
+  tokenisation starts with the prompt's own tokens.
 
-Both then run the G token-level groups of every node as one batch of rows (see `beam.py`). In the
-fast path the rows read their tree's prompt keys/values either from one copy per tree
-(`generate.prefix_attention: cascade`, `cascade.py`) or from a copy each (`copies`, `kvcache.py`).
+Both then run the G token-level groups of every node as one batch of rows (see `beam.py`); a node
+whose groups have all ended leaves the batch. In the fast path the rows read their tree's prompt
+keys/values either from one copy per tree (`generate.prefix_attention: cascade`, `cascade.py`) or
+from a copy each (`copies`, `kvcache.py`).
 
 Positions are passed explicitly, as generate() computes them for left-padded rows, for every class
 in `csr.models.SUPPORTED_CLASSES`. With 3-D multimodal rope (Qwen2.5-VL) the prefix's positions
@@ -24,13 +28,16 @@ text token after it sits at its 1-D position plus that row's offset, on all thre
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 
 from csr.generate.beam import Candidate, diverse_group_search
 from csr.generate.cascade import CascadeCache, cascade_attention, unsupported_reason
+from csr.generate.decode_kv import DecodeKV, DecodeRecorder, PathKV
 from csr.generate.kvcache import select_rows
 from csr.models import ContinuationDecoder, class_of, in_halving_chunks, output_cache, placeholder_ids, with_cache
 from csr.tree_format import prefix_text
@@ -73,6 +80,10 @@ class LlavaExpander:
         self.node_batch_size = node_batch_size
         self.debias = debias  # csr.debias.sampling.DebiasedCandidates, or None
         self.mrope = class_of(model).mrope
+        # token-rows through the language model: prefill (image, prompt and, in the reference, the
+        # node's sentences), node (the cached path's sentences on top of the prompt cache) and
+        # decode (one per row per step); nodes whose decode keys/values were reused or re-encoded
+        self.counts: Counter = Counter()
 
     # -- shared pieces ---------------------------------------------------------------------------
 
@@ -90,26 +101,43 @@ class LlavaExpander:
         return self.continuation == "tokens" and all(prefix_tokens(p) is not None for p in prefixes)
 
     def _search(self, first_logits: torch.Tensor, cache: DynamicCache, attention: torch.Tensor,
-                offsets: torch.Tensor, prefix_texts: list[str]) -> list[Children]:
-        """Run the G groups of every row of `first_logits` over `cache` (rows = nodes)."""
+                offsets: torch.Tensor, prefix_texts: list[str], recorder: DecodeRecorder | None = None
+                ) -> list[Children]:
+        """Run the G groups of every row of `first_logits` over `cache` (rows = nodes).
+
+        A node whose groups have all ended leaves the batch (its rows and their cache go). With a
+        `recorder`, the rows' keys/values after the prompt are kept for the children (`decode_kv`).
+        """
         G = self.G
         cache.batch_repeat_interleave(G)
         attention = attention.repeat_interleave(G, dim=0)
         offsets = offsets.repeat_interleave(G, dim=0)
+        if recorder is not None:
+            recorder.start_rows(attention)
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             nonlocal attention
             attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=1)
+            self.counts["decode"] += tokens.shape[0]
             res = self._forward(cache, input_ids=tokens[:, None], attention_mask=attention,
                                 position_ids=self._text_positions(attention, offsets, 1))
             return res.logits[:, -1]
 
+        def keep_rows(rows: torch.Tensor) -> None:
+            nonlocal attention, offsets
+            if recorder is not None:
+                recorder.keep(cache, rows, attention.shape[1])
+            cache.batch_select_indices(rows)
+            attention, offsets = attention[rows], offsets[rows]
+
         if self.debias is not None:  # contrastive against the image-free model (its own cache)
-            first_logits, step = self.debias.wrap(first_logits, step, prefix_texts, G)
+            first_logits, step, keep_rows = self.debias.wrap_with_rows(first_logits, step, keep_rows, prefix_texts, G)
         cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops,
-                                     suppress_ids=self.suppress_ids)
+                                     suppress_ids=self.suppress_ids, keep_rows=keep_rows)
+        if recorder is not None:
+            recorder.finish(cache, attention.shape[1], cands)
         return [[(self.decode(c), c) for c in node_cands] for node_cands in cands]
 
     def _forward(self, cache, **inputs):
@@ -163,6 +191,7 @@ class LlavaExpander:
         else:
             offsets = torch.zeros(attention.shape[0], dtype=torch.long, device=attention.device)
             positions = self._text_positions(attention, offsets, attention.shape[1])
+        self.counts["prefill"] += enc["input_ids"].numel()
         out = self.model(**enc, position_ids=positions, use_cache=True)
         return out, attention, offsets
 
@@ -198,6 +227,17 @@ class PromptCache:
     prompt_ids: list[list[int]]    # each prompt's own tokens (image placeholder unexpanded)
     images: list
     prompt_texts: list[str]
+    # the last level's candidates' keys/values after the prompt, for their children (decode_kv.py)
+    decoded: DecodeKV = field(default_factory=DecodeKV)
+
+
+class NodeStart(NamedTuple):
+    """How the cached path starts a node: the ids it feeds on top of its path's kept keys/values."""
+    row: int                # the tree's row in the PromptCache
+    sentences: list[str]    # the node's sentences so far (a tree.Prefix)
+    feed: list[int]         # ids fed on top of the prompt (and `kept`): the path's, or its last one
+    kept: PathKV | None     # the path's keys/values from its parent's decode, but its last token
+    path: list[int]         # the path's ids after the prompt, as the reference feeds them
 
 
 class CachedLlavaExpander(LlavaExpander):
@@ -206,10 +246,15 @@ class CachedLlavaExpander(LlavaExpander):
     `prefix_attention`: "cascade" keeps one copy of each tree's prompt keys/values that all its
     rows read (`csr.generate.cascade`); "copies" gives every row its own copy. Both are exact; a
     model whose attention the cascade cannot honour gets the copies, with one log line.
+    `reuse_decode_kv`: a node's children start from the keys/values its own decode computed
+    (`csr.generate.decode_kv`) instead of re-encoding its path's tokens; exact, as the node is
+    looked up by the token ids the reference would feed.
     """
 
-    def __init__(self, model, processor, *, prefix_attention: str = "cascade", **kwargs):
+    def __init__(self, model, processor, *, prefix_attention: str = "cascade", reuse_decode_kv: bool = True,
+                 **kwargs):
         super().__init__(model, processor, **kwargs)
+        self.reuse_decode_kv = reuse_decode_kv
         if prefix_attention not in PREFIX_ATTENTION:
             raise ValueError(f"unknown generate.prefix_attention '{prefix_attention}' ({', '.join(PREFIX_ATTENTION)})")
         reason = unsupported_reason(model) if prefix_attention == "cascade" else None
@@ -230,7 +275,7 @@ class CachedLlavaExpander(LlavaExpander):
     @torch.no_grad()
     def expand_many(self, prompts: PromptCache, requests: list[tuple[int, list[str]]]) -> list[Children]:
         """Children for (tree row, sentences so far) requests drawn from any trees in `prompts`."""
-        plan = []
+        plan = []  # (tree row, sentences, the ids the reference feeds after the prompt, or None)
         for row, sentences in requests:
             if self._uses_tokens([sentences]):  # continue from exactly the generated tokens
                 plan.append((row, sentences, list(prefix_tokens(sentences))))
@@ -246,36 +291,72 @@ class CachedLlavaExpander(LlavaExpander):
         for i in fallback:
             row, sentences, _ = plan[i]
             results[i] = self.expand(prompts.images[row], prompts.prompt_texts[row], [sentences])[0]
-        cached = [i for i, p in enumerate(plan) if p[2] is not None]
-        for i, children in zip(cached, self._in_chunks([plan[i] for i in cached],
-                                                       lambda chunk: self._expand_cached(prompts, chunk))):
+        cached = [(i, self._start_from(prompts.decoded, *plan[i])) for i, p in enumerate(plan) if p[2] is not None]
+        prompts.decoded = DecodeKV()  # what this level needs was taken (copied): free the rest
+        for (i, _), children in zip(cached, self._in_chunks([node for _, node in cached],
+                                                            lambda chunk: self._expand_cached(prompts, chunk))):
             results[i] = children
         return results
 
-    def _expand_cached(self, prompts: PromptCache, chunk) -> list[Children]:
+    def _start_from(self, decoded: DecodeKV, row: int, sentences, ids: list[int]) -> NodeStart:
+        """A node whose path ids are exactly those its parent's decode ran (found under them) feeds its
+        last token only; any other is re-encoded from its ids (counted)."""
+        if ids and self.reuse_decode_kv:
+            kept = decoded.take((row, tuple(ids)))
+            if kept is not None:
+                self.counts["kv_reused"] += 1
+                return NodeStart(row, sentences, ids[-1:], kept, ids)
+        if ids:
+            self.counts["kv_reencoded"] += 1
+        return NodeStart(row, sentences, ids, None, ids)
+
+    def _expand_cached(self, prompts: PromptCache, chunk: list[NodeStart]) -> list[Children]:
         device = prompts.attention.device
-        rows = torch.tensor([row for row, _, _ in chunk], device=device)
-        width = max(len(ids) for _, _, ids in chunk)
-        reserve = width + self.max_new_tokens + 1
+        rows = torch.tensor([node.row for node in chunk], device=device)
+        kept = [node.kept for node in chunk]
+        kept_width = max((k.length for k in kept if k is not None), default=0)
+        width = max(len(node.feed) for node in chunk)
+        reserve = kept_width + width + self.max_new_tokens + 1
         if self.prefix_attention == "cascade":  # one prompt copy per tree, shared by its rows
             cache = CascadeCache(prompts.cache, prompts.attention, rows, reserve=reserve)
         else:
             cache = select_rows(prompts.cache, rows, reserve=reserve)
         attention, offsets = prompts.attention[rows], prompts.offsets[rows]
+        prompt_width = attention.shape[1]
         first = prompts.last_logits[rows]
+        if kept_width:
+            # the paths' kept keys/values, left-padded to one width after the prompt (masked; the
+            # positions skip the padding, as they skipped it when the keys were computed)
+            like = next(k for k in kept if k is not None).kv
+            kv = like.new_zeros((len(chunk), *like.shape[:-2], kept_width, like.shape[-1]))
+            mask = torch.zeros((len(chunk), kept_width), dtype=attention.dtype, device=device)
+            for j, k in enumerate(kept):
+                if k is not None and k.length:
+                    kv[j, ..., kept_width - k.length:, :] = k.kv
+                    mask[j, kept_width - k.length:] = 1
+            for layer in range(kv.shape[1]):
+                cache.update(kv[:, layer, 0], kv[:, layer, 1], layer)
+            attention = torch.cat([attention, mask], dim=1)
         if width:
-            # the sentences so far, left-padded so every row ends at the same column; the padding
-            # sits between prompt and sentences, masked out, and positions skip it
+            # the ids to feed (a reused path's last token, else the sentences so far), left-padded so
+            # every row ends at the same column; the padding is masked out, and positions skip it
             ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)
             mask = torch.zeros((len(chunk), width), dtype=attention.dtype, device=device)
-            for j, (_, _, toks) in enumerate(chunk):
-                if toks:
-                    ids[j, width - len(toks):] = torch.tensor(toks, device=device)
-                    mask[j, width - len(toks):] = 1
+            for j, node in enumerate(chunk):
+                if node.feed:
+                    ids[j, width - len(node.feed):] = torch.tensor(node.feed, device=device)
+                    mask[j, width - len(node.feed):] = 1
             attention = torch.cat([attention, mask], dim=1)
+            self.counts["node"] += ids.numel()
             out = self._forward(cache, input_ids=ids, attention_mask=attention,
                                 position_ids=self._text_positions(attention, offsets, width))
-            has_text = torch.tensor([bool(toks) for _, _, toks in chunk], device=device)
+            has_text = torch.tensor([bool(node.feed) for node in chunk], device=device)
             first = torch.where(has_text[:, None], out.logits[:, -1], first)
-        texts = [prefix_text(prompts.prompt_texts[row], sentences) for row, sentences, _ in chunk]
-        return self._search(first, cache, attention, offsets, texts)
+        texts = [prefix_text(prompts.prompt_texts[node.row], node.sentences) for node in chunk]
+        recorder = None
+        if self.reuse_decode_kv:
+            recorder = DecodeRecorder([(node.row, tuple(node.path)) for node in chunk], self.G, prompt_width)
+        children = self._search(first, cache, attention, offsets, texts, recorder)
+        if recorder is not None:
+            prompts.decoded.entries.update(recorder.decoded.entries)
+        return children

@@ -58,9 +58,9 @@ class PreallocatedLayer(DynamicLayer):
             self.keys, self.values = k[:, :, :n], v[:, :, :n]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length:
-            self._k, self._v = self.keys[indices], self.values[indices]
-            self.keys, self.values = self._k, self._v
+        if self.length:  # the buffer's spare room comes along: the next append needs no new buffer
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
 
 class PreallocatedCache(DynamicCache):

@@ -143,7 +143,8 @@ def generate_shard(cfg: CSRConfig, policy_path: str, records: list[PromptRecord]
                    max_new_tokens=g.max_new_tokens, stop_ids=sentence_end_ids(processor.tokenizer, g.sentence_end),
                    node_batch_size=g.node_batch_size, debias=debias, eos_stops=g.stop_at_eos,
                    continuation=g.continuation,
-                   **({"prefix_attention": g.prefix_attention} if cls is CachedLlavaExpander else {}))
+                   **({"prefix_attention": g.prefix_attention, "reuse_decode_kv": g.reuse_decode_kv}
+                      if cls is CachedLlavaExpander else {}))
     settings = TreeSettings(g.sentence_beam_width, g.pruning, g.max_response_chars, g.max_sentences, g.length_limit)
 
     n_candidates, start = 0, time.perf_counter()
