@@ -170,6 +170,7 @@ def lock_if_main_process(folder: str | Path):
 # Keys that change speed, memory or logging, never a stage's result.
 NOT_RESULTS = {
     "model.device", "generate.node_batch_size", "generate.prompt_batch_size", "generate.implementation",
+    "generate.prefix_attention", "generate.reuse_decode_kv",  # the same trees (tests/test_generate_equivalence.py)
     "score.clip_batch_size", "score.vig_batch_size", "score.tree_batch_size",
 }
 TRAIN_NOT_RESULTS = re.compile(r"^(logging_.*|save_.*|report_to|output_dir|keep_checkpoints|run_name|"
@@ -277,7 +278,7 @@ class StageGuard:
                          self.out_dir)
                 return read_done(self.out_dir)
             return None
-        if record["fingerprint"] != self.fingerprint:
+        if record["fingerprint"] != self.fingerprint and not self._same_results(record):
             keys = changed_keys(record.get("settings", {}), self.settings)
             what = "; ".join(keys) if keys else "its input (an earlier stage or the policy) changed"
             state = "finished" if is_done(self.out_dir) else "half-finished"
@@ -286,6 +287,13 @@ class StageGuard:
             return None
         log.info("[%s] %s is finished; skipping", self.stage, self.out_dir)
         return read_done(self.out_dir)
+
+    def _same_results(self, record: dict) -> bool:
+        """A record made when a speed key (NOT_RESULTS) still counted as a setting: the same stage without it
+        (its fingerprint holds today's inputs, and its other settings are today's)."""
+        old = record.get("settings", {})
+        return _digest({"settings": old, "inputs": self.inputs}) == record["fingerprint"] and \
+            {k: v for k, v in old.items() if k not in NOT_RESULTS} == self.settings
 
     def start(self) -> None:
         atomic_write_json(self.out_dir / STARTED, {"stage": self.stage, "fingerprint": self.fingerprint,

@@ -112,6 +112,25 @@ def test_a_changed_recipe_is_refused_then_redone_from_the_stage(recipe, tmp_path
     assert summary["rounds"][0]["stages"]["train"]["settings"]  # train redone on the new pairs
 
 
+def test_a_stage_recorded_when_a_speed_key_still_counted_is_finished(recipe, tmp_path):
+    from csr.generate.stage import run_generate
+    from csr.io import atomic_write_json
+    from csr.runstate import StageGuard, _digest
+
+    cfg = recipe()
+    done = run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")
+    assert "generate.prefix_attention" not in done["settings"]          # a speed key: not a result
+    # as an older csr recorded it: the speed key among the settings, in the fingerprint
+    old = {**done["settings"], "generate.prefix_attention": "copies"}
+    inputs = StageGuard(tmp_path / "gen", "generate", cfg, inputs=(cfg.model.model_name_or_path,)).inputs
+    atomic_write_json(tmp_path / "gen" / "DONE.json", {**done, "settings": old,
+                                                       "fingerprint": _digest({"settings": old, "inputs": inputs})})
+    assert run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")["settings"] == old  # kept, not redone
+    changed = recipe(None, "generate.num_candidates=2")                 # a result key still refuses
+    with pytest.raises(SettingsChanged, match="generate.num_candidates: 3 -> 2"):
+        run_generate(changed, changed.model.model_name_or_path, tmp_path / "gen")
+
+
 def test_a_stage_alone_refuses_a_half_finished_folder_made_with_other_settings(recipe, tmp_path):
     from csr.generate.stage import run_generate
 
