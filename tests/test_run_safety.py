@@ -126,6 +126,8 @@ def test_a_stage_recorded_when_a_speed_key_still_counted_is_finished(recipe, tmp
     atomic_write_json(tmp_path / "gen" / "DONE.json", {**done, "settings": old,
                                                        "fingerprint": _digest({"settings": old, "inputs": inputs})})
     assert run_generate(cfg, cfg.model.model_name_or_path, tmp_path / "gen")["settings"] == old  # kept, not redone
+    from csr.runstate import changed_keys
+    assert changed_keys(old, done["settings"]) == []                    # the run's resume check agrees
     changed = recipe(None, "generate.num_candidates=2")                 # a result key still refuses
     with pytest.raises(SettingsChanged, match="generate.num_candidates: 3 -> 2"):
         run_generate(changed, changed.model.model_name_or_path, tmp_path / "gen")
