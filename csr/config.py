@@ -406,6 +406,9 @@ class YesNoConfig:
     margin: float = _f(1.0, "Keep a yes/no pair only when |R(yes) - R(no)| is at least this.")
     ratio: float = _f(2.0, "Yes/no pairs added per caption pair (a seeded sample when more are available). 2 raised "
                            "POPE F1 and accuracy more than 0.5 on the world (docs/results/world.md).")
+    balance: bool = _f(False, "Sample as many yes/no pairs whose chosen answer is yes as no (half of the ratio's "
+                              "budget each; the smaller side sets both). false: a plain seeded sample, whose "
+                              "share of yes follows the questions (44-61% on the world).")
     batch_size: int = _f(16, "Questions (and continuations) per forward batch.")
 
     @property

@@ -90,6 +90,21 @@ def test_mix_keeps_every_caption_pair_and_samples_yes_no_pairs_at_the_ratio():
     assert mix_pairs(captions, closed, 0.0, seed=0) == (captions, [])
 
 
+def test_a_balanced_mix_samples_as_many_yes_as_no_pairs():
+    captions = [f"c{i}" for i in range(4)]
+    closed = ["y0", "n0", "y1", "y2", "y3", "n1", "y4"]            # 5 chosen "yes", 2 chosen "no"
+    yes = [p.startswith("y") for p in closed]
+    _, sample = mix_pairs(captions, closed, 1.0, seed=0, chosen_yes=yes)     # budget 4: 2 of each side
+    assert sorted(p[0] for p in sample) == ["n", "n", "y", "y"]
+    assert sample == sorted(sample, key=closed.index)                         # in the pairs' order
+    _, sample = mix_pairs(captions, closed, 2.0, seed=0, chosen_yes=yes)     # budget 7: "no" has 2, so 2 each
+    assert sorted(p[0] for p in sample) == ["n", "n", "y", "y"]
+    assert mix_pairs(captions, closed, 1.0, seed=3, chosen_yes=yes) == mix_pairs(captions, closed, 1.0, seed=3,
+                                                                                  chosen_yes=yes)
+    with pytest.raises(ValueError, match="flags"):
+        mix_pairs(captions, closed, 1.0, seed=0, chosen_yes=yes[:3])
+
+
 @pytest.mark.parametrize("override, key", [("yesno.question_template=Is it there?", "yesno.question_template"),
                                            ("yesno.content_free=none,photo", "yesno.content_free"),
                                            ("yesno.max_named=0", "yesno.max_named"),

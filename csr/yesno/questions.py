@@ -130,10 +130,22 @@ def pick_answer(question: Question, rewards: dict, margin: float) -> tuple[dict 
             "chosen_score": rewards[f"reward_{hi}"], "rejected_score": rewards[f"reward_{lo}"], "margin": gap}, None
 
 
-def mix_pairs(caption_pairs: list, yesno_pairs: list, ratio: float, seed: int) -> tuple[list, list]:
+def mix_pairs(caption_pairs: list, yesno_pairs: list, ratio: float, seed: int,
+              chosen_yes: Sequence[bool] | None = None) -> tuple[list, list]:
     """The caption pairs followed by a seeded sample of at most round(ratio · len(caption_pairs)) yes/no
-    pairs (all when fewer). Returns (mixed, the sampled yes/no pairs)."""
+    pairs (all when fewer). Returns (mixed, the sampled yes/no pairs).
+
+    `chosen_yes` (one flag per yes/no pair: its chosen answer is "yes"): sample as many "yes" as "no"
+    pairs, half the budget each, every pair of a side that has fewer; the sample keeps the pairs' order."""
     want = min(len(yesno_pairs), round(ratio * len(caption_pairs)))
-    picked = sorted(random.Random(seed).sample(range(len(yesno_pairs)), want))
+    rng = random.Random(seed)
+    if chosen_yes is None:
+        picked = sorted(rng.sample(range(len(yesno_pairs)), want))
+    else:
+        if len(chosen_yes) != len(yesno_pairs):
+            raise ValueError(f"chosen_yes has {len(chosen_yes)} flags for {len(yesno_pairs)} pairs")
+        sides = [[i for i, y in enumerate(chosen_yes) if y == side] for side in (True, False)]
+        per_side = min(want // 2, *(len(side) for side in sides))
+        picked = sorted(i for side in sides for i in rng.sample(side, per_side))
     sample = [yesno_pairs[i] for i in picked]
     return list(caption_pairs) + sample, sample

@@ -209,7 +209,8 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
             summary.skipped[f"question_{reason}"] += 1
         else:
             yesno_pairs.append(pair)
-    mixed, sample = mix_pairs(caption_pairs, yesno_pairs, cfg.yesno.ratio, cfg.run.seed)
+    mixed, sample = mix_pairs(caption_pairs, yesno_pairs, cfg.yesno.ratio, cfg.run.seed,
+                              [p["id"].endswith("/yes") for p in yesno_pairs] if cfg.yesno.balance else None)
     write_jsonl(out_dir / QUESTIONS, records)
     write_jsonl(out_dir / PAIRS, mixed)
     yes = sum(p["id"].endswith("/yes") for p in sample)  # ids end with the chosen answer
