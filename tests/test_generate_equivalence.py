@@ -30,6 +30,23 @@ def policy(tiny_llava_dir):
     return load_policy(str(tiny_llava_dir), device="cpu")
 
 
+def assert_same_trees(expected, got, past: int | None = 3, n_tokens: bool = False):
+    """Each tree with the reference's texts and structure, log-probs and beam scores within 1e-4 (and
+    token counts with `n_tokens`); with `past`, each reference tree holds more than 1 + past nodes (the
+    search went past its first level)."""
+    for want, have in zip(expected, got):
+        if past is not None:
+            assert len(want) > 1 + past
+        assert [n["text"] for n in have] == [n["text"] for n in want]
+        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
+            [(n["parent"], n["final"], n["pruned"]) for n in want]
+        for a, b in zip(have[1:], want[1:]):
+            if n_tokens:
+                assert a["n_tokens"] == b["n_tokens"]
+            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+            assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+
+
 @pytest.mark.parametrize("prefix_attention", ["copies", "cascade"])
 @pytest.mark.parametrize("pruning", ["official", "best"])
 def test_cached_batched_trees_equal_the_per_node_reference(policy, pruning, prefix_attention):
@@ -48,15 +65,7 @@ def test_cached_batched_trees_equal_the_per_node_reference(policy, pruning, pref
     cache = fast.encode_prompts(images, prompts)
     got = grow_trees(lambda requests: fast.expand_many(cache, requests), [self_score] * 3, settings)
 
-    for want, have in zip(expected, got):
-        assert len(want) > 1 + 4  # the search went past the first level
-        assert [n["text"] for n in have] == [n["text"] for n in want]
-        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
-            [(n["parent"], n["final"], n["pruned"]) for n in want]
-        for a, b in zip(have[1:], want[1:]):
-            assert a["n_tokens"] == b["n_tokens"]
-            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
-            assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+    assert_same_trees(expected, got, past=4, n_tokens=True)
 
 
 def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, caplog):
@@ -183,14 +192,7 @@ def test_cascade_trees_equal_the_reference_for_every_class(class_policy, pruning
     cache = cascade.encode_prompts(images, prompts)
     assert len(set(cache.attention.sum(1).tolist())) > 1  # the prompts' lengths differ: padding matters
     got = grow_trees(lambda requests: cascade.expand_many(cache, requests), [self_score] * 3, settings)
-    for want, have in zip(expected, got):
-        assert len(want) > 1 + 3  # past the first level
-        assert [n["text"] for n in have] == [n["text"] for n in want]
-        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
-            [(n["parent"], n["final"], n["pruned"]) for n in want]
-        for a, b in zip(have[1:], want[1:]):
-            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
-            assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+    assert_same_trees(expected, got)
 
 
 def test_cascade_cache_holds_one_prompt_copy_per_tree(policy, monkeypatch):
@@ -269,14 +271,7 @@ def test_reused_decode_kv_trees_equal_the_reference_for_every_class(class_policy
         fast = CachedLlavaExpander(model, processor, node_batch_size=4, prefix_attention=prefix_attention, **kw)
         cache = fast.encode_prompts(images, prompts)
         got = grow_trees(lambda requests: fast.expand_many(cache, requests), [self_score] * 3, settings)
-        for want, have in zip(expected, got):
-            assert len(want) > 1 + 3  # past the first level
-            assert [n["text"] for n in have] == [n["text"] for n in want]
-            assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
-                [(n["parent"], n["final"], n["pruned"]) for n in want]
-            for a, b in zip(have[1:], want[1:]):
-                assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
-                assert a["beam_score"] == pytest.approx(b["beam_score"], abs=1e-4)
+        assert_same_trees(expected, got)
         # every expanded node past the root either started from its parent's decode or was re-encoded
         assert fast.counts["kv_reused"] + fast.counts["kv_reencoded"] == expanded
         if continuation == "tokens":  # the decoded ids are the ids fed: every node reuses them
@@ -355,13 +350,7 @@ def test_finished_nodes_leave_the_decode_batch_with_the_same_trees(tmp_path, pre
                 for i in range(3)]
     cache = fast.encode_prompts(images, prompts)
     got = grow_trees(lambda requests: fast.expand_many(cache, requests), [self_score] * 3, settings)
-    for want, have in zip(expected, got):
-        assert [n["text"] for n in have] == [n["text"] for n in want]
-        assert [(n["parent"], n["final"], n["pruned"]) for n in have] == \
-            [(n["parent"], n["final"], n["pruned"]) for n in want]
-        for a, b in zip(have[1:], want[1:]):
-            assert a["n_tokens"] == b["n_tokens"]
-            assert a["logprob_sum"] == pytest.approx(b["logprob_sum"], abs=1e-4)
+    assert_same_trees(expected, got, past=None, n_tokens=True)
     if prefix_attention == "copies":  # the reference batching a tree's nodes drops rows of its own cache
         per_tree = LlavaExpander(model, processor, node_batch_size=0, **kw)
         batched = [grow_tree(lambda r, i=i: per_tree.expand(images[i], prompts[i], r), self_score, settings)
