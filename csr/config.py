@@ -403,6 +403,9 @@ class YesNoConfig:
                                    "CLIP). CLIP on short statements is weaker than on captions "
                                    "(docs/results/world.md, yes/no self-rewarding); 0 = the calibrated "
                                    "probability alone.")
+    vig_weight: float = _f(0.0, "Weight of each answer's visual information gain, log p(answer | image) - "
+                                "log p(answer | no image) on its first tokens, added to its reward (VIG, "
+                                "docs/method.md §3). 0: off (the reward is CSR's two terms).")
     margin: float = _f(1.0, "Keep a yes/no pair only when |R(yes) - R(no)| is at least this.")
     ratio: float = _f(2.0, "Yes/no pairs added per caption pair (a seeded sample when more are available). 2 raised "
                            "POPE F1 and accuracy more than 0.5 on the world (docs/results/world.md).")
@@ -429,6 +432,7 @@ class YesNoConfig:
                  self.content_free, f"must be a comma-separated subset of {', '.join(CALIBRATION_INPUTS)}")
         _require(0.0 <= self.reward_lambda <= 1.0, "yesno.reward_lambda", self.reward_lambda, "must be in [0, 1]")
         _require(self.margin >= 0, "yesno.margin", self.margin, "must be >= 0")
+        _require(self.vig_weight >= 0, "yesno.vig_weight", self.vig_weight, "must be >= 0")
         _require(self.ratio >= 0, "yesno.ratio", self.ratio, "must be >= 0")
         _require(self.batch_size >= 1, "yesno.batch_size", self.batch_size, "must be >= 1")
 

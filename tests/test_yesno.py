@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects,
+from csr.yesno.questions import (Question, answer_rewards, answer_vig, form_questions, mix_pairs, named_objects,
                                  naming_sentences, pick_answer, prior_partners, quantile, two_class_threshold)
 from csr.config import YesNoConfig, ConfigError, load_config
 from csr.eval.chair import SynonymTable
@@ -81,6 +81,17 @@ def test_answer_reward_mixes_clip_against_its_reference_with_the_calibrated_prob
     assert picked["chosen"] == q.no and math.isclose(picked["margin"], 60.0)
 
 
+def test_the_answers_visual_information_gain_is_added_at_its_weight():
+    # p(yes) 0.6 with the image, 0.3 without: gain ln 2; p(no) 0.2 against 0.4: −ln 2
+    vig = answer_vig([0.6, 0.2], [0.3, 0.4])
+    assert vig == pytest.approx((math.log(2), -math.log(2)))
+    r = answer_rewards(30.0, 25.0, 0.2, 0.9, vig, vig_weight=10.0)
+    assert math.isclose(r["reward_yes"], 6.5 + 10 * math.log(2))                # 6.5 as in the test above
+    assert math.isclose(r["reward_no"], 3.5 - 10 * math.log(2))
+    assert answer_rewards(30.0, 25.0, 0.2, 0.9, vig)["reward_yes"] == pytest.approx(6.5)   # weight 0: off
+    assert all(math.isfinite(v) for v in answer_vig([0.0, 1.0], [0.5, 0.0]))     # no log(0)
+
+
 def test_mix_keeps_every_caption_pair_and_samples_yes_no_pairs_at_the_ratio():
     captions, closed = [f"c{i}" for i in range(4)], [f"y{i}" for i in range(5)]
     mixed, sample = mix_pairs(captions, closed, 0.5, seed=0)
@@ -149,9 +160,9 @@ def closed_inputs(tmp_path, images_dir):
     return tmp_path
 
 
-@pytest.mark.parametrize("visual", ["sentences", "statement"])
+@pytest.mark.parametrize("visual, vig_weight", [("sentences", 0.0), ("statement", 0.0), ("sentences", 2.0)])
 def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(closed_inputs, tiny_llava_dir,
-                                                                               tiny_clip_dir, visual):
+                                                                               tiny_clip_dir, visual, vig_weight):
     from csr.yesno.stage import run_yesno
     from csr.io import read_jsonl
     from csr.score.clip import load_clip_from_config
@@ -162,7 +173,7 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
     cfg = load_config(None, [f"score.clip_model={tiny_clip_dir}", "score.clip_pretrained=", "model.device=cpu",
                              "model.torch_dtype=float32", f"yesno.objects={tmp / 'objects.json'}",
                              "yesno.enabled=true", "yesno.margin=0", "yesno.ratio=1.0", "yesno.max_prior=1",
-                             "yesno.prior_tokens=4", f"yesno.visual={visual}"])
+                             "yesno.prior_tokens=4", f"yesno.visual={visual}", f"yesno.vig_weight={vig_weight}"])
     done = run_yesno(cfg, str(tiny_llava_dir), tmp / "score", tmp / "pairs", tmp / "yesno")
     questions = read_jsonl(tmp / "yesno" / "questions.jsonl")
     named = [(q["id"], q["object"]) for q in questions if q["source"] == "named"]
@@ -171,10 +182,14 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
     lam = cfg.yesno.reward_lambda
     for q in questions:  # the stored parts obey the rule
         assert 0.0 <= q["q_yes"] <= 1.0
-        assert math.isclose(q["reward_yes"], lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * q["q_yes"],
-                            rel_tol=1e-9, abs_tol=1e-9)
-        assert math.isclose(q["reward_no"], -lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * (1 - q["q_yes"]),
-                            rel_tol=1e-9, abs_tol=1e-9)
+        assert ("vig_yes" in q) == bool(vig_weight)
+        gain_yes, gain_no = vig_weight * q.get("vig_yes", 0.0), vig_weight * q.get("vig_no", 0.0)
+        assert math.isclose(q["reward_yes"], lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * q["q_yes"]
+                            + gain_yes, rel_tol=1e-9, abs_tol=1e-9)
+        assert math.isclose(q["reward_no"], -lam * (q["clip"] - q["reference"]) + (1 - lam) * 100 * (1 - q["q_yes"])
+                            + gain_no, rel_tol=1e-9, abs_tol=1e-9)
+    if vig_weight:  # the image moves the tiny model's answer: a gain to add
+        assert any(abs(q["vig_yes"]) > 1e-6 for q in questions)
     clip = load_clip_from_config(cfg.score, "cpu")
     images = {t["id"]: t["image"] for t in read_jsonl(tmp / "score" / "scored.jsonl")}
     named_rows = [q for q in questions if q["source"] == "named"]

@@ -110,13 +110,23 @@ def quantile(values: Sequence[float], q: float) -> float:
     return float(np.quantile(values, q))
 
 
-def answer_rewards(visual: float, reference: float, q_yes: float, lam: float) -> dict:
-    """The two answers' reward parts: R_I from CLIP relative to the reference, R_T = 100 · calibrated prob."""
+def answer_rewards(visual: float, reference: float, q_yes: float, lam: float,
+                   vig: tuple[float, float] = (0.0, 0.0), vig_weight: float = 0.0) -> dict:
+    """The two answers' reward parts: R_I from CLIP relative to the reference, R_T = 100 · calibrated prob,
+    and, with `vig_weight`, each answer's visual information gain `vig` = (yes, no) (log p with the image −
+    log p without it) added at that weight."""
     visual_yes = visual - reference
     self_yes, self_no = 100.0 * q_yes, 100.0 * (1.0 - q_yes)
     return {"visual_yes": visual_yes, "visual_no": -visual_yes, "self_yes": self_yes, "self_no": self_no,
-            "reward_yes": lam * visual_yes + (1.0 - lam) * self_yes,
-            "reward_no": lam * -visual_yes + (1.0 - lam) * self_no}
+            "reward_yes": lam * visual_yes + (1.0 - lam) * self_yes + vig_weight * vig[0],
+            "reward_no": lam * -visual_yes + (1.0 - lam) * self_no + vig_weight * vig[1]}
+
+
+def answer_vig(p_image: Sequence[float], p_no_image: Sequence[float]) -> tuple[float, float]:
+    """Each answer's visual information gain, log p(answer | image, question) − log p(answer | question):
+    how much the image raises it (docs/method.md §3, on the answer's first tokens)."""
+    tiny = 1e-12  # a mass of exactly 0 stays finite
+    return tuple(float(np.log(max(a, tiny)) - np.log(max(b, tiny))) for a, b in zip(p_image, p_no_image))
 
 
 def pick_answer(question: Question, rewards: dict, margin: float) -> tuple[dict | None, str | None]:

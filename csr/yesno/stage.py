@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from csr.yesno.questions import (Question, answer_rewards, form_questions, mix_pairs, named_objects,
+from csr.yesno.questions import (Question, answer_rewards, answer_vig, form_questions, mix_pairs, named_objects,
                                  naming_sentences, pick_answer, prior_partners, quantile, two_class_threshold)
 from csr.config import CSRConfig
 from csr.data import BadInput, load_tree_images
@@ -126,14 +126,18 @@ def score_questions(images: list, questions: list[list[Question]], table, cfg: C
             best = max(q.evidence or (q.statement,), key=lambda s: scored[i][s])
             visual.append((scored[i][best], best, None))
     kinds = cfg.yesno.content_free_inputs
+    scored_kinds = kinds + (["none"] if cfg.yesno.vig_weight and "none" not in kinds else [])  # VIG: without image
     scores = score_closed_set(model, processor, [images[i] for i, _ in flat], [q.question for _, q in flat],
-                              ["yes", "no"], cf_inputs=kinds, batch_size=cfg.yesno.batch_size, seed=cfg.run.seed)
+                              ["yes", "no"], cf_inputs=scored_kinds, batch_size=cfg.yesno.batch_size,
+                              seed=cfg.run.seed)
     calibrated = calibrated_predictions(scores, cf_inputs=kinds)
     out: list[list[dict]] = [[] for _ in questions]
     for row, ((i, q), (value, evidence, reference)) in enumerate(zip(flat, visual)):
         out[i].append({"object": q.object, "source": q.source, "question": q.question, "clip": value,
                        "evidence": evidence, "reference": reference, "p_yes": float(scores.p[row][0]),
-                       "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": float(calibrated["q"][row][0])})
+                       "p_cf_yes": float(calibrated["p_cf"][row][0]), "q_yes": float(calibrated["q"][row][0]),
+                       **(dict(zip(("vig_yes", "vig_no"), answer_vig(scores.p_raw[row], scores.p_cf_raw["none"][row])))
+                          if cfg.yesno.vig_weight else {})})
     return out
 
 
@@ -146,7 +150,8 @@ def reward_rows(rows: list[dict], cfg: CSRConfig) -> float | None:
         for r in rows:
             r["reference"] = split
     for r in rows:
-        r.update(answer_rewards(r["clip"], r["reference"], r["q_yes"], cfg.yesno.reward_lambda))
+        r.update(answer_rewards(r["clip"], r["reference"], r["q_yes"], cfg.yesno.reward_lambda,
+                                (r.get("vig_yes", 0.0), r.get("vig_no", 0.0)), cfg.yesno.vig_weight))
     return split
 
 
