@@ -217,7 +217,7 @@ def _search(model, proc, image, prompt, debias=None, G=3, max_new_tokens=5):
     branch.repeat_interleave(G)
     step = branch.step
     if debias is not None:
-        first, step = debias.wrap(first, step, [prompt], G)
+        first, step, _ = debias.wrap(first, step, [prompt], G)
     tok = proc.tokenizer
     return diverse_group_search(first, step, num_groups=G, diversity_penalty=3.0, max_new_tokens=max_new_tokens,
                                 stop_ids=[tok.eos_token_id], eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)[0]

@@ -278,13 +278,13 @@ def debiased_generate(model, processor, images: Sequence, questions: Sequence[st
 class DebiasedCandidates:
     """Debias sampling inside `csr.generate.beam.diverse_group_search` (the CSR sentence search).
 
-    `wrap(first_logits, step, prefix_texts, num_groups)` returns a new ``(first_logits, step)``
-    pair for the search: a content-free branch is encoded for the M node prefixes (the expander's
+    `wrap(first_logits, step, prefix_texts, num_groups, keep_rows)` returns a new
+    ``(first_logits, step, keep_rows)`` for the search: a content-free branch is encoded for the M node prefixes (the expander's
     full prefix texts: chat prompt with the image placeholder + sentences so far), repeated G times
     like the image cache, and fed the same chosen tokens; every logit row the search sees is
     `debias_logits(l, l_cf, alpha, beta)`. The candidates' stored log-probs are then those of the
-    debiased distribution. `wrap_with_rows` also drops the content-free rows of nodes that leave
-    the search's batch.
+    debiased distribution. The returned `keep_rows` also drops the content-free rows of nodes that
+    leave the search's batch.
     """
 
     def __init__(self, model, processor, *, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA,
@@ -295,16 +295,10 @@ class DebiasedCandidates:
 
     @torch.no_grad()
     def wrap(self, first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
-             prefix_texts: Sequence[str], num_groups: int):
-        first, debiased_step, _ = self.wrap_with_rows(first_logits, step, None, prefix_texts, num_groups)
-        return first, debiased_step
-
-    @torch.no_grad()
-    def wrap_with_rows(self, first_logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
-                       keep_rows: Callable[[torch.Tensor], None] | None, prefix_texts: Sequence[str],
-                       num_groups: int):
-        """`wrap`, plus the search's `keep_rows` (rows leaving the batch) extended to the content-free
-        branch's rows: returns (first_logits, step, keep_rows)."""
+             prefix_texts: Sequence[str], num_groups: int,
+             keep_rows: Callable[[torch.Tensor], None] | None = None):
+        """The search's first logits, step and `keep_rows` (rows leaving the batch), debiased: returns
+        (first_logits, step, keep_rows), the last dropping the content-free branch's rows as well."""
         if len(prefix_texts) != first_logits.shape[0]:
             raise ValueError(f"{len(prefix_texts)} prefix texts for {first_logits.shape[0]} nodes")
         branch = ContentFreeBranch(self.model, self.processor, self.cf_mode)

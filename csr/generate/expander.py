@@ -131,7 +131,7 @@ class LlavaExpander:
             attention, offsets = attention[rows], offsets[rows]
 
         if self.debias is not None:  # contrastive against the image-free model (its own cache)
-            first_logits, step, keep_rows = self.debias.wrap_with_rows(first_logits, step, keep_rows, prefix_texts, G)
+            first_logits, step, keep_rows = self.debias.wrap(first_logits, step, prefix_texts, G, keep_rows)
         cands = diverse_group_search(first_logits, step, num_groups=G, diversity_penalty=self.diversity_penalty,
                                      max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id, eos_stops=self.eos_stops,
