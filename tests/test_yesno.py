@@ -219,6 +219,24 @@ def test_closed_stage_asks_about_named_objects_scores_them_and_mixes_the_pairs(c
     assert len(read_pairs(tmp / "yesno")) == len(mixed)                             # the train stage reads it
 
 
+def test_the_stage_takes_the_score_stages_clip_of_a_sentence_and_scores_only_the_others(closed_inputs,
+                                                                                        tiny_llava_dir, tiny_clip_dir):
+    from csr.yesno.stage import run_yesno
+    from csr.io import read_jsonl, write_jsonl
+
+    tmp = closed_inputs
+    trees = read_jsonl(tmp / "score" / "scored.jsonl")
+    trees[0]["nodes"][2]["clip"] = 77.0                     # " A blue box is below it.", as the score stage left it
+    write_jsonl(tmp / "score" / "scored.jsonl", trees)
+    cfg = load_config(None, [f"score.clip_model={tiny_clip_dir}", "score.clip_pretrained=", "model.device=cpu",
+                             "model.torch_dtype=float32", f"yesno.objects={tmp / 'objects.json'}",
+                             "yesno.enabled=true", "yesno.max_prior=0"])
+    run_yesno(cfg, str(tiny_llava_dir), tmp / "score", tmp / "pairs", tmp / "yesno")
+    rows = {(q["id"], q["object"]): q for q in read_jsonl(tmp / "yesno" / "questions.jsonl")}
+    assert rows["a", "square"]["clip"] == 77.0 and rows["a", "square"]["evidence"] == "A blue box is below it."
+    assert abs(rows["a", "circle"]["clip"]) < 100 and rows["a", "circle"]["clip"] != 77.0   # scored here
+
+
 def test_closed_stage_without_a_vocabulary_is_refused_with_the_fix(closed_inputs, tiny_llava_dir):
     from csr.yesno.stage import run_yesno
     from csr.data import BadInput

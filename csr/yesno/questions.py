@@ -40,6 +40,11 @@ class Question(NamedTuple):
     statement: str     # what CLIP scores with yesno.visual=statement
     evidence: tuple = ()  # the model's own sentences naming the object: what CLIP scores with visual=sentences
 
+    @property
+    def clip_texts(self) -> tuple[str, ...]:
+        """What CLIP scores with visual=sentences: the evidence, or the statement where there is none."""
+        return self.evidence or (self.statement,)
+
 
 def named_objects(sentences: Sequence[str], table) -> list[str]:
     """Canonical objects the sentences name, most often named first (ties: first named first).

@@ -70,6 +70,11 @@ def _sentences(tree: dict) -> list[str]:
     return [n["text"] for n in tree["nodes"] if n.get("parent") is not None and n.get("text")]
 
 
+def stored_clip(tree: dict) -> dict[str, float]:
+    """The score stage's CLIP (100·cos) of the tree's sentences, by their stripped text (as it scored them)."""
+    return {n["text"].strip(): n["clip"] for n in tree["nodes"] if n.get("parent") is not None and "clip" in n}
+
+
 def _first_naming(sentences: list[str], table) -> dict[str, str]:
     """Each object the sentences name -> the first sentence naming it."""
     first: dict[str, str] = {}
@@ -100,13 +105,14 @@ def questions_for(trees: list[dict], table, cfg: CSRConfig, model, processor) ->
 
 
 def score_questions(images: list, questions: list[list[Question]], table, cfg: CSRConfig, model, processor,
-                    clip, statement_features) -> list[list[dict]]:
+                    clip, statement_features, stored: list[dict[str, float]] | None = None) -> list[list[dict]]:
     """Every question's visual score (`clip`, what yesno.visual names, with the sentence it came from), its
     per-image reference where the statement's is per image (else None: `reward_rows` sets it for the round),
     and the calibrated yes-probability.
 
     `statement_features`: CLIP's features of every vocabulary object's statement, in `table.canonicals`
-    order (the same for every image, so encoded once per stage)."""
+    order (the same for every image, so encoded once per stage). `stored`: per image, the CLIP scores the
+    score stage already holds by sentence (`stored_clip`); only the other sentences are scored here."""
     from csr.debias.label_probs import calibrated_predictions, score_closed_set
 
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
@@ -118,12 +124,15 @@ def score_questions(images: list, questions: list[list[Question]], table, cfg: C
         references = [quantile(row, cfg.yesno.reference_quantile) for row in clip_all]
         visual = [(by_object[i][q.object], q.statement, references[i]) for i, q in flat]
     else:
-        # every question's own sentences (the statement where it has none), scored once per image
-        texts = [list(dict.fromkeys(s for q in qs for s in (q.evidence or (q.statement,)))) for qs in questions]
-        scored = [dict(zip(t, row)) for t, row in zip(texts, clip.scores_many(images, texts))]
+        # every question's own sentences, scored once per image unless the score stage already did
+        known = stored or [{} for _ in questions]
+        texts = [list(dict.fromkeys(s for q in qs for s in q.clip_texts if s not in known[i]))
+                 for i, qs in enumerate(questions)]
+        new = clip.scores_many(images, texts)
+        scored = [{**known[i], **dict(zip(texts[i], new[i]))} for i in range(len(questions))]
         visual = []
         for i, q in flat:
-            best = max(q.evidence or (q.statement,), key=lambda s: scored[i][s])
+            best = max(q.clip_texts, key=lambda s: scored[i][s])
             visual.append((scored[i][best], best, None))
     kinds = cfg.yesno.content_free_inputs
     scored_kinds = kinds + (["none"] if cfg.yesno.vig_weight and "none" not in kinds else [])  # VIG: without image
@@ -198,7 +207,8 @@ def run_yesno(cfg: CSRConfig, policy_path: str, score_dir: str | Path, pairs_dir
     for start in tqdm(range(0, len(trees), step), desc="yesno", unit="batch"):
         batch, images = load_tree_images(trees[start:start + step], summary)
         questions = questions_for(batch, table, cfg, model, processor)
-        scored = score_questions(images, questions, table, cfg, model, processor, clip, statement_features)
+        scored = score_questions(images, questions, table, cfg, model, processor, clip, statement_features,
+                                 [stored_clip(t) for t in batch])
         for tree, qs, rows in zip(batch, questions, scored):
             if not qs:
                 summary.skip("no_object_named", f"tree {tree['id']}")
