@@ -117,9 +117,11 @@ def in_halving_chunks(items: list, size: int, run, what: str, knob: str) -> tupl
     """`run(chunk)` over chunks of `size` items (0: all at once), results concatenated in order.
 
     On out-of-memory the chunk is halved and retried (logged, naming the setting `knob` to lower),
-    down to one item; returns the results and the size that worked, so a caller can keep it.
+    down to one item; returns the results and the size to use next time: the one asked for (0 stays
+    0, so a later call with more items still runs them all at once) unless a halving lowered it.
     """
-    size = size or len(items) or 1
+    asked, size = size, size or len(items) or 1
+    halved = False
     out, start = [], 0
     while start < len(items):
         chunk = items[start:start + size]
@@ -128,13 +130,13 @@ def in_halving_chunks(items: list, size: int, run, what: str, knob: str) -> tupl
         except RuntimeError as err:
             if not is_oom(err) or size == 1:
                 raise
-            size = max(1, size // 2)
+            size, halved = max(1, size // 2), True
             log.warning("out of memory on %d %s; retrying with %s=%d", len(chunk), what, knob, size)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
         start += len(chunk)
-    return out, size
+    return out, (size if halved else asked)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -89,6 +89,25 @@ def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, ca
     assert "retrying with generate.node_batch_size=1" in caplog.text
 
 
+def test_all_nodes_at_once_stays_all_at_once_after_a_smaller_level(policy, monkeypatch):
+    """node_batch_size=0: a level with more nodes than the first (the root alone) is still one batch."""
+    model, processor = policy
+    fast = CachedLlavaExpander(model, processor, num_candidates=2, diversity_penalty=1.0, max_new_tokens=4,
+                               stop_ids=sentence_end_ids(processor.tokenizer), node_batch_size=0)
+    real, sizes = fast._expand_cached, []
+
+    def record(prompts, chunk):
+        sizes.append(len(chunk))
+        return real(prompts, chunk)
+
+    monkeypatch.setattr(fast, "_expand_cached", record)
+    image = Image.open(IMAGES / "0.png").convert("RGB")
+    cache = fast.encode_prompts([image], [build_chat_prompt(processor, QUESTIONS[0])])
+    fast.expand_many(cache, [(0, [])])
+    fast.expand_many(cache, [(0, []), (0, ["A cat."]), (0, ["A dog."])])
+    assert sizes == [1, 3] and fast.node_batch_size == 0
+
+
 def test_debias_candidate_mode_in_both_expanders(policy):
     """generate.candidate_mode=debias: the fast and reference paths still agree, and α=β=0 is plain."""
     from csr.debias.sampling import DebiasedCandidates
