@@ -124,9 +124,10 @@ class CascadeLayer(PreallocatedLayer):
     """One layer: the trees' prefix keys/values (shared, never copied per row) and each row's
     suffix in preallocated room. `update` stores and returns the suffix only."""
 
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, reserve: int = 64):
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, rows: int, reserve: int = 64):
         super().__init__(reserve)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
+        self.allocate(rows, prefix_keys, reserve)  # the suffixes start empty, with all their room
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + self.length
@@ -137,7 +138,8 @@ class CascadeCache(Cache):
 
     `prompt_cache` holds the trees' encoded prompts ([T_all] rows, left-padded, mask
     `prompt_mask`); `trees` [R] names each row's tree. Only the trees the rows use are kept, and a
-    cache whose rows use every tree keeps the prompt cache's own tensors (no copy at all).
+    cache whose rows use every tree keeps the prompt cache's own tensors (no copy at all). Each
+    row's suffix has room for `reserve` columns.
     """
 
     def __init__(self, prompt_cache: Cache, prompt_mask: torch.Tensor, trees: torch.Tensor, reserve: int = 64):
@@ -146,7 +148,7 @@ class CascadeCache(Cache):
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t if every else t[used]
-        super().__init__(layers=[CascadeLayer(pick(layer.keys), pick(layer.values), reserve)
+        super().__init__(layers=[CascadeLayer(pick(layer.keys), pick(layer.values), trees.numel(), reserve)
                                  for layer in prompt_cache.layers])
         self.prefix_mask = pick(prompt_mask).bool()
         self.layout = RowLayout.of(trees, used.numel())

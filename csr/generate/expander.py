@@ -316,26 +316,24 @@ class CachedLlavaExpander(LlavaExpander):
         kept = [node.kept for node in chunk]
         kept_width = max((k.length for k in kept if k is not None), default=0)
         width = max(len(node.feed) for node in chunk)
-        reserve = kept_width + width + self.max_new_tokens + 1
+        room = kept_width + width + self.max_new_tokens + 1  # the columns this level adds after the prompt
         if self.prefix_attention == "cascade":  # one prompt copy per tree, shared by its rows
-            cache = CascadeCache(prompts.cache, prompts.attention, rows, reserve=reserve)
+            cache = CascadeCache(prompts.cache, prompts.attention, rows, reserve=room)
         else:
-            cache = select_rows(prompts.cache, rows, reserve=reserve)
+            cache = select_rows(prompts.cache, rows, reserve=room)
         attention, offsets = prompts.attention[rows], prompts.offsets[rows]
         prompt_width = attention.shape[1]
         first = prompts.last_logits[rows]
         if kept_width:
             # the paths' kept keys/values, left-padded to one width after the prompt (masked; the
             # positions skip the padding, as they skipped it when the keys were computed)
-            like = next(k for k in kept if k is not None).kv
-            kv = like.new_zeros((len(chunk), *like.shape[:-2], kept_width, like.shape[-1]))
             mask = torch.zeros((len(chunk), kept_width), dtype=attention.dtype, device=device)
             for j, k in enumerate(kept):
                 if k is not None and k.length:
-                    kv[j, ..., kept_width - k.length:, :] = k.kv
                     mask[j, kept_width - k.length:] = 1
-            for layer in range(kv.shape[1]):
-                cache.update(kv[:, layer, 0], kv[:, layer, 1], layer)
+            for i, layer in enumerate(cache.layers):
+                layer.append_left_padded([k.kv[i] if k is not None and k.length else None for k in kept],
+                                         kept_width)
             attention = torch.cat([attention, mask], dim=1)
         if width:
             # the ids to feed (a reused path's last token, else the sentences so far), left-padded so

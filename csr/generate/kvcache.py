@@ -22,10 +22,19 @@ class PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.reserve = reserve
         self.length = 0
+        self._k = self._v = None
+
+    def allocate(self, batch: int, like: torch.Tensor, capacity: int) -> None:
+        """Start empty with room for `capacity` columns of `batch` rows (shaped and typed as `like`)."""
+        self.lazy_initialization(like, like)
+        shape = (batch, like.shape[1], capacity, like.shape[3])
+        self._k, self._v = like.new_empty(shape), like.new_empty(shape)
+        self.length = 0
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
 
     def _ensure(self, batch: int, extra: int, like: torch.Tensor) -> None:
         need = self.length + extra
-        if self.is_initialized and self.length and self._k.shape[0] == batch and self._k.shape[2] >= need:
+        if self._k is not None and self._k.shape[0] == batch and self._k.shape[2] >= need:
             return
         capacity = max(need + self.reserve, 2 * self.length)
         shape = (batch, like.shape[1], capacity, like.shape[3])
@@ -46,10 +55,25 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
         return self.keys, self.values
 
+    def append_left_padded(self, rows: list[torch.Tensor | None], width: int) -> None:
+        """Append `width` columns: row j gets `rows[j]` ([2, Hkv, L, D]: keys, values; or None)
+        right-aligned, zeros before it (padding the caller masks; zeros keep masked scores finite)."""
+        like = next(kv for kv in rows if kv is not None)[0]
+        self._ensure(len(rows), width, like)
+        start = self.length
+        for j, kv in enumerate(rows):
+            filled = 0 if kv is None else kv.shape[-2]
+            for buf, part in ((self._k, 0), (self._v, 1)):
+                buf[j, :, start:start + width - filled] = 0
+                if filled:
+                    buf[j, :, start + width - filled:start + width] = kv[part]
+        self.length += width
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
-            b, h, _, d = self._k.shape
-            shape = (b * repeats, h, self.length + self.reserve, d)
+            b, h, capacity, d = self._k.shape  # the room planned for this buffer comes along
+            shape = (b * repeats, h, capacity, d)
             k, v = self._k.new_empty(shape), self._v.new_empty(shape)
             n = self.length  # broadcast-copy each row into its `repeats` slots: no temporary
             k.view(b, repeats, h, -1, d)[:, :, :, :n] = self.keys[:, None]
