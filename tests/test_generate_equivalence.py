@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from csr.generate import cascade as cascade_module
 from csr.generate.cascade import CascadeCache, RowLayout, prefix_suffix_attention
 from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
@@ -153,13 +154,24 @@ def dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, 
     return torch.stack(out).transpose(1, 2)  # [R, q, H, D]
 
 
+@pytest.mark.parametrize("padded_query", [True, False], ids=["a-query-sees-only-its-prompt", "every-query-sees-its-suffix"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "matmul"])
 @pytest.mark.parametrize("heads,kv_heads,q,max_scores", [(4, 4, 1, 2**26), (4, 2, 1, 2**26), (6, 2, 3, 2**26),
                                                         (4, 1, 5, 2**26), (6, 2, 3, 100)])
-def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q, max_scores, monkeypatch):
+def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q, max_scores, fused,
+                                                                    padded_query, monkeypatch):
     """Grouped-query heads, trees with different prompt padding, rows in any tree order, suffixes
     left-padded (a padded query sees its prompt only), a causal chunk of q new tokens, and the
-    queries taken in slices when the scores would be large."""
+    queries taken in slices when the scores would be large; with torch's fused CPU kernel where
+    every query sees a key (the prompts; the suffixes of the cases without a fully padded row) and
+    with the matmul form alone."""
     monkeypatch.setattr("csr.generate.cascade.MAX_SCORES", max_scores)
+    fused_calls = []
+    if fused:
+        kernel = cascade_module._CPU_FUSED
+        monkeypatch.setattr(cascade_module, "_CPU_FUSED", lambda *a, **k: fused_calls.append(1) or kernel(*a, **k))
+    else:
+        monkeypatch.setattr(cascade_module, "_CPU_FUSED", None)
     gen = torch.Generator().manual_seed(0)
     T, Lp, Ls, D = 3, 7, 6, 8
     trees = torch.tensor([2, 0, 0, 1, 2, 2, 0])
@@ -173,13 +185,17 @@ def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_he
     prefix_mask[0, :3] = False  # left padding of a shorter prompt
     prefix_mask[2, :1] = False
     suffix_mask = torch.ones(R, Ls, dtype=torch.bool)
-    for r, pad in enumerate([0, 2, Ls - 1, 4, 0, 1, Ls - q + 1]):
+    pads = [0, 2, Ls - 1 if padded_query else Ls - q, 4, 0, 1, Ls - q + padded_query]
+    for r, pad in enumerate(pads):
         suffix_mask[r, :pad] = False
     got = prefix_suffix_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask,
                                   RowLayout.of(trees, T), D ** -0.5)
     want = dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask, trees, D ** -0.5)
     assert got.shape == (R, q, heads, D)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    if fused:  # the prompts always; the suffixes too where no query is all padding (a decode step)
+        every_suffix_query_sees_a_key = max(pads) <= Ls - q
+        assert len(fused_calls) >= 1 + every_suffix_query_sees_a_key
 
 
 @pytest.fixture(scope="module", params=sorted(SUPPORTED_CLASSES))

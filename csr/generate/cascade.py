@@ -62,13 +62,25 @@ class RowLayout:
 MAX_SCORES = 2**26
 
 
+# torch's fused CPU attention kernel, which also returns each query's log-sum-exp. It is an operator
+# of torch's own scaled_dot_product_attention dispatch rather than a public function, so it is looked
+# up once and used only where it exists.
+_CPU_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _partial_attention(query, keys, values, mask, scaling: float):
     """Softmax attention restricted to `mask` (True = attend), with its log-sum-exp.
 
     query [B, Hkv, n, D], keys/values [B, Hkv, L, D], mask [B or 1, 1, n or 1, L].
     Returns (output [B, Hkv, n, D] in float32, lse [B, Hkv, n]); a query that sees no key gets
-    output 0 and lse -inf, so it weighs nothing when combined.
+    output 0 and lse -inf, so it weighs nothing when combined. In float32 on a CPU, when every
+    query sees a key, this is torch's fused kernel (blockwise: no score matrix held, and it reads
+    the cache's strided keys/values in place); otherwise the matmul form below.
     """
+    if (_CPU_FUSED is not None and query.device.type == "cpu" and query.dtype == torch.float32
+            and bool(mask.any(dim=-1).all())):
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+        return _CPU_FUSED(query, keys, values, 0.0, False, attn_mask=additive, scale=scaling)
     B, Hkv, n, _ = query.shape
     per_query = B * Hkv * keys.shape[-2]
     size = max(1, MAX_SCORES // per_query)
@@ -104,15 +116,15 @@ def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, pref
     grouped = padded[layout.slots].transpose(1, 2).reshape(T, Hkv, rep * S * q, D)
     o_p, lse_p = _partial_attention(grouped, prefix_keys, prefix_values, prefix_mask.bool()[:, None, None, :],
                                     scaling)
-    o_p = o_p.view(T, H, S, q, D).transpose(1, 2).reshape(T * S, H, q, D)[layout.flat]
-    lse_p = lse_p.view(T, H, S, q).transpose(1, 2).reshape(T * S, H, q)[layout.flat]
+    o_p = o_p.reshape(T, H, S, q, D).transpose(1, 2).reshape(T * S, H, q, D)[layout.flat]
+    lse_p = lse_p.reshape(T, H, S, q).transpose(1, 2).reshape(T * S, H, q)[layout.flat]
     # suffix: per row; query i sits at suffix column Ls - q + i and sees columns up to it
     Ls = suffix_keys.shape[-2]
     causal = torch.arange(Ls, device=query.device)[None, :] <= torch.arange(Ls - q, Ls, device=query.device)[:, None]
     mask = (suffix_mask.bool()[:, None, :] & causal)[:, None, None]  # [R, 1, 1, q, Ls]
     mask = mask.expand(R, 1, rep, q, Ls).reshape(R, 1, rep * q, Ls)
     o_s, lse_s = _partial_attention(query.reshape(R, Hkv, rep * q, D), suffix_keys, suffix_values, mask, scaling)
-    o_s, lse_s = o_s.view(R, H, q, D), lse_s.view(R, H, q)
+    o_s, lse_s = o_s.reshape(R, H, q, D), lse_s.reshape(R, H, q)
     # combined by log-sum-exp; every row sees its prompt, so lse_p (and m) is finite
     m = torch.maximum(lse_p, lse_s)
     w_p, w_s = torch.exp(lse_p - m)[..., None], torch.exp(lse_s - m)[..., None]
