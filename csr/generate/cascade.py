@@ -96,39 +96,65 @@ def _partial_attention(query, keys, values, mask, scaling: float):
     return torch.matmul(probs.to(values.dtype), values).float(), lse
 
 
+def _grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                       layout: RowLayout, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's queries [R, H, q, D] over its group's keys/values [N, Hkv, L, D] (mask [N, L]):
+    a group's rows' queries as one block [N, Hkv, rep*S*q, D] against its single copy. Returns
+    (output [R, H, q, D], lse [R, H, q])."""
+    R, H, q, D = query.shape
+    N, Hkv = keys.shape[:2]
+    rep, S = H // Hkv, layout.slots.shape[1]
+    padded = torch.cat([query, query.new_zeros(1, H, q, D)])  # row R: the empty slot
+    grouped = padded[layout.slots].transpose(1, 2).reshape(N, Hkv, rep * S * q, D)
+    out, lse = _partial_attention(grouped, keys, values, mask.bool()[:, None, None, :], scaling)
+    out = out.reshape(N, H, S, q, D).transpose(1, 2).reshape(N * S, H, q, D)[layout.flat]
+    lse = lse.reshape(N, H, S, q).transpose(1, 2).reshape(N * S, H, q)[layout.flat]
+    return out, lse
+
+
+@dataclass(frozen=True)
+class SharedPart:
+    """Keys/values shared by groups of rows (a node's path, read by the node's G rows)."""
+    keys: torch.Tensor    # [N, Hkv, L, D]
+    values: torch.Tensor  # [N, Hkv, L, D]
+    mask: torch.Tensor    # [N, L] True = a real token
+    layout: RowLayout     # which group each row reads
+
+
 def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
                             prefix_mask: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
-                            suffix_mask: torch.Tensor, layout: RowLayout, scaling: float) -> torch.Tensor:
-    """Attention of each row's queries over its tree's prefix followed by its own suffix.
+                            suffix_mask: torch.Tensor, layout: RowLayout, scaling: float,
+                            middle: SharedPart | None = None) -> torch.Tensor:
+    """Attention of each row's queries over its tree's prefix, then (optionally) its group's
+    shared `middle` part, then its own suffix.
 
     query [R, H, q, D]; prefix_keys/values [T, Hkv, Lp, D] (one per tree), prefix_mask [T, Lp];
     suffix_keys/values [R, Hkv, Ls, D], suffix_mask [R, Ls] (True = a real token). The q queries
-    are the last q suffix positions, causal among themselves. H may be a multiple of Hkv (grouped-
-    query attention: head h reads key/value head h // (H / Hkv)). Returns [R, q, H, D], the layout
-    transformers' attention functions return.
+    are the last q suffix positions, causal among themselves; every query sees all of the prefix
+    and middle that its mask allows. H may be a multiple of Hkv (grouped-query attention: head h
+    reads key/value head h // (H / Hkv)). Returns [R, q, H, D], the layout transformers' attention
+    functions return.
     """
     R, H, q, D = query.shape
-    T, Hkv, _, _ = prefix_keys.shape
+    Hkv = prefix_keys.shape[1]
     rep = H // Hkv
-    S = layout.slots.shape[1]
-    # prefix: each tree's rows' queries as one block [T, Hkv, rep*S*q, D] against its single prefix
-    padded = torch.cat([query, query.new_zeros(1, H, q, D)])  # row R: the empty slot
-    grouped = padded[layout.slots].transpose(1, 2).reshape(T, Hkv, rep * S * q, D)
-    o_p, lse_p = _partial_attention(grouped, prefix_keys, prefix_values, prefix_mask.bool()[:, None, None, :],
-                                    scaling)
-    o_p = o_p.reshape(T, H, S, q, D).transpose(1, 2).reshape(T * S, H, q, D)[layout.flat]
-    lse_p = lse_p.reshape(T, H, S, q).transpose(1, 2).reshape(T * S, H, q)[layout.flat]
+    parts = [_grouped_attention(query, prefix_keys, prefix_values, prefix_mask, layout, scaling)]
+    if middle is not None and middle.keys.shape[-2]:
+        parts.append(_grouped_attention(query, middle.keys, middle.values, middle.mask, middle.layout, scaling))
     # suffix: per row; query i sits at suffix column Ls - q + i and sees columns up to it
     Ls = suffix_keys.shape[-2]
-    causal = torch.arange(Ls, device=query.device)[None, :] <= torch.arange(Ls - q, Ls, device=query.device)[:, None]
-    mask = (suffix_mask.bool()[:, None, :] & causal)[:, None, None]  # [R, 1, 1, q, Ls]
-    mask = mask.expand(R, 1, rep, q, Ls).reshape(R, 1, rep * q, Ls)
-    o_s, lse_s = _partial_attention(query.reshape(R, Hkv, rep * q, D), suffix_keys, suffix_values, mask, scaling)
-    o_s, lse_s = o_s.reshape(R, H, q, D), lse_s.reshape(R, H, q)
-    # combined by log-sum-exp; every row sees its prompt, so lse_p (and m) is finite
-    m = torch.maximum(lse_p, lse_s)
-    w_p, w_s = torch.exp(lse_p - m)[..., None], torch.exp(lse_s - m)[..., None]
-    out = (w_p * o_p + w_s * o_s) / (w_p + w_s)
+    if Ls:
+        causal = torch.arange(Ls, device=query.device)[None, :] <= torch.arange(Ls - q, Ls, device=query.device)[:, None]
+        mask = (suffix_mask.bool()[:, None, :] & causal)[:, None, None]  # [R, 1, 1, q, Ls]
+        mask = mask.expand(R, 1, rep, q, Ls).reshape(R, 1, rep * q, Ls)
+        o_s, lse_s = _partial_attention(query.reshape(R, Hkv, rep * q, D), suffix_keys, suffix_values, mask, scaling)
+        parts.append((o_s.reshape(R, H, q, D), lse_s.reshape(R, H, q)))
+    # combined by log-sum-exp; every row sees its prompt, so the prefix's lse (and m) is finite
+    m = parts[0][1]
+    for _, lse in parts[1:]:
+        m = torch.maximum(m, lse)
+    weights = [torch.exp(lse - m)[..., None] for _, lse in parts]
+    out = sum(w * o for w, (o, _) in zip(weights, parts)) / sum(weights)
     return out.to(query.dtype).transpose(1, 2)
 
 
@@ -140,9 +166,21 @@ class CascadeLayer(PreallocatedLayer):
         super().__init__(reserve)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
         self.allocate(rows, prefix_keys, reserve)  # the suffixes start empty, with all their room
+        # after `CascadeCache.share_per_node`: each node's columns so far, read by all its rows
+        self.node_keys = self.node_values = None
+
+    def node_width(self) -> int:
+        return 0 if self.node_keys is None else self.node_keys.shape[-2]
 
     def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[-2] + self.length
+        return self.prefix_keys.shape[-2] + self.node_width() + self.length
+
+    def share_per_node(self, repeats: int) -> None:
+        """The rows so far become nodes: their columns stay where they are, read by `repeats` new
+        rows each, whose own suffixes start empty in the room that was left."""
+        self.node_keys, self.node_values = self.keys, self.values
+        self.allocate(self._k.shape[0] * repeats, self.prefix_keys, self._k.shape[2] - self.length)
+
 
 
 class CascadeCache(Cache):
@@ -164,6 +202,8 @@ class CascadeCache(Cache):
                                  for layer in prompt_cache.layers])
         self.prefix_mask = pick(prompt_mask).bool()
         self.layout = RowLayout.of(trees, used.numel())
+        self.node_mask: torch.Tensor | None = None  # [nodes, node columns], after share_per_node
+        self.nodes: RowLayout | None = None         # which node each row reads
 
     @property
     def n_trees(self) -> int:
@@ -172,10 +212,27 @@ class CascadeCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)  # the suffixes; the prefixes stay one per tree
         self.layout = RowLayout.of(self.layout.trees.repeat_interleave(repeats), self.n_trees)
+        if self.nodes is not None:
+            self.nodes = RowLayout.of(self.nodes.trees.repeat_interleave(repeats), self.node_mask.shape[0])
+
+    def share_per_node(self, repeats: int, mask: torch.Tensor) -> None:
+        """Each row so far (a node: its path's columns after the prompt, `mask` [rows, columns])
+        becomes `repeats` rows that share those columns: one stored copy per node, as the prompt
+        has one per tree. The rows' own suffixes start empty."""
+        if self.nodes is not None:
+            raise RuntimeError("share_per_node: the rows already share their nodes' columns")
+        n = mask.shape[0]
+        for layer in self.layers:
+            layer.share_per_node(repeats)
+        self.node_mask = mask.bool()
+        self.nodes = RowLayout.of(torch.arange(n, device=mask.device).repeat_interleave(repeats), n)
+        self.layout = RowLayout.of(self.layout.trees.repeat_interleave(repeats), self.n_trees)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.layout = RowLayout.of(self.layout.trees[indices], self.n_trees)
+        if self.nodes is not None:
+            self.nodes = RowLayout.of(self.nodes.trees[indices], self.node_mask.shape[0])
 
 
 def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -191,8 +248,11 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     suffix_mask = attention_mask[:, -ls:] if attention_mask is not None else \
         torch.ones(rows, ls, dtype=torch.bool, device=key.device)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    middle = None
+    if cascade.nodes is not None:
+        middle = SharedPart(layer.node_keys, layer.node_values, cascade.node_mask, cascade.nodes)
     out = prefix_suffix_attention(query, layer.prefix_keys, layer.prefix_values, cascade.prefix_mask,
-                                  key, value, suffix_mask, cascade.layout, scaling)
+                                  key, value, suffix_mask, cascade.layout, scaling, middle)
     return out, None
 
 

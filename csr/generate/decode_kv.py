@@ -31,9 +31,23 @@ PathKey = tuple[int, tuple[int, ...]]
 
 @dataclass
 class _Block:
-    """Rows of a decode cache after the prompt: per layer keys/values [b, Hkv, C, D]."""
+    """Rows of a decode cache after the prompt: per layer keys/values [b, Hkv, C, D]. With `nodes`
+    (the cascade's shared node columns), row i's columns start with those of node `nodes[i]`
+    (`node_keys`/`node_values` [n, Hkv, Cn, D], one copy per node) and the rows hold their own."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    nodes: list[int] | None = None
+    node_keys: list[torch.Tensor] | None = None
+    node_values: list[torch.Tensor] | None = None
+
+    def row(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i's keys and values after the prompt in `layer` ([Hkv, C, D])."""
+        k, v = self.keys[layer][i], self.values[layer][i]
+        if self.nodes is None:
+            return k, v
+        node = self.nodes[i]
+        return (torch.cat([self.node_keys[layer][node], k], dim=1),
+                torch.cat([self.node_values[layer][node], v], dim=1))
 
 
 @dataclass
@@ -59,8 +73,8 @@ class DecodeKV:
             return None
         block, row, columns = found
         columns = columns.to(block.keys[0].device)
-        return PathKV(torch.stack([torch.stack([k[row][:, columns], v[row][:, columns]])
-                                   for k, v in zip(block.keys, block.values)]))
+        return PathKV(torch.stack([torch.stack([k[:, columns], v[:, columns]])
+                                   for k, v in (block.row(layer, row) for layer in range(len(block.keys)))]))
 
 
 class DecodeRecorder:
@@ -94,7 +108,15 @@ class DecodeRecorder:
             # the whole batch: a view where the cache holds just these columns, else a copy, so
             # that the rows' prompt copies (copies path) are not kept alive with them
             return t if whole else t.clone()
-        block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers])
+        nodes = getattr(cache, "nodes", None)
+        if nodes is not None:  # cascade: the rows hold their own columns, their nodes the rest (shared)
+            width -= cache.node_mask.shape[1]
+            of_row = nodes.trees if rows is None else nodes.trees[rows]
+            block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers],
+                           of_row.tolist(), [layer.node_keys for layer in cache.layers],
+                           [layer.node_values for layer in cache.layers])
+        else:
+            block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers])
         originals = self.rows if rows is None else self.rows[rows]
         for i, r in enumerate(originals.tolist()):
             self.kept[r] = (block, i)

@@ -109,7 +109,10 @@ class LlavaExpander:
         `recorder`, the rows' keys/values after the prompt are kept for the children (`decode_kv`).
         """
         G = self.G
-        cache.batch_repeat_interleave(G)
+        if isinstance(cache, CascadeCache):  # a node's G rows share its columns, as its tree's rows the prompt
+            cache.share_per_node(G, attention[:, cache.prefix_mask.shape[1]:])
+        else:
+            cache.batch_repeat_interleave(G)
         attention = attention.repeat_interleave(G, dim=0)
         offsets = offsets.repeat_interleave(G, dim=0)
         if recorder is not None:
