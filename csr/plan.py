@@ -182,12 +182,21 @@ def generation_memory(cfg: CSRConfig, config, total_params: int, per_tree_active
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     g = cfg.generate
-    seq = image_tokens(config) + PROMPT_TOKENS + g.max_response_chars // CHARS_PER_TOKEN + g.max_new_tokens
+    prompt, path = image_tokens(config) + PROMPT_TOKENS, g.max_response_chars // CHARS_PER_TOKEN
+    seq = prompt + path + g.max_new_tokens
     nodes = g.node_batch_size or g.prompt_batch_size * per_tree_active
     sequences = nodes * g.num_candidates
-    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * b * seq * sequences
+    if g.prefix_attention == "cascade":  # each prompt once per tree, each path once per node, rows their own tokens
+        trees = min(g.prompt_batch_size, nodes)
+        tokens = trees * prompt + nodes * path + sequences * g.max_new_tokens
+        layout = (f"cascade: {trees} prompts x {prompt} tokens, {nodes} nodes' paths x {path}, "
+                  f"{sequences} rows x {g.max_new_tokens}, each stored once")
+    else:  # copies: every row holds its prompt and path
+        tokens = sequences * seq
+        layout = f"{nodes} nodes x {g.num_candidates} beams = {sequences} sequences of <= {seq} tokens"
+    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * b * tokens
     return {"dtype": dtype, "weights": total_params * b, "kv_cache": kv, "sequences": sequences, "seq_len": seq,
-            "nodes": nodes, "total": total_params * b + kv}
+            "nodes": nodes, "layout": layout, "total": total_params * b + kv}
 
 
 def dpo_memory(cfg: CSRConfig, config, lp: LoraPlan, setup: dict) -> dict:
@@ -296,8 +305,7 @@ def make_plan(cfg: CSRConfig) -> str:
              "",
              "# memory per device (estimates)",
              f"generate       {_gib(gen['total'])} = weights {_gib(gen['weights'])} ({gen['dtype']}) + KV cache "
-             f"{_gib(gen['kv_cache'])} ({gen['nodes']} nodes x {g.num_candidates} beams = {gen['sequences']} "
-             f"sequences of <= {gen['seq_len']} tokens; generate.node_batch_size lowers it)",
+             f"{_gib(gen['kv_cache'])} ({gen['layout']}; generate.node_batch_size lowers it)",
              f"train (DPO)    {_gib(dpo['total'])} under "
              + (f"ZeRO-{setup['zero_stage']}" if setup["zero_stage"] else "DDP" if procs > 1 else "one process")
              + (" + optimizer offload" if setup["offload"] else "") + f" on {setup['world']} device(s):",

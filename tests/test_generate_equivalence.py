@@ -230,7 +230,7 @@ def test_cascade_trees_equal_the_reference_for_every_class(class_policy, pruning
     assert_same_trees(expected, got)
 
 
-def test_cascade_cache_holds_one_prompt_copy_per_tree(policy, monkeypatch):
+def test_cascade_cache_holds_one_prompt_copy_per_tree_and_one_path_copy_per_node(policy, monkeypatch):
     model, processor = policy
     ex = CachedLlavaExpander(model, processor, num_candidates=3, diversity_penalty=1.0, max_new_tokens=3,
                              stop_ids=sentence_end_ids(processor.tokenizer), prefix_attention="cascade")
@@ -251,6 +251,9 @@ def test_cascade_cache_holds_one_prompt_copy_per_tree(policy, monkeypatch):
         assert layer.prefix_keys.shape[0] == layer.prefix_values.shape[0] == 3  # trees, not rows
         assert layer.keys.shape[0] == 5 * 3  # each row's own suffix: nodes x groups
         assert layer.prefix_keys.data_ptr() == prompt_layer.keys.data_ptr()  # every tree used: no copy at all
+        # each node's sentences once, read by its 3 rows, whose suffixes hold only what they generated
+        assert layer.node_keys.shape[:1] == (5,) and layer.node_keys.shape[2] == cache.node_mask.shape[1] > 0
+        assert layer.keys.shape[2] <= 3 - 1
 
     ex.expand_many(prompts, [(1, []), (1, ["A cat."])])  # one tree: its prompt alone
     assert seen[-1].layers[0].prefix_keys.shape[0] == 1 and seen[-1].layers[0].keys.shape[0] == 2 * 3

@@ -53,6 +53,14 @@ def test_plan_of_the_7b_recipe(llava_7b, tmp_path):
     assert "350 candidate sentences a tree when no path ends early, at most 465" in text
     # generation weights: 7.06 B x 2 bytes (bfloat16) = 13.2 GiB
     assert "weights   13.2 GiB (bfloat16)" in text
+    # KV cache, 2 x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB a token; 8 trees in flight keep 3 nodes each
+    # (24 nodes, 120 rows). Cascade (the default): 8 x (576 image + 64 prompt) + 24 x 1024 / 4 chars + 120 x 74
+    # = 20,144 tokens = 9.8 GiB; copies: 120 rows x (640 + 256 + 74) = 116,400 tokens = 56.8 GiB
+    assert "KV cache    9.8 GiB (cascade: 8 prompts x 640 tokens, 24 nodes' paths x 256, 120 rows x 74" in text
+    copies = make_plan(load_config(ROOT / "recipes/llava-1.5-7b/csr_paper.yaml", [
+        f"model.model_name_or_path={llava_7b}", "run.num_processes=1", f"data.prompts={tmp_path / 'none.json'}",
+        "generate.prefix_attention=copies"]))
+    assert "KV cache   56.8 GiB (24 nodes x 5 beams = 120 sequences of <= 970 tokens" in copies
     # DPO, one process: the LoRA in float32, 4 + 4 + 8 bytes a parameter = 4.8 GiB beside the 13.2 GiB base
     assert "LoRA weights     1.2 GiB, gradients    1.2 GiB, AdamW states    2.4 GiB" in text
     assert "-> export (bfloat16)" in text

@@ -2,15 +2,18 @@
 
 The sentence search decodes many rows per tree (its open nodes times the G token-level groups),
 and all of them attend to the same image+prompt prefix. Instead of a copy of that prefix per row,
-`CascadeCache` keeps the prompt cache once per tree and each row's own suffix (its node's sentence
-tokens and the tokens generated since) apart. Softmax attention over [prefix; suffix] is the two
-partial attentions combined by their log-sum-exp (Hydragen, Juravsky et al. 2024; FlashInfer's
-cascade attention):
+`CascadeCache` keeps the prompt cache once per tree and each row's own suffix apart. The same holds
+one level down: a node's G rows all read the node's path (its sentences so far and the token fed
+for it), so once the node's forward has run, `share_per_node` keeps those columns once per node
+and each row's suffix holds only the tokens it generated. Softmax attention over
+[prefix; node; suffix] is the partial attentions combined by their log-sum-exp (Hydragen, Juravsky
+et al. 2024; FlashInfer's cascade attention):
 
-    out = (e^(lse_p - m) o_p + e^(lse_s - m) o_s) / (e^(lse_p - m) + e^(lse_s - m)),  m = max(lse_p, lse_s)
+    out = Σ_i e^(lse_i - m) o_i / Σ_i e^(lse_i - m),  m = max_i lse_i
 
-The prefix part batches the queries of all rows of a tree against that tree's single prefix (rows
-grouped per tree, padded to the largest tree: one matmul per layer); the suffix part is per row.
+A shared part batches the queries of all rows of a tree (or node) against its single copy (rows
+grouped, padded to the largest group: one kernel call per layer); the suffix part is per row. In
+float32 on a CPU a part whose every query sees a key runs torch's fused attention kernel.
 Exact up to float rounding; `tests/test_generate_equivalence.py` holds it to the reference.
 
 It plugs into transformers through its public interfaces: the attention function and a mask
@@ -159,8 +162,9 @@ def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, pref
 
 
 class CascadeLayer(PreallocatedLayer):
-    """One layer: the trees' prefix keys/values (shared, never copied per row) and each row's
-    suffix in preallocated room. `update` stores and returns the suffix only."""
+    """One layer: the trees' prefix keys/values (shared, never copied per row), after
+    `share_per_node` each node's columns (shared by its rows), and each row's suffix in
+    preallocated room. `update` stores and returns the suffix only."""
 
     def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, rows: int, reserve: int = 64):
         super().__init__(reserve)
