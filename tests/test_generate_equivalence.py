@@ -69,21 +69,27 @@ def test_cached_batched_trees_equal_the_per_node_reference(policy, pruning, pref
     assert_same_trees(expected, got, past=4, n_tokens=True)
 
 
-def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, caplog):
+def chunk_sizes(policy, monkeypatch, node_batch_size: int, fits=lambda n: True):
+    """(expander, its one-image prompt cache, the node counts its chunks ran with): chunks of more
+    nodes than `fits` allows raise an out-of-memory error."""
     model, processor = policy
     fast = CachedLlavaExpander(model, processor, num_candidates=2, diversity_penalty=1.0, max_new_tokens=4,
-                               stop_ids=sentence_end_ids(processor.tokenizer), node_batch_size=4)
+                               stop_ids=sentence_end_ids(processor.tokenizer), node_batch_size=node_batch_size)
     real, sizes = fast._expand_cached, []
 
-    def tight_memory(prompts, chunk):
+    def run(prompts, chunk):
         sizes.append(len(chunk))
-        if len(chunk) > 1:
+        if not fits(len(chunk)):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(prompts, chunk)
 
-    monkeypatch.setattr(fast, "_expand_cached", tight_memory)
+    monkeypatch.setattr(fast, "_expand_cached", run)
     image = Image.open(IMAGES / "0.png").convert("RGB")
-    cache = fast.encode_prompts([image], [build_chat_prompt(processor, QUESTIONS[0])])
+    return fast, fast.encode_prompts([image], [build_chat_prompt(processor, QUESTIONS[0])]), sizes
+
+
+def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, caplog):
+    fast, cache, sizes = chunk_sizes(policy, monkeypatch, 4, fits=lambda n: n <= 1)
     out = fast.expand_many(cache, [(0, []), (0, ["A cat."]), (0, ["A dog."])])
     assert len(out) == 3 and all(len(c) == 2 for c in out)
     assert sizes == [3, 2, 1, 1, 1] and fast.node_batch_size == 1  # 3 fail, 2 fail, then one at a time
@@ -92,18 +98,7 @@ def test_out_of_memory_halves_the_node_batch_and_retries(policy, monkeypatch, ca
 
 def test_all_nodes_at_once_stays_all_at_once_after_a_smaller_level(policy, monkeypatch):
     """node_batch_size=0: a level with more nodes than the first (the root alone) is still one batch."""
-    model, processor = policy
-    fast = CachedLlavaExpander(model, processor, num_candidates=2, diversity_penalty=1.0, max_new_tokens=4,
-                               stop_ids=sentence_end_ids(processor.tokenizer), node_batch_size=0)
-    real, sizes = fast._expand_cached, []
-
-    def record(prompts, chunk):
-        sizes.append(len(chunk))
-        return real(prompts, chunk)
-
-    monkeypatch.setattr(fast, "_expand_cached", record)
-    image = Image.open(IMAGES / "0.png").convert("RGB")
-    cache = fast.encode_prompts([image], [build_chat_prompt(processor, QUESTIONS[0])])
+    fast, cache, sizes = chunk_sizes(policy, monkeypatch, 0)
     fast.expand_many(cache, [(0, [])])
     fast.expand_many(cache, [(0, []), (0, ["A cat."]), (0, ["A dog."])])
     assert sizes == [1, 3] and fast.node_batch_size == 0
