@@ -41,23 +41,24 @@ TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen2_5_vl_text", "qwen2_5_vl")
 
 @dataclass(frozen=True)
 class RowLayout:
-    """Which tree each row reads, and where the row's queries sit when grouped per tree."""
-    trees: torch.Tensor  # [R] the row's tree (index into the prefix batch)
-    slots: torch.Tensor  # [T, S] the row in each (tree, slot); R (an empty slot) where a tree has fewer rows
-    flat: torch.Tensor   # [R] the row's place in the flattened [T*S] grouping
+    """Which group each row reads (its tree's prompt, or its node's path), and where the row's
+    queries sit when grouped per group."""
+    groups: torch.Tensor  # [R] the row's group (index into the shared part's batch)
+    slots: torch.Tensor   # [N, S] the row in each (group, slot); R (an empty slot) where a group has fewer rows
+    flat: torch.Tensor    # [R] the row's place in the flattened [N*S] grouping
 
     @classmethod
-    def of(cls, trees: torch.Tensor, n_trees: int) -> "RowLayout":
-        rows = trees.numel()
-        counts = torch.bincount(trees, minlength=n_trees)
+    def of(cls, groups: torch.Tensor, n_groups: int) -> "RowLayout":
+        rows = groups.numel()
+        counts = torch.bincount(groups, minlength=n_groups)
         width = int(counts.max()) if rows else 0
-        order = torch.argsort(trees, stable=True)
-        slot = torch.empty_like(trees)
-        slot[order] = torch.arange(rows, device=trees.device) - (counts.cumsum(0) - counts)[trees[order]]
-        flat = trees * width + slot
-        slots = torch.full((n_trees * width,), rows, dtype=torch.long, device=trees.device)
-        slots[flat] = torch.arange(rows, device=trees.device)
-        return cls(trees, slots.view(n_trees, width), flat)
+        order = torch.argsort(groups, stable=True)
+        slot = torch.empty_like(groups)
+        slot[order] = torch.arange(rows, device=groups.device) - (counts.cumsum(0) - counts)[groups[order]]
+        flat = groups * width + slot
+        slots = torch.full((n_groups * width,), rows, dtype=torch.long, device=groups.device)
+        slots[flat] = torch.arange(rows, device=groups.device)
+        return cls(groups, slots.view(n_groups, width), flat)
 
 
 # Most attention scores held at once (float32): a node-sentence encode has many queries per tree
@@ -215,9 +216,9 @@ class CascadeCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)  # the suffixes; the prefixes stay one per tree
-        self.layout = RowLayout.of(self.layout.trees.repeat_interleave(repeats), self.n_trees)
+        self.layout = RowLayout.of(self.layout.groups.repeat_interleave(repeats), self.n_trees)
         if self.nodes is not None:
-            self.nodes = RowLayout.of(self.nodes.trees.repeat_interleave(repeats), self.node_mask.shape[0])
+            self.nodes = RowLayout.of(self.nodes.groups.repeat_interleave(repeats), self.node_mask.shape[0])
 
     def share_per_node(self, repeats: int, mask: torch.Tensor) -> None:
         """Each row so far (a node: its path's columns after the prompt, `mask` [rows, columns])
@@ -230,13 +231,13 @@ class CascadeCache(Cache):
             layer.share_per_node(repeats)
         self.node_mask = mask.bool()
         self.nodes = RowLayout.of(torch.arange(n, device=mask.device).repeat_interleave(repeats), n)
-        self.layout = RowLayout.of(self.layout.trees.repeat_interleave(repeats), self.n_trees)
+        self.layout = RowLayout.of(self.layout.groups.repeat_interleave(repeats), self.n_trees)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self.layout = RowLayout.of(self.layout.trees[indices], self.n_trees)
+        self.layout = RowLayout.of(self.layout.groups[indices], self.n_trees)
         if self.nodes is not None:
-            self.nodes = RowLayout.of(self.nodes.trees[indices], self.node_mask.shape[0])
+            self.nodes = RowLayout.of(self.nodes.groups[indices], self.node_mask.shape[0])
 
 
 def cascade_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

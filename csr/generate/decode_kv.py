@@ -111,7 +111,7 @@ class DecodeRecorder:
         nodes = getattr(cache, "nodes", None)
         if nodes is not None:  # cascade: the rows hold their own columns, their nodes the rest (shared)
             width -= cache.node_mask.shape[1]
-            of_row = nodes.trees if rows is None else nodes.trees[rows]
+            of_row = nodes.groups if rows is None else nodes.groups[rows]
             block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers],
                            of_row.tolist(), [layer.node_keys for layer in cache.layers],
                            [layer.node_values for layer in cache.layers])
