@@ -252,8 +252,9 @@ class GenerateConfig:
                                        "re-encoding (same results, for checking and benchmarks).",
                              choices=("cached", "reference"))
     prefix_attention: str = _f("cascade", "How the cached path's rows read their prompt's keys/values. cascade: "
-                                          "one copy per tree, read by all its rows (shared-prefix attention "
-                                          "combined by log-sum-exp, csr.generate.cascade): less memory, faster; "
+                                          "one copy per tree, read by all its rows, and one copy of each node's path, read "
+                                          "by its groups (shared-prefix attention combined by log-sum-exp, "
+                                          "csr.generate.cascade): less memory, faster; "
                                           "copies: every row (node x group) its own copy. Both exact (same trees). "
                                           "A model whose attention cascade cannot honour (sliding window) uses "
                                           "copies, logged.", choices=("cascade", "copies"))
