@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from csr.generate import cascade as cascade_module
-from csr.generate.cascade import CascadeCache, RowLayout, prefix_suffix_attention
+from csr.generate.cascade import CascadeCache, RowLayout, SharedPart, prefix_suffix_attention
 from csr.generate.expander import CachedLlavaExpander, LlavaExpander
 from csr.generate.tree import TreeSettings, grow_tree, grow_trees
 from csr.models import SUPPORTED_CLASSES, build_chat_prompt, load_policy, sentence_end_ids
@@ -134,32 +134,36 @@ def test_debias_candidate_mode_in_both_expanders(policy):
 # ---------------------------------------------------------------------------------------------
 
 
-def dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask, trees, scaling):
-    """Each row on its own: SDPA over [its tree's prefix; its suffix], kv heads repeated for GQA."""
+def dense_attention(query, shared, suffix_k, suffix_v, suffix_mask, scaling):
+    """Each row on its own: SDPA over [its groups' shared parts; its suffix], kv heads repeated for
+    GQA; `shared`: (keys, values, mask, each row's group) per part, in order."""
     R, H, q, _ = query.shape
-    rep, Ls = H // prefix_k.shape[1], suffix_k.shape[2]
+    rep, Ls = H // suffix_k.shape[1], suffix_k.shape[2]
     causal = torch.arange(Ls)[None, :] <= torch.arange(Ls - q, Ls)[:, None]
     out = []
     for r in range(R):
-        t = int(trees[r])
-        k = torch.cat([prefix_k[t], suffix_k[r]], dim=1).repeat_interleave(rep, dim=0)
-        v = torch.cat([prefix_v[t], suffix_v[r]], dim=1).repeat_interleave(rep, dim=0)
-        mask = torch.cat([prefix_mask[t][None].expand(q, -1), suffix_mask[r][None] & causal], dim=1)
-        out.append(torch.nn.functional.scaled_dot_product_attention(query[r], k, v, attn_mask=mask, scale=scaling))
+        ks = [keys[int(group[r])] for keys, _, _, group in shared] + [suffix_k[r]]
+        vs = [values[int(group[r])] for _, values, _, group in shared] + [suffix_v[r]]
+        masks = [mask[int(group[r])][None].expand(q, -1) for _, _, mask, group in shared] + [suffix_mask[r][None] & causal]
+        k, v = torch.cat(ks, dim=1).repeat_interleave(rep, dim=0), torch.cat(vs, dim=1).repeat_interleave(rep, dim=0)
+        out.append(torch.nn.functional.scaled_dot_product_attention(query[r], k, v, attn_mask=torch.cat(masks, dim=1),
+                                                                    scale=scaling))
     return torch.stack(out).transpose(1, 2)  # [R, q, H, D]
 
 
+@pytest.mark.parametrize("with_nodes", [False, True], ids=["prompt-and-rows", "prompt-nodes-and-rows"])
 @pytest.mark.parametrize("padded_query", [True, False], ids=["a-query-sees-only-its-prompt", "every-query-sees-its-suffix"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "matmul"])
 @pytest.mark.parametrize("heads,kv_heads,q,max_scores", [(4, 4, 1, 2**26), (4, 2, 1, 2**26), (6, 2, 3, 2**26),
                                                         (4, 1, 5, 2**26), (6, 2, 3, 100)])
 def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_heads, q, max_scores, fused,
-                                                                    padded_query, monkeypatch):
+                                                                    padded_query, with_nodes, monkeypatch):
     """Grouped-query heads, trees with different prompt padding, rows in any tree order, suffixes
     left-padded (a padded query sees its prompt only), a causal chunk of q new tokens, and the
     queries taken in slices when the scores would be large; with torch's fused CPU kernel where
     every query sees a key (the prompts; the suffixes of the cases without a fully padded row) and
-    with the matmul form alone."""
+    with the matmul form alone; with a node level between prompt and rows (nodes of different path
+    lengths, one with no path at all)."""
     monkeypatch.setattr("csr.generate.cascade.MAX_SCORES", max_scores)
     fused_calls = []
     if fused:
@@ -183,9 +187,16 @@ def test_prefix_suffix_attention_equals_sdpa_over_the_concatenation(heads, kv_he
     pads = [0, 2, Ls - 1 if padded_query else Ls - q, 4, 0, 1, Ls - q + padded_query]
     for r, pad in enumerate(pads):
         suffix_mask[r, :pad] = False
-    got = prefix_suffix_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask,
-                                  RowLayout.of(trees, T), D ** -0.5)
-    want = dense_attention(query, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, suffix_mask, trees, D ** -0.5)
+    parts = [(prefix_k, prefix_v, prefix_mask, trees)]
+    if with_nodes:  # 4 nodes of the rows' trees (rows 1, 2 and 6 of tree 0 split over nodes 1 and 3)
+        nodes, Ln = torch.tensor([0, 1, 3, 2, 0, 0, 1]), 4
+        node_mask = torch.ones(4, Ln, dtype=torch.bool)
+        node_mask[1, :2] = False  # a shorter path, left-padded
+        node_mask[3] = False      # a node with no path: its rows see nothing there
+        parts.append((rand(4, kv_heads, Ln, D), rand(4, kv_heads, Ln, D), node_mask, nodes))
+    shared = [SharedPart(k, v, mask, RowLayout.of(group, k.shape[0])) for k, v, mask, group in parts]
+    got = prefix_suffix_attention(query, shared, suffix_k, suffix_v, suffix_mask, D ** -0.5)
+    want = dense_attention(query, parts, suffix_k, suffix_v, suffix_mask, D ** -0.5)
     assert got.shape == (R, q, heads, D)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     if fused:  # the prompts always; the suffixes too where no query is all padding (a decode step)

@@ -118,33 +118,30 @@ def _grouped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 @dataclass(frozen=True)
 class SharedPart:
-    """Keys/values shared by groups of rows (a node's path, read by the node's G rows)."""
-    keys: torch.Tensor    # [N, Hkv, L, D]
+    """Keys/values that groups of rows share: a tree's prompt (read by all the tree's rows) or a
+    node's path (read by the node's G rows)."""
+    keys: torch.Tensor    # [N, Hkv, L, D], one per group
     values: torch.Tensor  # [N, Hkv, L, D]
     mask: torch.Tensor    # [N, L] True = a real token
     layout: RowLayout     # which group each row reads
 
 
-def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, prefix_values: torch.Tensor,
-                            prefix_mask: torch.Tensor, suffix_keys: torch.Tensor, suffix_values: torch.Tensor,
-                            suffix_mask: torch.Tensor, layout: RowLayout, scaling: float,
-                            middle: SharedPart | None = None) -> torch.Tensor:
-    """Attention of each row's queries over its tree's prefix, then (optionally) its group's
-    shared `middle` part, then its own suffix.
+def prefix_suffix_attention(query: torch.Tensor, shared: list[SharedPart], suffix_keys: torch.Tensor,
+                            suffix_values: torch.Tensor, suffix_mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of each row's queries over its groups' shared parts, in order (its tree's prompt,
+    then its node's path), followed by its own suffix.
 
-    query [R, H, q, D]; prefix_keys/values [T, Hkv, Lp, D] (one per tree), prefix_mask [T, Lp];
-    suffix_keys/values [R, Hkv, Ls, D], suffix_mask [R, Ls] (True = a real token). The q queries
-    are the last q suffix positions, causal among themselves; every query sees all of the prefix
-    and middle that its mask allows. H may be a multiple of Hkv (grouped-query attention: head h
-    reads key/value head h // (H / Hkv)). Returns [R, q, H, D], the layout transformers' attention
-    functions return.
+    query [R, H, q, D]; `shared[0]` must be the prompt, which every row sees. suffix_keys/values
+    [R, Hkv, Ls, D], suffix_mask [R, Ls] (True = a real token). The q queries are the last q suffix
+    positions, causal among themselves; they see every real column of the shared parts. H may be a
+    multiple of Hkv (grouped-query attention: head h reads key/value head h // (H / Hkv)). Returns
+    [R, q, H, D], the layout transformers' attention functions return.
     """
     R, H, q, D = query.shape
-    Hkv = prefix_keys.shape[1]
+    Hkv = suffix_keys.shape[1]
     rep = H // Hkv
-    parts = [_grouped_attention(query, prefix_keys, prefix_values, prefix_mask, layout, scaling)]
-    if middle is not None and middle.keys.shape[-2]:
-        parts.append(_grouped_attention(query, middle.keys, middle.values, middle.mask, middle.layout, scaling))
+    parts = [_grouped_attention(query, p.keys, p.values, p.mask, p.layout, scaling)
+             for p in shared if p.keys.shape[-2]]
     # suffix: per row; query i sits at suffix column Ls - q + i and sees columns up to it
     Ls = suffix_keys.shape[-2]
     if Ls:
@@ -153,7 +150,7 @@ def prefix_suffix_attention(query: torch.Tensor, prefix_keys: torch.Tensor, pref
         mask = mask.expand(R, 1, rep, q, Ls).reshape(R, 1, rep * q, Ls)
         o_s, lse_s = _partial_attention(query.reshape(R, Hkv, rep * q, D), suffix_keys, suffix_values, mask, scaling)
         parts.append((o_s.reshape(R, H, q, D), lse_s.reshape(R, H, q)))
-    # combined by log-sum-exp; every row sees its prompt, so the prefix's lse (and m) is finite
+    # combined by log-sum-exp; every row sees its prompt, so the prompt's lse (and m) is finite
     m = parts[0][1]
     for _, lse in parts[1:]:
         m = torch.maximum(m, lse)
@@ -215,10 +212,7 @@ class CascadeCache(Cache):
         return self.prefix_mask.shape[0]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)  # the suffixes; the prefixes stay one per tree
-        self.layout = RowLayout.of(self.layout.groups.repeat_interleave(repeats), self.n_trees)
-        if self.nodes is not None:
-            self.nodes = RowLayout.of(self.nodes.groups.repeat_interleave(repeats), self.node_mask.shape[0])
+        raise NotImplementedError("a CascadeCache's rows become groups through share_per_node(repeats, mask)")
 
     def share_per_node(self, repeats: int, mask: torch.Tensor) -> None:
         """Each row so far (a node: its path's columns after the prompt, `mask` [rows, columns])
@@ -253,12 +247,10 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     suffix_mask = attention_mask[:, -ls:] if attention_mask is not None else \
         torch.ones(rows, ls, dtype=torch.bool, device=key.device)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    middle = None
+    shared = [SharedPart(layer.prefix_keys, layer.prefix_values, cascade.prefix_mask, cascade.layout)]
     if cascade.nodes is not None:
-        middle = SharedPart(layer.node_keys, layer.node_values, cascade.node_mask, cascade.nodes)
-    out = prefix_suffix_attention(query, layer.prefix_keys, layer.prefix_values, cascade.prefix_mask,
-                                  key, value, suffix_mask, cascade.layout, scaling, middle)
-    return out, None
+        shared.append(SharedPart(layer.node_keys, layer.node_values, cascade.node_mask, cascade.nodes))
+    return prefix_suffix_attention(query, shared, key, value, suffix_mask, scaling), None
 
 
 def _padding_mask(*, attention_mask=None, **_):

@@ -111,12 +111,11 @@ class DecodeRecorder:
         nodes = getattr(cache, "nodes", None)
         if nodes is not None:  # cascade: the rows hold their own columns, their nodes the rest (shared)
             width -= cache.node_mask.shape[1]
-            of_row = nodes.groups if rows is None else nodes.groups[rows]
-            block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers],
-                           of_row.tolist(), [layer.node_keys for layer in cache.layers],
-                           [layer.node_values for layer in cache.layers])
-        else:
-            block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers])
+        block = _Block([part(layer.keys) for layer in cache.layers], [part(layer.values) for layer in cache.layers])
+        if nodes is not None:
+            block.nodes = (nodes.groups if rows is None else nodes.groups[rows]).tolist()
+            block.node_keys = [layer.node_keys for layer in cache.layers]
+            block.node_values = [layer.node_values for layer in cache.layers]
         originals = self.rows if rows is None else self.rows[rows]
         for i, r in enumerate(originals.tolist()):
             self.kept[r] = (block, i)
